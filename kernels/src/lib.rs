@@ -1,0 +1,9 @@
+//! kiln-kernels: the numeric kernels, and nothing about models. Block formats of
+//! quantized tensors and their dequantization, dot products, matrix products,
+//! normalization, rotary embeddings, attention and activations, each on plain slices.
+
+pub mod dequant;
+pub mod ops;
+pub mod quant;
+
+pub use quant::GgmlType;

@@ -1,0 +1,195 @@
+//! Float kernels on slices: dot products, norms, rotary embeddings, activations, attention.
+//!
+//! These are the reference kernels: plain, always correct, written so that the compiler
+//! vectorizes them. Where the CPU has AVX2+FMA the hot loops are compiled a second time
+//! for it and chosen at run time.
+
+/// Dot product of two equal-length slices.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+/// Sixteen independent accumulators let the compiler keep several vector registers busy
+/// without reassociating float additions itself (which it may not do).
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let chunks = a.len() / LANES;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * LANES..c * LANES + LANES], &b[c * LANES..c * LANES + LANES]);
+        for i in 0..LANES {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut sum = 0f32;
+    for i in chunks * LANES..a.len() {
+        sum = a[i].mul_add(b[i], sum);
+    }
+    acc.iter().sum::<f32>() + sum
+}
+
+/// `y += a * x`.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = x.mul_add(a, *y);
+    }
+}
+
+/// RMS normalization of one row: `out = x / rms(x) * weight`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_square = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / ((mean_square as f32) + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * inv * w;
+    }
+}
+
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i+1): GGUF llama checkpoints, whose q/k rows were permuted for it.
+    Interleaved,
+    /// Halves (i, i + d/2): GPT-NeoX, Hugging Face checkpoints, Qwen and Gemma in GGUF.
+    Neox,
+}
+
+/// Rotates one head's vector in place for position `pos`; only the first `rope_dims`
+/// dimensions rotate.
+pub fn rope(head: &mut [f32], pos: u32, rope_dims: usize, theta: f32, style: RopeStyle) {
+    let half = rope_dims / 2;
+    for i in 0..half {
+        let freq = 1.0 / theta.powf(2.0 * i as f32 / rope_dims as f32);
+        let angle = pos as f32 * freq;
+        let (sin, cos) = angle.sin_cos();
+        let (a, b) = match style {
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+            RopeStyle::Neox => (i, i + half),
+        };
+        let (x0, x1) = (head[a], head[b]);
+        head[a] = x0 * cos - x1 * sin;
+        head[b] = x0 * sin + x1 * cos;
+    }
+}
+
+/// SiLU (swish): `x * sigmoid(x)`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU with the tanh approximation, as Gemma uses it.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// Softmax in place, stable against large inputs.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// Causal attention of one query head over cached keys and values.
+///
+/// `keys` and `values` hold `n_ctx` rows of `stride` floats; this head's slice starts at
+/// `offset` in each row and is `q.len()` long. Positions `first..n_ctx` are visible.
+/// `scores` is scratch of at least `n_ctx` floats.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    first: usize,
+    n_ctx: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = q.len();
+    let scores = &mut scores[first..n_ctx];
+    for (j, s) in scores.iter_mut().enumerate() {
+        let row = (first + j) * stride + offset;
+        *s = dot(q, &keys[row..row + d]) * scale;
+    }
+    softmax(scores);
+    out.fill(0.0);
+    for (j, p) in scores.iter().enumerate() {
+        let row = (first + j) * stride + offset;
+        axpy(*p, &values[row..row + d], out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_naive_sum_on_odd_lengths() {
+        for n in [0, 1, 7, 16, 17, 33, 255] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let naive: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - naive).abs() < 1e-4, "n={n}");
+        }
+    }
+
+    #[test]
+    fn rope_styles_agree_after_permuting_dimensions() {
+        // Interleaved rope on (a0,b0,a1,b1,...) equals neox rope on (a0,a1,...,b0,b1,...).
+        let d = 8;
+        let x: Vec<f32> = (0..d).map(|i| i as f32 + 1.0).collect();
+        let mut inter = x.clone();
+        rope(&mut inter, 5, d, 10000.0, RopeStyle::Interleaved);
+        let mut neox: Vec<f32> = (0..d / 2).map(|i| x[2 * i]).chain((0..d / 2).map(|i| x[2 * i + 1])).collect();
+        rope(&mut neox, 5, d, 10000.0, RopeStyle::Neox);
+        for i in 0..d / 2 {
+            assert!((inter[2 * i] - neox[i]).abs() < 1e-5);
+            assert!((inter[2 * i + 1] - neox[i + d / 2]).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn attention_over_one_position_returns_its_value() {
+        let q = [1.0, 0.0];
+        let keys = [0.5, 0.5];
+        let values = [3.0, -2.0];
+        let mut scores = [0.0; 1];
+        let mut out = [0.0; 2];
+        attend(&q, &keys, &values, 2, 0, 0, 1, 1.0, &mut scores, &mut out);
+        assert_eq!(out, [3.0, -2.0]);
+    }
+}

@@ -1,0 +1,218 @@
+//! The CPU backend: weights stay in the host bytes they were loaded from (a memory map),
+//! buffers are plain vectors, and ops run at once on the calling thread and rayon's pool.
+
+use kiln_kernels::dequant::dequantize_row;
+use kiln_kernels::ops;
+use rayon::prelude::*;
+
+use crate::{Activation, Attention, Backend, BufId, Result, RopeStyle, WeightId, WeightSource};
+
+#[derive(Default)]
+pub struct CpuBackend {
+    weights: Vec<WeightSource>,
+    buffers: Vec<Vec<f32>>,
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn buf(&self, id: BufId) -> &[f32] {
+        &self.buffers[id.0 as usize]
+    }
+
+    fn buf_mut(&mut self, id: BufId) -> &mut [f32] {
+        &mut self.buffers[id.0 as usize]
+    }
+
+    /// One buffer to read and another to write.
+    fn pair(&mut self, read: BufId, write: BufId) -> (&[f32], &mut [f32]) {
+        let [r, w] = self
+            .buffers
+            .get_disjoint_mut([read.0 as usize, write.0 as usize])
+            .expect("an op read and wrote the same buffer");
+        (r, w)
+    }
+
+    /// A weight vector (one row) as f32.
+    fn weight_f32(&self, id: WeightId) -> Vec<f32> {
+        let w = &self.weights[id.0 as usize];
+        let mut out = vec![0.0; w.rows * w.cols];
+        dequantize_row(w.ty, w.bytes.as_slice(), &mut out);
+        out
+    }
+}
+
+/// Rows per parallel task in matmul: enough work to amortize dequantizing each row.
+const ROWS_PER_TASK: usize = 16;
+
+impl Backend for CpuBackend {
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn upload(&mut self, weight: WeightSource) -> Result<WeightId> {
+        weight.validate()?;
+        self.weights.push(weight);
+        Ok(WeightId(self.weights.len() as u32 - 1))
+    }
+
+    fn weight_shape(&self, weight: WeightId) -> (usize, usize) {
+        let w = &self.weights[weight.0 as usize];
+        (w.rows, w.cols)
+    }
+
+    fn alloc(&mut self, len: usize) -> BufId {
+        self.buffers.push(vec![0.0; len]);
+        BufId(self.buffers.len() as u32 - 1)
+    }
+
+    fn free(&mut self, buf: BufId) {
+        // Ids stay stable, so a freed slot keeps its index and only drops its memory.
+        self.buffers[buf.0 as usize] = Vec::new();
+    }
+
+    fn write(&mut self, buf: BufId, offset: usize, data: &[f32]) {
+        self.buf_mut(buf)[offset..offset + data.len()].copy_from_slice(data);
+    }
+
+    fn read(&mut self, buf: BufId, offset: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.buf(buf)[offset..offset + out.len()]);
+    }
+
+    fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize) {
+        let (s, d) = self.pair(src, dst);
+        d[dst_offset..dst_offset + len].copy_from_slice(&s[src_offset..src_offset + len]);
+    }
+
+    fn embed(&mut self, table: WeightId, tokens: &[u32], out: BufId) {
+        let w = &self.weights[table.0 as usize];
+        let row_bytes = w.ty.row_bytes(w.cols).expect("validated at upload");
+        let (cols, ty, bytes) = (w.cols, w.ty, w.bytes.clone());
+        let out = &mut self.buffers[out.0 as usize];
+        for (t, &token) in tokens.iter().enumerate() {
+            let src = &bytes.as_slice()[token as usize * row_bytes..][..row_bytes];
+            dequantize_row(ty, src, &mut out[t * cols..(t + 1) * cols]);
+        }
+    }
+
+    fn matmul(&mut self, weight: WeightId, x: BufId, n: usize, out: BufId) {
+        let w = &self.weights[weight.0 as usize];
+        let (rows, cols, ty) = (w.rows, w.cols, w.ty);
+        let row_bytes = ty.row_bytes(cols).expect("validated at upload");
+        let bytes = w.bytes.clone();
+        let (x, out) = self.pair(x, out);
+        let x = &x[..n * cols];
+        // Each task dequantizes a band of weight rows once and multiplies it with every
+        // input row, writing the band's columns of `out` (transposed into place after).
+        let bands: Vec<Vec<f32>> = (0..rows.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .map(|band| {
+                let first = band * ROWS_PER_TASK;
+                let count = ROWS_PER_TASK.min(rows - first);
+                let mut row = vec![0.0; cols];
+                let mut result = vec![0.0; count * n];
+                for r in 0..count {
+                    let src = &bytes.as_slice()[(first + r) * row_bytes..][..row_bytes];
+                    dequantize_row(ty, src, &mut row);
+                    for t in 0..n {
+                        result[r * n + t] = ops::dot(&row, &x[t * cols..(t + 1) * cols]);
+                    }
+                }
+                result
+            })
+            .collect();
+        for (band, result) in bands.iter().enumerate() {
+            let first = band * ROWS_PER_TASK;
+            for (r, chunk) in result.chunks(n).enumerate() {
+                for (t, v) in chunk.iter().enumerate() {
+                    out[t * rows + first + r] = *v;
+                }
+            }
+        }
+    }
+
+    fn add_bias(&mut self, x: BufId, bias: WeightId, n: usize) {
+        let bias = self.weight_f32(bias);
+        for row in self.buf_mut(x).chunks_mut(bias.len()).take(n) {
+            for (v, b) in row.iter_mut().zip(&bias) {
+                *v += b;
+            }
+        }
+    }
+
+    fn add(&mut self, x: BufId, y: BufId, len: usize) {
+        let (y, x) = self.pair(y, x);
+        for (a, b) in x[..len].iter_mut().zip(&y[..len]) {
+            *a += b;
+        }
+    }
+
+    fn scale(&mut self, x: BufId, len: usize, factor: f32) {
+        for v in &mut self.buf_mut(x)[..len] {
+            *v *= factor;
+        }
+    }
+
+    fn rms_norm(&mut self, x: BufId, weight: WeightId, n: usize, eps: f32) {
+        let weight = self.weight_f32(weight);
+        let dim = weight.len();
+        let mut normed = vec![0.0; dim];
+        for row in self.buf_mut(x).chunks_mut(dim).take(n) {
+            ops::rms_norm(row, &weight, eps, &mut normed);
+            row.copy_from_slice(&normed);
+        }
+    }
+
+    fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle) {
+        let x = self.buf_mut(x);
+        for (t, &pos) in positions.iter().enumerate() {
+            for h in 0..n_heads {
+                let start = (t * n_heads + h) * head_dim;
+                ops::rope(&mut x[start..start + head_dim], pos, head_dim, theta, style);
+            }
+        }
+    }
+
+    fn store_rows(&mut self, src: BufId, cache: BufId, n: usize, row_len: usize, start: usize) {
+        self.copy(src, 0, cache, start * row_len, n * row_len);
+    }
+
+    fn attention(&mut self, q: BufId, keys: BufId, values: BufId, a: Attention, out: BufId) {
+        let [q, k, v, out] = self
+            .buffers
+            .get_disjoint_mut([q.0, keys.0, values.0, out.0].map(|i| i as usize))
+            .expect("attention buffers must be distinct");
+        let (q, k, v) = (&*q, &*k, &*v);
+        let d = a.head_dim;
+        let kv_stride = a.n_kv_head * d;
+        let group = a.n_head / a.n_kv_head;
+        let n_ctx_max = a.start_pos + a.n_tokens;
+        out[..a.n_tokens * a.n_head * d]
+            .par_chunks_mut(d)
+            .enumerate()
+            .for_each_init(
+                || vec![0.0; n_ctx_max],
+                |scores, (i, head_out)| {
+                    let (t, h) = (i / a.n_head, i % a.n_head);
+                    let pos = a.start_pos + t;
+                    let first = a.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let query = &q[i * d..(i + 1) * d];
+                    let offset = (h / group) * d;
+                    ops::attend(query, k, v, kv_stride, offset, first, pos + 1, a.scale, scores, head_out);
+                },
+            );
+    }
+
+    fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation) {
+        let (up, gate) = self.pair(up, gate);
+        let f = match act {
+            Activation::Silu => ops::silu,
+            Activation::GeluTanh => ops::gelu_tanh,
+        };
+        for (g, u) in gate[..len].iter_mut().zip(&up[..len]) {
+            *g = f(*g) * u;
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! kiln-runtime: the small backend interface every accelerator implements (upload
+//! weights, allocate activation buffers, run ops, read back), and the CPU backend.
+//!
+//! Models are written once against [`Backend`]; they hold plain [`WeightId`] and
+//! [`BufId`] handles and never learn which device runs them.
+
+mod cpu;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+pub use cpu::CpuBackend;
+pub use kiln_kernels::ops::RopeStyle;
+pub use kiln_kernels::GgmlType;
+
+/// Errors a backend reports.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("weight `{name}`: {reason}")]
+    BadWeight { name: String, reason: String },
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// Bytes in host memory kept alive by their owner: a memory map, or a vector when a
+/// loader had to convert data. Cloning shares the owner, never the bytes.
+#[derive(Clone)]
+pub struct HostBytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: Range<usize>,
+}
+
+impl HostBytes {
+    /// A view of `range` within `owner`'s bytes; `None` if the range lies outside them.
+    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Option<Self> {
+        let len = (*owner).as_ref().len();
+        (range.start <= range.end && range.end <= len).then_some(Self { owner, range })
+    }
+
+    /// Owned bytes.
+    pub fn from_vec(bytes: Vec<u8>) -> Self {
+        let len = bytes.len();
+        Self { owner: Arc::new(bytes), range: 0..len }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.range.clone()]
+    }
+}
+
+/// A weight matrix (or vector, with one row) in host memory, in GGUF's encoding.
+#[derive(Clone)]
+pub struct WeightSource {
+    pub name: String,
+    pub ty: GgmlType,
+    /// Rows (output features), 1 for a vector.
+    pub rows: usize,
+    /// Elements per row (input features); rows are contiguous.
+    pub cols: usize,
+    pub bytes: HostBytes,
+}
+
+impl WeightSource {
+    /// Checks that the bytes hold exactly `rows` rows of `cols` elements of `ty`.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| RuntimeError::BadWeight { name: self.name.clone(), reason };
+        let row = self
+            .ty
+            .row_bytes(self.cols)
+            .ok_or_else(|| bad(format!("{} columns is not a whole number of {} blocks", self.cols, self.ty)))?;
+        let want = row.checked_mul(self.rows).ok_or_else(|| bad("size overflows".into()))?;
+        if want != self.bytes.as_slice().len() {
+            return Err(bad(format!("expected {want} bytes, found {}", self.bytes.as_slice().len())));
+        }
+        Ok(())
+    }
+}
+
+/// A weight uploaded to a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightId(pub u32);
+
+/// An f32 activation buffer owned by a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufId(pub u32);
+
+/// The activation function of a gated feed-forward layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    GeluTanh,
+}
+
+/// Shape of one attention call: `n_tokens` queries at positions
+/// `start_pos..start_pos + n_tokens` attending causally over a cache whose rows hold
+/// `n_kv_head * head_dim` floats.
+#[derive(Clone, Copy, Debug)]
+pub struct Attention {
+    pub n_tokens: usize,
+    pub start_pos: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    /// Sliding window: a query at position p sees keys in `p + 1 - window ..= p`.
+    pub window: Option<usize>,
+}
+
+/// What a device does for kiln: hold weights and buffers, run the ops of a forward pass,
+/// and hand results back. Ops are enqueued in call order; `read` waits for them.
+///
+/// Buffers are flat f32 arrays; "rows" below are contiguous runs of a given length.
+pub trait Backend: Send {
+    /// A short name for logs: "cpu", "gpu (NVIDIA H200)".
+    fn name(&self) -> String;
+
+    /// Takes a weight onto the device (the CPU backend keeps the host bytes as they are).
+    fn upload(&mut self, weight: WeightSource) -> Result<WeightId>;
+    /// (rows, cols) of an uploaded weight.
+    fn weight_shape(&self, weight: WeightId) -> (usize, usize);
+
+    /// A zeroed buffer of `len` floats.
+    fn alloc(&mut self, len: usize) -> BufId;
+    fn free(&mut self, buf: BufId);
+    /// Copies host floats into `buf` at `offset`.
+    fn write(&mut self, buf: BufId, offset: usize, data: &[f32]);
+    /// Copies floats from `buf` at `offset` to the host, after all enqueued ops finish.
+    fn read(&mut self, buf: BufId, offset: usize, out: &mut [f32]);
+    /// Copies `len` floats between buffers (`src` and `dst` distinct).
+    fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize);
+
+    /// Rows of an embedding table, one per token, dequantized into `out`.
+    fn embed(&mut self, table: WeightId, tokens: &[u32], out: BufId);
+    /// `out[t] = weight · x[t]` for `n` rows of `x` (each `cols` long); out rows are `rows` long.
+    fn matmul(&mut self, weight: WeightId, x: BufId, n: usize, out: BufId);
+    /// `x[t] += bias` for `n` rows.
+    fn add_bias(&mut self, x: BufId, bias: WeightId, n: usize);
+    /// `x[i] += y[i]` for the first `len` floats.
+    fn add(&mut self, x: BufId, y: BufId, len: usize);
+    /// `x[i] *= factor` for the first `len` floats.
+    fn scale(&mut self, x: BufId, len: usize, factor: f32);
+    /// RMS-normalizes `n` rows of `weight.cols` floats each, in place, times `weight`.
+    fn rms_norm(&mut self, x: BufId, weight: WeightId, n: usize, eps: f32);
+    /// Rotates `n_heads` heads of `head_dim` in each of `positions.len()` rows.
+    fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle);
+    /// Writes `n` rows of `row_len` floats from `src` into `cache` starting at row `start`.
+    fn store_rows(&mut self, src: BufId, cache: BufId, n: usize, row_len: usize, start: usize);
+    /// Causal attention of `q` over the cached keys and values into `out`.
+    fn attention(&mut self, q: BufId, keys: BufId, values: BufId, shape: Attention, out: BufId);
+    /// `gate[i] = act(gate[i]) * up[i]` for the first `len` floats.
+    fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation);
+}
