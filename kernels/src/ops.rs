@@ -59,12 +59,12 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// RMS normalization of one row: `out = x / rms(x) * weight`.
-pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+/// RMS normalization of one row in place: `x = x / rms(x) * weight`.
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     let mean_square = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / x.len() as f64;
     let inv = 1.0 / ((mean_square as f32) + eps).sqrt();
-    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
-        *o = v * inv * w;
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v *= inv * w;
     }
 }
 
