@@ -197,10 +197,7 @@ fn block_q3_k(b: &[u8], y: &mut [f32]) {
                 let dl = d * scale_k3(sub, scales) as f32;
                 let out = &mut y[16 * sub..16 * sub + 16];
                 let range = 16 * part..16 * part + 16;
-                for (o, (&ql, &hm)) in out
-                    .iter_mut()
-                    .zip(qs[range.clone()].iter().zip(&hmask[range]))
-                {
+                for (o, (&ql, &hm)) in out.iter_mut().zip(qs[range.clone()].iter().zip(&hmask[range])) {
                     let low = ((ql >> shift) & 3) as i32;
                     let high_set = (hm >> hbit) & 1 == 1;
                     let q = if high_set { low } else { low - 4 };
@@ -330,14 +327,8 @@ mod tests {
         src.extend_from_slice(&1.5f32.to_le_bytes());
         src.extend_from_slice(&(-0.25f32).to_le_bytes());
         assert_eq!(dequant(GgmlType::F32, &src), [1.5, -0.25]);
-        assert_eq!(
-            dequant(GgmlType::F16, &[0x00, 0x3C, 0x00, 0xC0]),
-            [1.0, -2.0]
-        );
-        assert_eq!(
-            dequant(GgmlType::BF16, &[0x80, 0x3F, 0x00, 0xC0]),
-            [1.0, -2.0]
-        );
+        assert_eq!(dequant(GgmlType::F16, &[0x00, 0x3C, 0x00, 0xC0]), [1.0, -2.0]);
+        assert_eq!(dequant(GgmlType::BF16, &[0x80, 0x3F, 0x00, 0xC0]), [1.0, -2.0]);
     }
 
     #[test]
@@ -362,10 +353,7 @@ mod tests {
         let y = dequant(GgmlType::Q4_0, &block);
         assert_eq!(y[0], 14.0);
         assert_eq!(y[16], -16.0);
-        assert!(y
-            .iter()
-            .enumerate()
-            .all(|(i, &v)| i == 0 || i == 16 || v == 0.0));
+        assert!(y.iter().enumerate().all(|(i, &v)| i == 0 || i == 16 || v == 0.0));
     }
 
     #[test]

@@ -174,7 +174,10 @@ mod tests {
         let x: Vec<f32> = (0..d).map(|i| i as f32 + 1.0).collect();
         let mut inter = x.clone();
         rope(&mut inter, 5, d, 10000.0, RopeStyle::Interleaved);
-        let mut neox: Vec<f32> = (0..d / 2).map(|i| x[2 * i]).chain((0..d / 2).map(|i| x[2 * i + 1])).collect();
+        let mut neox: Vec<f32> = (0..d / 2)
+            .map(|i| x[2 * i])
+            .chain((0..d / 2).map(|i| x[2 * i + 1]))
+            .collect();
         rope(&mut neox, 5, d, 10000.0, RopeStyle::Neox);
         for i in 0..d / 2 {
             assert!((inter[2 * i] - neox[i]).abs() < 1e-5);

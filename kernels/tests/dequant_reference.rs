@@ -19,7 +19,7 @@ fn type_by_name(name: &str) -> GgmlType {
 }
 
 fn hex_bytes(hex: &str) -> Vec<u8> {
-    assert!(hex.len() % 2 == 0, "odd-length hex");
+    assert!(hex.len().is_multiple_of(2), "odd-length hex");
     (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("bad hex"))
@@ -65,10 +65,7 @@ fn dequantize_matches_gguf_reference() {
         covered.insert(ty);
     }
 
-    let missing: Vec<_> = GgmlType::ALL
-        .into_iter()
-        .filter(|t| !covered.contains(t))
-        .collect();
+    let missing: Vec<_> = GgmlType::ALL.into_iter().filter(|t| !covered.contains(t)).collect();
     assert!(
         missing.is_empty(),
         "fixture lacks types {missing:?}; rerun scripts/fixtures/dequant.py"

@@ -2,6 +2,101 @@
 //! their tokenizers, and one forward pass per architecture written against the runtime's
 //! backend interface. Models know nothing about sessions or scheduling.
 
+pub mod blocks;
+pub mod checkpoint;
+pub mod config;
+pub mod gemma3;
 pub mod gguf;
+pub mod llama;
+pub mod qwen2;
+pub mod qwen3;
 pub mod safetensors;
 pub mod tokenizer;
+
+use kiln_runtime::{Backend, BufId};
+
+pub use blocks::{KvCache, Scratch};
+pub use checkpoint::Checkpoint;
+pub use config::Hyper;
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model file not found: {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
+    #[error(transparent)]
+    Safetensors(#[from] safetensors::SafetensorsError),
+    #[error(transparent)]
+    Runtime(#[from] kiln_runtime::RuntimeError),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    #[error("unknown architecture `{0}` (kiln runs llama, qwen2, qwen3, gemma3)")]
+    UnknownArchitecture(String),
+    #[error("missing tensor `{0}`")]
+    MissingTensor(String),
+    #[error("missing metadata `{0}`")]
+    MissingKey(String),
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        found: (usize, usize),
+        expected: (usize, usize),
+    },
+    #[error("bad model configuration: {0}")]
+    BadConfig(String),
+}
+
+/// A decoder-only language model ready to run on a backend.
+pub trait Model: Send + Sync {
+    fn hyper(&self) -> &Hyper;
+
+    /// Runs `tokens` at positions `cache.len..`, appending their keys and values to the
+    /// cache, and returns a buffer holding the logits of the last `n_logits` tokens
+    /// (`n_logits` rows of `vocab` floats). `tokens.len()` and `n_logits` must fit the
+    /// scratch, and the cache must have room.
+    fn forward(
+        &self,
+        be: &mut dyn Backend,
+        cache: &mut KvCache,
+        scratch: &mut Scratch,
+        tokens: &[u32],
+        n_logits: usize,
+    ) -> BufId;
+}
+
+/// Builds the model a checkpoint holds, uploading its weights to `be`.
+pub fn load_model(ck: &Checkpoint, be: &mut dyn Backend) -> Result<Box<dyn Model>, ModelError> {
+    let hyper = Hyper::read(ck)?;
+    hyper.validate()?;
+    Ok(match ck.arch.as_str() {
+        "llama" => Box::new(llama::load(ck, hyper, be)?),
+        "qwen2" => Box::new(qwen2::load(ck, hyper, be)?),
+        "qwen3" => Box::new(qwen3::load(ck, hyper, be)?),
+        "gemma3" => Box::new(gemma3::load(ck, hyper, be)?),
+        other => return Err(ModelError::UnknownArchitecture(other.to_string())),
+    })
+}
+
+/// The tokenizer of a checkpoint: built from GGUF metadata, or a checkpoint directory's
+/// `tokenizer.json`.
+pub fn load_tokenizer(ck: &Checkpoint) -> Result<tokenizer::TokenizerInfo, ModelError> {
+    Ok(match &ck.format {
+        checkpoint::Format::Gguf(g) => tokenizer::TokenizerInfo::from_gguf(g)?,
+        checkpoint::Format::Hf(h) => tokenizer::from_tokenizer_json(h.dir(), None)?,
+    })
+}
+
+/// The chat template a checkpoint carries: GGUF's `tokenizer.chat_template`, or
+/// `chat_template` in a checkpoint directory's `tokenizer_config.json`.
+pub fn chat_template(ck: &Checkpoint) -> Option<String> {
+    match &ck.format {
+        checkpoint::Format::Gguf(g) => g.get_str("tokenizer.chat_template").map(str::to_string),
+        checkpoint::Format::Hf(h) => {
+            let text = std::fs::read_to_string(h.dir().join("tokenizer_config.json")).ok()?;
+            let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+            config.get("chat_template")?.as_str().map(str::to_string)
+        }
+    }
+}

@@ -7,15 +7,29 @@ use rayon::prelude::*;
 
 use crate::{Activation, Attention, Backend, BufId, Result, RopeStyle, WeightId, WeightSource};
 
-#[derive(Default)]
 pub struct CpuBackend {
+    pool: rayon::ThreadPool,
     weights: Vec<WeightSource>,
+    /// Vectors (norm weights, biases) dequantized once at upload, by weight index.
+    vectors: Vec<Option<Vec<f32>>>,
     buffers: Vec<Vec<f32>>,
 }
 
 impl CpuBackend {
-    pub fn new() -> Self {
-        Self::default()
+    /// A backend running its ops on `threads` threads (default: one per core).
+    pub fn new(threads: Option<usize>) -> Self {
+        let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("kiln-cpu-{i}"))
+            .build()
+            .expect("the CPU thread pool starts");
+        CpuBackend {
+            pool,
+            weights: Vec::new(),
+            vectors: Vec::new(),
+            buffers: Vec::new(),
+        }
     }
 
     fn buf(&self, id: BufId) -> &[f32] {
@@ -28,20 +42,22 @@ impl CpuBackend {
 
     /// One buffer to read and another to write.
     fn pair(&mut self, read: BufId, write: BufId) -> (&[f32], &mut [f32]) {
-        let [r, w] = self
-            .buffers
-            .get_disjoint_mut([read.0 as usize, write.0 as usize])
-            .expect("an op read and wrote the same buffer");
-        (r, w)
+        pair(&mut self.buffers, read, write)
     }
+}
 
-    /// A weight vector (one row) as f32.
-    fn weight_f32(&self, id: WeightId) -> Vec<f32> {
-        let w = &self.weights[id.0 as usize];
-        let mut out = vec![0.0; w.rows * w.cols];
-        dequantize_row(w.ty, w.bytes.as_slice(), &mut out);
-        out
-    }
+/// A weight vector (one row: a norm weight, a bias) as f32.
+fn vector(vectors: &[Option<Vec<f32>>], id: WeightId) -> &[f32] {
+    vectors[id.0 as usize]
+        .as_deref()
+        .expect("a vector op was given a matrix")
+}
+
+fn pair(buffers: &mut [Vec<f32>], read: BufId, write: BufId) -> (&[f32], &mut [f32]) {
+    let [r, w] = buffers
+        .get_disjoint_mut([read.0 as usize, write.0 as usize])
+        .expect("an op read and wrote the same buffer");
+    (r, w)
 }
 
 /// Rows per parallel task in matmul: enough work to amortize dequantizing each row.
@@ -54,6 +70,12 @@ impl Backend for CpuBackend {
 
     fn upload(&mut self, weight: WeightSource) -> Result<WeightId> {
         weight.validate()?;
+        let vector = (weight.rows == 1).then(|| {
+            let mut v = vec![0.0; weight.cols];
+            dequantize_row(weight.ty, weight.bytes.as_slice(), &mut v);
+            v
+        });
+        self.vectors.push(vector);
         self.weights.push(weight);
         Ok(WeightId(self.weights.len() as u32 - 1))
     }
@@ -102,27 +124,29 @@ impl Backend for CpuBackend {
         let (rows, cols, ty) = (w.rows, w.cols, w.ty);
         let row_bytes = ty.row_bytes(cols).expect("validated at upload");
         let bytes = w.bytes.clone();
-        let (x, out) = self.pair(x, out);
+        let (x, out) = pair(&mut self.buffers, x, out);
         let x = &x[..n * cols];
         // Each task dequantizes a band of weight rows once and multiplies it with every
         // input row, writing the band's columns of `out` (transposed into place after).
-        let bands: Vec<Vec<f32>> = (0..rows.div_ceil(ROWS_PER_TASK))
-            .into_par_iter()
-            .map(|band| {
-                let first = band * ROWS_PER_TASK;
-                let count = ROWS_PER_TASK.min(rows - first);
-                let mut row = vec![0.0; cols];
-                let mut result = vec![0.0; count * n];
-                for r in 0..count {
-                    let src = &bytes.as_slice()[(first + r) * row_bytes..][..row_bytes];
-                    dequantize_row(ty, src, &mut row);
-                    for t in 0..n {
-                        result[r * n + t] = ops::dot(&row, &x[t * cols..(t + 1) * cols]);
+        let bands: Vec<Vec<f32>> = self.pool.install(|| {
+            (0..rows.div_ceil(ROWS_PER_TASK))
+                .into_par_iter()
+                .map(|band| {
+                    let first = band * ROWS_PER_TASK;
+                    let count = ROWS_PER_TASK.min(rows - first);
+                    let mut row = vec![0.0; cols];
+                    let mut result = vec![0.0; count * n];
+                    for r in 0..count {
+                        let src = &bytes.as_slice()[(first + r) * row_bytes..][..row_bytes];
+                        dequantize_row(ty, src, &mut row);
+                        for t in 0..n {
+                            result[r * n + t] = ops::dot(&row, &x[t * cols..(t + 1) * cols]);
+                        }
                     }
-                }
-                result
-            })
-            .collect();
+                    result
+                })
+                .collect()
+        });
         for (band, result) in bands.iter().enumerate() {
             let first = band * ROWS_PER_TASK;
             for (r, chunk) in result.chunks(n).enumerate() {
@@ -134,9 +158,9 @@ impl Backend for CpuBackend {
     }
 
     fn add_bias(&mut self, x: BufId, bias: WeightId, n: usize) {
-        let bias = self.weight_f32(bias);
-        for row in self.buf_mut(x).chunks_mut(bias.len()).take(n) {
-            for (v, b) in row.iter_mut().zip(&bias) {
+        let bias = vector(&self.vectors, bias);
+        for row in self.buffers[x.0 as usize].chunks_mut(bias.len()).take(n) {
+            for (v, b) in row.iter_mut().zip(bias) {
                 *v += b;
             }
         }
@@ -156,12 +180,9 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&mut self, x: BufId, weight: WeightId, n: usize, eps: f32) {
-        let weight = self.weight_f32(weight);
-        let dim = weight.len();
-        let mut normed = vec![0.0; dim];
-        for row in self.buf_mut(x).chunks_mut(dim).take(n) {
-            ops::rms_norm(row, &weight, eps, &mut normed);
-            row.copy_from_slice(&normed);
+        let weight = vector(&self.vectors, weight);
+        for row in self.buffers[x.0 as usize].chunks_mut(weight.len()).take(n) {
+            ops::rms_norm_in_place(row, weight, eps);
         }
     }
 
@@ -189,20 +210,33 @@ impl Backend for CpuBackend {
         let kv_stride = a.n_kv_head * d;
         let group = a.n_head / a.n_kv_head;
         let n_ctx_max = a.start_pos + a.n_tokens;
-        out[..a.n_tokens * a.n_head * d]
-            .par_chunks_mut(d)
-            .enumerate()
-            .for_each_init(
-                || vec![0.0; n_ctx_max],
-                |scores, (i, head_out)| {
-                    let (t, h) = (i / a.n_head, i % a.n_head);
-                    let pos = a.start_pos + t;
-                    let first = a.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    let query = &q[i * d..(i + 1) * d];
-                    let offset = (h / group) * d;
-                    ops::attend(query, k, v, kv_stride, offset, first, pos + 1, a.scale, scores, head_out);
-                },
-            );
+        self.pool.install(|| {
+            out[..a.n_tokens * a.n_head * d]
+                .par_chunks_mut(d)
+                .enumerate()
+                .for_each_init(
+                    || vec![0.0; n_ctx_max],
+                    |scores, (i, head_out)| {
+                        let (t, h) = (i / a.n_head, i % a.n_head);
+                        let pos = a.start_pos + t;
+                        let first = a.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                        let query = &q[i * d..(i + 1) * d];
+                        let offset = (h / group) * d;
+                        ops::attend(
+                            query,
+                            k,
+                            v,
+                            kv_stride,
+                            offset,
+                            first,
+                            pos + 1,
+                            a.scale,
+                            scores,
+                            head_out,
+                        );
+                    },
+                );
+        });
     }
 
     fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation) {

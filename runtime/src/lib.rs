@@ -40,7 +40,10 @@ impl HostBytes {
     /// Owned bytes.
     pub fn from_vec(bytes: Vec<u8>) -> Self {
         let len = bytes.len();
-        Self { owner: Arc::new(bytes), range: 0..len }
+        Self {
+            owner: Arc::new(bytes),
+            range: 0..len,
+        }
     }
 
     pub fn as_slice(&self) -> &[u8] {
@@ -63,14 +66,22 @@ pub struct WeightSource {
 impl WeightSource {
     /// Checks that the bytes hold exactly `rows` rows of `cols` elements of `ty`.
     pub fn validate(&self) -> Result<()> {
-        let bad = |reason: String| RuntimeError::BadWeight { name: self.name.clone(), reason };
-        let row = self
-            .ty
-            .row_bytes(self.cols)
-            .ok_or_else(|| bad(format!("{} columns is not a whole number of {} blocks", self.cols, self.ty)))?;
+        let bad = |reason: String| RuntimeError::BadWeight {
+            name: self.name.clone(),
+            reason,
+        };
+        let row = self.ty.row_bytes(self.cols).ok_or_else(|| {
+            bad(format!(
+                "{} columns is not a whole number of {} blocks",
+                self.cols, self.ty
+            ))
+        })?;
         let want = row.checked_mul(self.rows).ok_or_else(|| bad("size overflows".into()))?;
         if want != self.bytes.as_slice().len() {
-            return Err(bad(format!("expected {want} bytes, found {}", self.bytes.as_slice().len())));
+            return Err(bad(format!(
+                "expected {want} bytes, found {}",
+                self.bytes.as_slice().len()
+            )));
         }
         Ok(())
     }

@@ -1,0 +1,108 @@
+//! Llama (SmolLM2, Llama 2/3): pre-norm decoder blocks of RMSNorm → attention with
+//! rotary embeddings and grouped key/value heads → RMSNorm → SwiGLU feed-forward.
+//! Qwen2 and Qwen3 are this model with small additions (see their files).
+
+use kiln_runtime::{Activation, Backend, BufId, RopeStyle, WeightId};
+
+use crate::blocks::{self, AttnExtras, AttnPlan, AttnWeights, FfnWeights, KvCache, Scratch};
+use crate::{Checkpoint, Hyper, Model, ModelError};
+
+pub struct Llama {
+    hyper: Hyper,
+    rope_style: RopeStyle,
+    embed: WeightId,
+    layers: Vec<Layer>,
+    output_norm: WeightId,
+    output: WeightId,
+}
+
+struct Layer {
+    attn_norm: WeightId,
+    attn: AttnWeights,
+    ffn_norm: WeightId,
+    ffn: FfnWeights,
+}
+
+pub fn load(ck: &Checkpoint, hyper: Hyper, be: &mut dyn Backend) -> Result<Llama, ModelError> {
+    let extras = AttnExtras {
+        qkv_bias: false,
+        qk_norm: false,
+    };
+    let style = if ck.llama_rope_is_interleaved() {
+        RopeStyle::Interleaved
+    } else {
+        RopeStyle::Neox
+    };
+    load_family(ck, hyper, be, extras, style)
+}
+
+/// Loads a Llama-family model whose attention blocks carry `extras`.
+pub(crate) fn load_family(
+    ck: &Checkpoint,
+    hyper: Hyper,
+    be: &mut dyn Backend,
+    extras: AttnExtras,
+    rope_style: RopeStyle,
+) -> Result<Llama, ModelError> {
+    let h = &hyper;
+    let embed = blocks::weight(ck, be, "token_embd.weight", h.vocab, h.d_model)?;
+    let mut layers = Vec::with_capacity(h.n_layer);
+    for i in 0..h.n_layer {
+        layers.push(Layer {
+            attn_norm: blocks::weight(ck, be, &format!("blk.{i}.attn_norm.weight"), 1, h.d_model)?,
+            attn: AttnWeights::load(ck, be, h, i, extras)?,
+            ffn_norm: blocks::weight(ck, be, &format!("blk.{i}.ffn_norm.weight"), 1, h.d_model)?,
+            ffn: FfnWeights::load(ck, be, h, i)?,
+        });
+    }
+    let output_norm = blocks::weight(ck, be, "output_norm.weight", 1, h.d_model)?;
+    let output = blocks::output_weight(ck, be, h, embed)?;
+    Ok(Llama {
+        hyper,
+        rope_style,
+        embed,
+        layers,
+        output_norm,
+        output,
+    })
+}
+
+impl Model for Llama {
+    fn hyper(&self) -> &Hyper {
+        &self.hyper
+    }
+
+    fn forward(
+        &self,
+        be: &mut dyn Backend,
+        cache: &mut KvCache,
+        s: &mut Scratch,
+        tokens: &[u32],
+        n_logits: usize,
+    ) -> BufId {
+        let h = &self.hyper;
+        let n = tokens.len();
+        blocks::begin(cache, s, n, n_logits);
+        let plan = AttnPlan {
+            rope_theta: h.rope_theta,
+            rope_style: self.rope_style,
+            scale: 1.0 / (h.head_dim as f32).sqrt(),
+            window: None,
+        };
+        be.embed(self.embed, tokens, s.x);
+        for (layer, kv) in self.layers.iter().zip(&cache.layers) {
+            // Attention: x += attn(norm(x)).
+            be.copy(s.x, 0, s.xb, 0, n * h.d_model);
+            be.rms_norm(s.xb, layer.attn_norm, n, h.norm_eps);
+            blocks::attention(be, h, &layer.attn, s, *kv, plan);
+            be.add(s.x, s.xb, n * h.d_model);
+            // Feed-forward: x += ffn(norm(x)).
+            be.copy(s.x, 0, s.xb, 0, n * h.d_model);
+            be.rms_norm(s.xb, layer.ffn_norm, n, h.norm_eps);
+            blocks::feed_forward(be, h, &layer.ffn, s, n, Activation::Silu);
+            be.add(s.x, s.xb, n * h.d_model);
+        }
+        cache.len += n;
+        blocks::logits(be, h, self.output_norm, self.output, s, n, n_logits)
+    }
+}

@@ -1,0 +1,159 @@
+//! The `kiln` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kiln::{registry, Engine, EngineOptions, GenerateOptions, Sampling, SessionOptions};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Run language models fast on the machine you have")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt and print only the generated text (timings go to stderr).
+    Generate {
+        /// A GGUF file, a Hugging Face checkpoint directory, or a pulled model's name.
+        #[arg(short, long)]
+        model: String,
+        #[arg(short, long)]
+        prompt: String,
+        #[arg(short = 'n', long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        #[arg(long, default_value_t = 40)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(short, long)]
+        threads: Option<usize>,
+        /// Context length (default: the model's, at most 4096).
+        #[arg(short = 'c', long)]
+        ctx: Option<usize>,
+    },
+    /// Perplexity of a text file, computed as llama-perplexity does.
+    Perplexity {
+        #[arg(short, long)]
+        model: String,
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        #[arg(short = 'c', long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(short, long)]
+        threads: Option<usize>,
+    },
+    /// Fetch a known model into the cache.
+    Pull { name: String },
+    /// List the models in the cache and those kiln can pull.
+    Models,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        Command::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            threads,
+            ctx,
+        } => {
+            let engine = Engine::load(
+                &model,
+                EngineOptions {
+                    threads,
+                    n_ctx: ctx,
+                    ..Default::default()
+                },
+            )?;
+            let mut session = engine.session(SessionOptions::default());
+            let options = GenerateOptions {
+                max_tokens,
+                sampling: Sampling {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
+                stop: vec![],
+            };
+            let generation = session.generate(&prompt, &options)?;
+            print!("{}", generation.text);
+            std::io::stdout().flush()?;
+            let t = &generation.timings;
+            eprintln!(
+                "\nload {:.2} s | prompt {} tokens, {:.1} t/s | generated {} tokens, {:.1} t/s | finish: {:?}",
+                engine.load_time().as_secs_f64(),
+                t.prompt_tokens,
+                t.prefill_tokens_per_second(),
+                t.generated_tokens,
+                t.decode_tokens_per_second(),
+                generation.finish_reason
+            );
+        }
+        Command::Perplexity {
+            model,
+            file,
+            ctx,
+            threads,
+        } => {
+            let text = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let text = String::from_utf8(text).map_err(|e| format!("{} is not valid UTF-8: {e}", file.display()))?;
+            let engine = Engine::load(
+                &model,
+                EngineOptions {
+                    threads,
+                    ..Default::default()
+                },
+            )?;
+            let report = engine.perplexity(&text, ctx, |i, ppl| eprint!("[{}]{ppl:.4} ", i + 1))?;
+            eprintln!();
+            println!("PPL = {:.4}", report.ppl);
+            eprintln!(
+                "{} chunks of {} tokens, {} tokens scored",
+                report.n_chunks, report.n_ctx, report.scored
+            );
+        }
+        Command::Pull { name } => {
+            registry::pull(&name, &mut |line| eprintln!("{line}"))?;
+        }
+        Command::Models => {
+            let cached = registry::cached_models();
+            println!("cached in {}:", registry::home().join("models").display());
+            if cached.is_empty() {
+                println!("  (none)");
+            }
+            for (name, size) in &cached {
+                println!("  {name:<32} {:>6} MB", size / 1_000_000);
+            }
+            println!("known (kiln pull NAME):");
+            for m in registry::KNOWN_MODELS {
+                println!("  {:<32} {}", m.name, m.description);
+            }
+        }
+    }
+    Ok(())
+}
