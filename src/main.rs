@@ -68,6 +68,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Loads a model, pulling it first when it is a known name not yet in the cache.
+fn load(model: &str, options: EngineOptions) -> Result<Engine, kiln::EngineError> {
+    match Engine::load(model, options.clone()) {
+        Err(kiln::EngineError::NotPulled(name)) => {
+            registry::pull(&name, &mut |line| eprintln!("{line}"))?;
+            Engine::load(model, options)
+        }
+        other => other,
+    }
+}
+
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Generate {
@@ -81,7 +92,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             threads,
             ctx,
         } => {
-            let engine = Engine::load(
+            let engine = load(
                 &model,
                 EngineOptions {
                     threads,
@@ -122,14 +133,16 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         } => {
             let text = std::fs::read(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
             let text = String::from_utf8(text).map_err(|e| format!("{} is not valid UTF-8: {e}", file.display()))?;
-            let engine = Engine::load(
+            // llama-perplexity drops one trailing newline from the file; so do we, to score the same tokens.
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            let engine = load(
                 &model,
                 EngineOptions {
                     threads,
                     ..Default::default()
                 },
             )?;
-            let report = engine.perplexity(&text, ctx, |i, ppl| eprint!("[{}]{ppl:.4} ", i + 1))?;
+            let report = engine.perplexity(text, ctx, |i, ppl| eprint!("[{}]{ppl:.4} ", i + 1))?;
             eprintln!();
             println!("PPL = {:.4}", report.ppl);
             eprintln!(

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use kiln::models::{self, Checkpoint, KvCache, Model, Scratch};
 use kiln::registry;
-use kiln::runtime::{Backend, CpuBackend};
+use kiln::runtime::{Backend, CpuBackend, Numerics};
 use serde::Deserialize;
 
 fn fixture(path: &str) -> PathBuf {
@@ -35,7 +35,8 @@ fn all_logits(model: &dyn Model, be: &mut dyn Backend, tokens: &[u32], chunk: us
 }
 
 fn load(path: &Path) -> (Box<dyn Model>, CpuBackend) {
-    let mut be = CpuBackend::new(None);
+    // The f32 reference path: transformers computes in f32 from the same dequantized weights.
+    let mut be = CpuBackend::with_numerics(None, Numerics::Reference);
     let checkpoint = Checkpoint::open(path).unwrap();
     let model = models::load_model(&checkpoint, &mut be).unwrap();
     (model, be)

@@ -4,6 +4,7 @@
 
 pub mod dequant;
 pub mod ops;
+pub mod qdot;
 pub mod quant;
 
 pub use quant::GgmlType;

@@ -26,7 +26,11 @@ impl Checkpoint {
         let format = if path.is_dir() {
             Format::Hf(SafetensorsCheckpoint::open(path)?)
         } else if path.exists() {
-            Format::Gguf(GgufFile::open(path)?)
+            let file = GgufFile::open(path).map_err(|source| ModelError::File {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Format::Gguf(file)
         } else {
             return Err(ModelError::NotFound(path.display().to_string()));
         };

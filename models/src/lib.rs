@@ -24,6 +24,8 @@ pub use config::Hyper;
 pub enum ModelError {
     #[error("model file not found: {0}")]
     NotFound(String),
+    #[error("{path}: {source}")]
+    File { path: String, source: gguf::GgufError },
     #[error(transparent)]
     Gguf(#[from] gguf::GgufError),
     #[error(transparent)]
@@ -68,15 +70,17 @@ pub trait Model: Send + Sync {
 
 /// Builds the model a checkpoint holds, uploading its weights to `be`.
 pub fn load_model(ck: &Checkpoint, be: &mut dyn Backend) -> Result<Box<dyn Model>, ModelError> {
+    type Loader = fn(&Checkpoint, Hyper, &mut dyn Backend) -> Result<Box<dyn Model>, ModelError>;
+    let load: Loader = match ck.arch.as_str() {
+        "llama" => |ck, h, be| Ok(Box::new(llama::load(ck, h, be)?)),
+        "qwen2" => |ck, h, be| Ok(Box::new(qwen2::load(ck, h, be)?)),
+        "qwen3" => |ck, h, be| Ok(Box::new(qwen3::load(ck, h, be)?)),
+        "gemma3" => |ck, h, be| Ok(Box::new(gemma3::load(ck, h, be)?)),
+        other => return Err(ModelError::UnknownArchitecture(other.to_string())),
+    };
     let hyper = Hyper::read(ck)?;
     hyper.validate()?;
-    Ok(match ck.arch.as_str() {
-        "llama" => Box::new(llama::load(ck, hyper, be)?),
-        "qwen2" => Box::new(qwen2::load(ck, hyper, be)?),
-        "qwen3" => Box::new(qwen3::load(ck, hyper, be)?),
-        "gemma3" => Box::new(gemma3::load(ck, hyper, be)?),
-        other => return Err(ModelError::UnknownArchitecture(other.to_string())),
-    })
+    load(ck, hyper, be)
 }
 
 /// The tokenizer of a checkpoint: built from GGUF metadata, or a checkpoint directory's

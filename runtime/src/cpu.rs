@@ -2,13 +2,28 @@
 //! buffers are plain vectors, and ops run at once on the calling thread and rayon's pool.
 
 use kiln_kernels::dequant::dequantize_row;
-use kiln_kernels::ops;
+use kiln_kernels::{ops, qdot};
 use rayon::prelude::*;
 
 use crate::{Activation, Attention, Backend, BufId, Result, RopeStyle, WeightId, WeightSource};
 
+/// How the CPU backend multiplies quantized weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Numerics {
+    /// Activations quantized to 8-bit blocks, integer dot products per block: llama.cpp's
+    /// arithmetic, and the fast path.
+    Quantized,
+    /// f32 activations times weights dequantized to f32: the reference the fast path is
+    /// checked against, and what Hugging Face transformers computes.
+    Reference,
+}
+
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
+    numerics: Numerics,
+    /// Quantized input rows of the current matmul, reused across calls.
+    acts: Vec<u8>,
+    act_row: Vec<u8>,
     weights: Vec<WeightSource>,
     /// Vectors (norm weights, biases) dequantized once at upload, by weight index.
     vectors: Vec<Option<Vec<f32>>>,
@@ -18,6 +33,10 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend running its ops on `threads` threads (default: one per core).
     pub fn new(threads: Option<usize>) -> Self {
+        Self::with_numerics(threads, Numerics::Quantized)
+    }
+
+    pub fn with_numerics(threads: Option<usize>, numerics: Numerics) -> Self {
         let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
@@ -26,6 +45,9 @@ impl CpuBackend {
             .expect("the CPU thread pool starts");
         CpuBackend {
             pool,
+            numerics,
+            acts: Vec::new(),
+            act_row: Vec::new(),
             weights: Vec::new(),
             vectors: Vec::new(),
             buffers: Vec::new(),
@@ -58,6 +80,21 @@ fn pair(buffers: &mut [Vec<f32>], read: BufId, write: BufId) -> (&[f32], &mut [f
         .get_disjoint_mut([read.0 as usize, write.0 as usize])
         .expect("an op read and wrote the same buffer");
     (r, w)
+}
+
+/// The output of a matmul, shared by tasks that write disjoint elements of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see `matmul`), and the buffer outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `i` is in bounds and no other task writes element `i`.
+    unsafe fn write(self, i: usize, v: f32) {
+        unsafe { *self.0.add(i) = v }
+    }
 }
 
 /// Rows per parallel task in matmul: enough work to amortize dequantizing each row.
@@ -120,40 +157,65 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&mut self, weight: WeightId, x: BufId, n: usize, out: BufId) {
-        let w = &self.weights[weight.0 as usize];
+        let CpuBackend {
+            pool,
+            weights,
+            buffers,
+            numerics,
+            acts,
+            act_row,
+            ..
+        } = self;
+        let w = &weights[weight.0 as usize];
         let (rows, cols, ty) = (w.rows, w.cols, w.ty);
         let row_bytes = ty.row_bytes(cols).expect("validated at upload");
-        let bytes = w.bytes.clone();
-        let (x, out) = pair(&mut self.buffers, x, out);
+        let weight_row = |r: usize| &w.bytes.as_slice()[r * row_bytes..][..row_bytes];
+        let (x, out) = pair(buffers, x, out);
         let x = &x[..n * cols];
-        // Each task dequantizes a band of weight rows once and multiplies it with every
-        // input row, writing the band's columns of `out` (transposed into place after).
-        let bands: Vec<Vec<f32>> = self.pool.install(|| {
-            (0..rows.div_ceil(ROWS_PER_TASK))
-                .into_par_iter()
-                .map(|band| {
-                    let first = band * ROWS_PER_TASK;
-                    let count = ROWS_PER_TASK.min(rows - first);
-                    let mut row = vec![0.0; cols];
-                    let mut result = vec![0.0; count * n];
-                    for r in 0..count {
-                        let src = &bytes.as_slice()[(first + r) * row_bytes..][..row_bytes];
-                        dequantize_row(ty, src, &mut row);
-                        for t in 0..n {
-                            result[r * n + t] = ops::dot(&row, &x[t * cols..(t + 1) * cols]);
-                        }
-                    }
-                    result
-                })
-                .collect()
-        });
-        for (band, result) in bands.iter().enumerate() {
-            let first = band * ROWS_PER_TASK;
-            for (r, chunk) in result.chunks(n).enumerate() {
-                for (t, v) in chunk.iter().enumerate() {
-                    out[t * rows + first + r] = *v;
+        // Tasks own bands of weight rows: each reads its rows once for all `n` inputs and
+        // writes out[t * rows + r] for its r only, so no two tasks write one element.
+        let out = OutPtr(out[..n * rows].as_mut_ptr());
+        // SAFETY: in bounds (t < n, r < rows), and rows are split between tasks.
+        let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * rows + r, v) };
+        let bands = rows.div_ceil(ROWS_PER_TASK);
+        let band_rows = |band: usize| band * ROWS_PER_TASK..rows.min((band + 1) * ROWS_PER_TASK);
+        match numerics {
+            Numerics::Quantized => {
+                // Each input row is quantized once to the weight type's 8-bit block format;
+                // every output is then a sum of per-block integer dot products.
+                let format = qdot::activation_format(ty);
+                let act_bytes = format
+                    .row_bytes(cols)
+                    .expect("activation blocks divide the row as weight blocks do");
+                acts.clear();
+                for row in x.chunks_exact(cols) {
+                    qdot::quantize_activations(format, row, act_row);
+                    acts.extend_from_slice(act_row);
                 }
+                let acts = &acts[..];
+                pool.install(|| {
+                    (0..bands).into_par_iter().for_each(|band| {
+                        for r in band_rows(band) {
+                            for (t, a) in acts.chunks_exact(act_bytes).enumerate() {
+                                store(t, r, qdot::dot(ty, weight_row(r), a, cols));
+                            }
+                        }
+                    })
+                });
             }
+            Numerics::Reference => pool.install(|| {
+                (0..bands).into_par_iter().for_each_init(
+                    || vec![0.0; cols],
+                    |row, band| {
+                        for r in band_rows(band) {
+                            dequantize_row(ty, weight_row(r), row);
+                            for (t, input) in x.chunks_exact(cols).enumerate() {
+                                store(t, r, ops::dot(row, input));
+                            }
+                        }
+                    },
+                )
+            }),
         }
     }
 

@@ -9,7 +9,7 @@ mod cpu;
 use std::ops::Range;
 use std::sync::Arc;
 
-pub use cpu::CpuBackend;
+pub use cpu::{CpuBackend, Numerics};
 pub use kiln_kernels::ops::RopeStyle;
 pub use kiln_kernels::GgmlType;
 

@@ -1,0 +1,723 @@
+//! Quantized dot products the way ggml's CPU backend computes them.
+//!
+//! llama.cpp does not dequantize weights for a matrix-vector product. It quantizes the
+//! activation row once to an 8-bit block format (the weight type's "vec_dot_type") and
+//! takes integer dot products block by block, scaling each block's integer sum by the
+//! weight and activation scales:
+//!
+//! | weight                          | activations ([`ActFormat`])   |
+//! |---------------------------------|-------------------------------|
+//! | Q4_0, Q5_0, Q8_0                | [`ActFormat::Q8_0`]           |
+//! | Q4_1, Q5_1                      | [`ActFormat::Q8_1`]           |
+//! | Q2_K, Q3_K, Q4_K, Q5_K, Q6_K    | [`ActFormat::Q8_K`]           |
+//! | F32                             | [`ActFormat::F32`]            |
+//! | F16                             | [`ActFormat::F16`]            |
+//! | BF16                            | [`ActFormat::BF16`]           |
+//!
+//! This module is the scalar reference of that scheme: [`quantize_activations`] turns an
+//! f32 row into the activation format, and [`dot`] takes one weight row against it.
+//!
+//! Numerics, chosen to match ggml (commit 0c1e570) bit for bit where it matters:
+//! * Activation quantization follows ggml-cpu's `quantize_row_q8_0`/`_q8_1` as built for
+//!   x86 (AVX2) — `d = amax / 127` stored as f16, `q = round_half_even(x * (127 / amax))`
+//!   — and `quantize_row_q8_K_ref` for Q8_K (f32 `d = 1 / (-127 / max)` where `max` is the
+//!   signed element of largest magnitude, `q = min(127, round_half_even(x * -127 / max))`,
+//!   i16 sums per 16). The portable `_ref` Q8_0/Q8_1 differ only in rare last-bit cases
+//!   (`1 / (amax / 127)` instead of `127 / amax`, ties away from zero); see
+//!   [`quantize_q8_0_block`].
+//! * Dot products follow ggml-cpu's generic (scalar) `ggml_vec_dot_*` functions: integer
+//!   sums per block (exact), then the same f32 products and the same f32 accumulation
+//!   order (for Q3_K..Q6_K the eight per-lane f32 accumulators of the generic code).
+//!   ggml's SIMD versions reorder the f32 sums, which moves the result by a few ulps of
+//!   the sum of magnitudes; the integer parts are identical.
+
+use crate::quant::{GgmlType, QK_K};
+use half::{bf16, f16};
+
+/// Elements per block of Q8_0 / Q8_1.
+pub const QK8: usize = 32;
+
+/// The format an activation row is converted to before a dot with a weight row.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ActFormat {
+    /// Little-endian f32 per element (weights F32).
+    F32,
+    /// Little-endian IEEE half per element (weights F16; ggml rounds activations to f16).
+    F16,
+    /// Little-endian bf16 per element (weights BF16; ggml rounds activations to bf16).
+    BF16,
+    /// 34-byte blocks of 32: `d: f16`, `qs: [i8; 32]`; value = `d * q`.
+    Q8_0,
+    /// 36-byte blocks of 32: `d: f16`, `s: f16` (= `d * Σq`, rounded to f16),
+    /// `qs: [i8; 32]`.
+    Q8_1,
+    /// 292-byte blocks of 256: `d: f32`, `qs: [i8; 256]`, `bsums: [i16; 16]` (sums of
+    /// each 16 consecutive `qs`).
+    Q8_K,
+}
+
+impl ActFormat {
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            ActFormat::F32 | ActFormat::F16 | ActFormat::BF16 => 1,
+            ActFormat::Q8_0 | ActFormat::Q8_1 => QK8,
+            ActFormat::Q8_K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            ActFormat::F32 => 4,
+            ActFormat::F16 | ActFormat::BF16 => 2,
+            ActFormat::Q8_0 => 2 + QK8,
+            ActFormat::Q8_1 => 4 + QK8,
+            ActFormat::Q8_K => 4 + QK_K + 2 * (QK_K / 16),
+        }
+    }
+
+    /// Bytes taken by `n` elements, or `None` when `n` is not a whole number of blocks.
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        if !n.is_multiple_of(self.block_size()) {
+            return None;
+        }
+        (n / self.block_size()).checked_mul(self.type_size())
+    }
+}
+
+/// The activation format ggml pairs with weights of type `weight` (its `vec_dot_type`).
+pub fn activation_format(weight: GgmlType) -> ActFormat {
+    match weight {
+        GgmlType::F32 => ActFormat::F32,
+        GgmlType::F16 => ActFormat::F16,
+        GgmlType::BF16 => ActFormat::BF16,
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => ActFormat::Q8_0,
+        GgmlType::Q4_1 | GgmlType::Q5_1 => ActFormat::Q8_1,
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => ActFormat::Q8_K,
+    }
+}
+
+/// Quantizes (or converts) the activation row `x` to `format`, replacing the contents of
+/// `out` with `format.row_bytes(x.len())` bytes. `out` keeps its capacity, so reusing one
+/// buffer across calls does not allocate.
+///
+/// # Panics
+/// If `x.len()` is not a whole number of `format` blocks.
+pub fn quantize_activations(format: ActFormat, x: &[f32], out: &mut Vec<u8>) {
+    let n = x.len();
+    let Some(bytes) = format.row_bytes(n) else {
+        panic!(
+            "quantize_activations: {n} elements is not a whole number of {format:?} blocks of {}",
+            format.block_size()
+        );
+    };
+    out.clear();
+    out.resize(bytes, 0);
+    let bs = format.block_size();
+    let ts = format.type_size();
+    for (xb, yb) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
+        match format {
+            ActFormat::F32 => yb.copy_from_slice(&xb[0].to_le_bytes()),
+            ActFormat::F16 => yb.copy_from_slice(&f16::from_f32(xb[0]).to_le_bytes()),
+            ActFormat::BF16 => yb.copy_from_slice(&bf16::from_f32(xb[0]).to_le_bytes()),
+            ActFormat::Q8_0 => {
+                let (d, qs) = yb.split_at_mut(2);
+                let (d32, _) = quantize_q8_0_block(xb, qs);
+                d.copy_from_slice(&f16::from_f32(d32).to_le_bytes());
+            }
+            ActFormat::Q8_1 => {
+                let (head, qs) = yb.split_at_mut(4);
+                let (d, sum) = quantize_q8_0_block(xb, qs);
+                // ggml: s = fp16(d * Σq) with the f32 d (before rounding to f16).
+                head[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                head[2..].copy_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
+            }
+            ActFormat::Q8_K => quantize_q8_k_block(xb, yb),
+        }
+    }
+}
+
+/// Quantizes 32 values to `qs` as ggml-cpu's x86 `quantize_row_q8_0` does: `d = amax /
+/// 127` (the caller stores it as f16), `q = round_half_even(x * (127 / amax))`. Returns
+/// the f32 `d` and `Σq`.
+///
+/// (ggml's portable `quantize_row_q8_0_ref` multiplies by `1 / d` and rounds ties away
+/// from zero; the two differ only when `x * id` lands on an exact tie or within an ulp of
+/// one, which is rare.)
+#[inline]
+fn quantize_q8_0_block(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(x) {
+        let r = round_half_even(v * id);
+        sum += r;
+        *q = r as i8 as u8;
+    }
+    (d, sum)
+}
+
+/// Rounds to the nearest integer, ties to even, for |v| < 2^22 (ggml's `nearest_int`;
+/// the same as `f32::round_ties_even`, which without SSE4.1 is a libm call per element).
+/// Adding and subtracting 1.5 * 2^23 leaves an f32 with no fraction bits.
+#[inline]
+fn round_half_even(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((v + MAGIC) - MAGIC) as i32
+}
+
+/// Quantizes 256 values to one Q8_K block as `quantize_row_q8_K_ref` does.
+fn quantize_q8_k_block(x: &[f32], y: &mut [u8]) {
+    // The signed value of largest magnitude (the first one on ties).
+    let mut amax = 0.0f32;
+    let mut max = 0.0f32;
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        y.fill(0);
+        return;
+    }
+    let iscale = -127.0f32 / max;
+    let (d, rest) = y.split_at_mut(4);
+    let (qs, bsums) = rest.split_at_mut(QK_K);
+    for (q, &v) in qs.iter_mut().zip(x) {
+        // ggml's nearest_int: round half to even.
+        let r = round_half_even(iscale * v).min(127);
+        *q = r as i8 as u8;
+    }
+    for (j, bsum) in bsums.chunks_exact_mut(2).enumerate() {
+        let s: i32 = qs[16 * j..16 * j + 16].iter().map(|&q| q as i8 as i32).sum();
+        bsum.copy_from_slice(&(s as i16).to_le_bytes());
+    }
+    d.copy_from_slice(&(1.0 / iscale).to_le_bytes());
+}
+
+/// The dot product of one weight row (`n` elements of `weight_ty`, as stored in GGUF)
+/// with one activation row quantized by [`quantize_activations`] to
+/// [`activation_format`]`(weight_ty)`.
+///
+/// # Panics
+/// If `n` is not a whole number of blocks, or either slice is not exactly the bytes of
+/// `n` elements.
+pub fn dot(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize) -> f32 {
+    let fmt = activation_format(weight_ty);
+    let (Some(wb), Some(ab)) = (weight_ty.row_bytes(n), fmt.row_bytes(n)) else {
+        panic!("qdot::dot: {n} elements is not a whole number of {weight_ty} blocks");
+    };
+    assert_eq!(
+        weight_row.len(),
+        wb,
+        "qdot::dot: {n} elements of {weight_ty} take {wb} bytes, but the weight row has {}",
+        weight_row.len()
+    );
+    assert_eq!(
+        acts.len(),
+        ab,
+        "qdot::dot: {n} activations as {fmt:?} take {ab} bytes, but acts has {}",
+        acts.len()
+    );
+    match weight_ty {
+        GgmlType::F32 => dot_float(weight_row, acts, 4, f32_at, 4, f32_at),
+        GgmlType::F16 => dot_float(weight_row, acts, 2, f16_at, 2, f16_at),
+        GgmlType::BF16 => dot_float(weight_row, acts, 2, bf16_at, 2, bf16_at),
+        GgmlType::Q4_0 => dot_q4_0(weight_row, acts),
+        GgmlType::Q4_1 => dot_q4_1(weight_row, acts),
+        GgmlType::Q5_0 => dot_q5_0(weight_row, acts),
+        GgmlType::Q5_1 => dot_q5_1(weight_row, acts),
+        GgmlType::Q8_0 => dot_q8_0(weight_row, acts),
+        GgmlType::Q2_K => dot_q2_k(weight_row, acts),
+        GgmlType::Q3_K => dot_q3_k(weight_row, acts),
+        GgmlType::Q4_K => dot_q4_k(weight_row, acts),
+        GgmlType::Q5_K => dot_q5_k(weight_row, acts),
+        GgmlType::Q6_K => dot_q6_k(weight_row, acts),
+    }
+}
+
+/// Dequantizes one activation row (as [`quantize_activations`] wrote it) to f32: the
+/// values the integer dot products actually use. For tests and diagnostics.
+pub fn dequantize_activations(format: ActFormat, acts: &[u8], out: &mut [f32]) {
+    let n = out.len();
+    assert_eq!(Some(acts.len()), format.row_bytes(n), "dequantize_activations: size");
+    let bs = format.block_size();
+    for (b, y) in acts.chunks_exact(format.type_size()).zip(out.chunks_exact_mut(bs)) {
+        match format {
+            ActFormat::F32 => y[0] = f32_at(b, 0),
+            ActFormat::F16 => y[0] = f16_at(b, 0),
+            ActFormat::BF16 => y[0] = bf16_at(b, 0),
+            ActFormat::Q8_0 | ActFormat::Q8_1 => {
+                let d = f16_at(b, 0);
+                let off = if format == ActFormat::Q8_0 { 2 } else { 4 };
+                for (o, &q) in y.iter_mut().zip(&b[off..off + QK8]) {
+                    *o = d * q as i8 as f32;
+                }
+            }
+            ActFormat::Q8_K => {
+                let d = f32_at(b, 0);
+                for (o, &q) in y.iter_mut().zip(&b[4..4 + QK_K]) {
+                    *o = d * q as i8 as f32;
+                }
+            }
+        }
+    }
+}
+
+#[inline]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+#[inline]
+fn bf16_at(b: &[u8], at: usize) -> f32 {
+    bf16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+#[inline]
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[inline]
+fn i8s(b: &[u8]) -> impl Iterator<Item = i32> + '_ {
+    b.iter().map(|&q| q as i8 as i32)
+}
+
+/// Float rows: products in f32, summed in 8 f32 lanes (vectorizable), lanes then added
+/// in order. (ggml's SIMD f32/f16 dots also use lane accumulators, of a different
+/// width, so this matches it to rounding only.)
+fn dot_float(
+    w: &[u8],
+    a: &[u8],
+    wsz: usize,
+    wget: fn(&[u8], usize) -> f32,
+    asz: usize,
+    aget: fn(&[u8], usize) -> f32,
+) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    for (i, (wc, ac)) in w.chunks_exact(wsz).zip(a.chunks_exact(asz)).enumerate() {
+        lanes[i % 8] += wget(wc, 0) * aget(ac, 0);
+    }
+    lanes.iter().sum()
+}
+
+/// The 16 activation quants of a Q8_0 block at `b`: `(d, qs)`.
+#[inline]
+fn q8_0_block(b: &[u8]) -> (f32, &[u8]) {
+    (f16_at(b, 0), &b[2..2 + QK8])
+}
+
+/// Q4_0 × Q8_0: per block `Σ (q_w - 8) q_a` in integers, then
+/// `sumf += ((sumi * d_w) * d_a)` (ggml's order of the f32 products).
+fn dot_q4_0(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (wb, ab) in w.chunks_exact(18).zip(a.chunks_exact(34)) {
+        let dw = f16_at(wb, 0);
+        let (da, qa) = q8_0_block(ab);
+        let qs = &wb[2..18];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let v0 = (qs[j] & 0x0F) as i32 - 8;
+            let v1 = (qs[j] >> 4) as i32 - 8;
+            sumi += v0 * qa[j] as i8 as i32 + v1 * qa[j + 16] as i8 as i32;
+        }
+        sumf = (sumi as f32 * dw).mul_add(da, sumf);
+    }
+    sumf
+}
+
+/// Q4_1 × Q8_1: per block `sumf += (d_w * d_a) * Σ q_w q_a + m_w * s_a`.
+fn dot_q4_1(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (wb, ab) in w.chunks_exact(20).zip(a.chunks_exact(36)) {
+        let (dw, mw) = (f16_at(wb, 0), f16_at(wb, 2));
+        let (da, sa) = (f16_at(ab, 0), f16_at(ab, 2));
+        let qs = &wb[4..20];
+        let qa = &ab[4..36];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let v0 = (qs[j] & 0x0F) as i32;
+            let v1 = (qs[j] >> 4) as i32;
+            sumi += v0 * qa[j] as i8 as i32 + v1 * qa[j + 16] as i8 as i32;
+        }
+        sumf += (dw * da).mul_add(sumi as f32, mw * sa);
+    }
+    sumf
+}
+
+/// The 32 five-bit values of a Q5_0/Q5_1 block (`qh`, `qs` as stored), unsigned 0..32.
+#[inline]
+fn q5_values(qh: u32, qs: &[u8]) -> [i32; 32] {
+    let mut v = [0i32; 32];
+    for j in 0..16 {
+        v[j] = ((qs[j] & 0x0F) as u32 | (((qh >> j) & 1) << 4)) as i32;
+        v[j + 16] = ((qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4)) as i32;
+    }
+    v
+}
+
+/// Q5_0 × Q8_0: per block `sumf += (d_w * d_a) * Σ (q_w - 16) q_a`.
+fn dot_q5_0(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (wb, ab) in w.chunks_exact(22).zip(a.chunks_exact(34)) {
+        let dw = f16_at(wb, 0);
+        let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
+        let v = q5_values(qh, &wb[6..22]);
+        let (da, qa) = q8_0_block(ab);
+        let sumi: i32 = v.iter().zip(i8s(qa)).map(|(&x, y)| (x - 16) * y).sum();
+        sumf = (dw * da).mul_add(sumi as f32, sumf);
+    }
+    sumf
+}
+
+/// Q5_1 × Q8_1: per block `sumf += (d_w * d_a) * Σ q_w q_a + m_w * s_a`.
+fn dot_q5_1(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (wb, ab) in w.chunks_exact(24).zip(a.chunks_exact(36)) {
+        let (dw, mw) = (f16_at(wb, 0), f16_at(wb, 2));
+        let qh = u32::from_le_bytes([wb[4], wb[5], wb[6], wb[7]]);
+        let v = q5_values(qh, &wb[8..24]);
+        let (da, sa) = (f16_at(ab, 0), f16_at(ab, 2));
+        let sumi: i32 = v.iter().zip(i8s(&ab[4..36])).map(|(&x, y)| x * y).sum();
+        sumf += (dw * da).mul_add(sumi as f32, mw * sa);
+    }
+    sumf
+}
+
+/// Q8_0 × Q8_0: per block `sumf += sumi * (d_w * d_a)`.
+fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (wb, ab) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
+        let (dw, qw) = q8_0_block(wb);
+        let (da, qa) = q8_0_block(ab);
+        let sumi: i32 = i8s(qw).zip(i8s(qa)).map(|(x, y)| x * y).sum();
+        sumf = (sumi as f32).mul_add(dw * da, sumf);
+    }
+    sumf
+}
+
+/// A Q8_K block: `(d, qs, bsums)`.
+#[inline]
+fn q8_k_block(b: &[u8]) -> (f32, &[u8], [i32; 16]) {
+    let mut bsums = [0i32; 16];
+    for (j, s) in bsums.iter_mut().enumerate() {
+        let at = 4 + QK_K + 2 * j;
+        *s = i16::from_le_bytes([b[at], b[at + 1]]) as i32;
+    }
+    (f32_at(b, 0), &b[4..4 + QK_K], bsums)
+}
+
+/// Q8_K blocks are this many bytes.
+const Q8K_SIZE: usize = 4 + QK_K + 2 * (QK_K / 16);
+
+/// Adds `scale * q_w[e] * q_a[e]` for the elements `e` of `range` (a multiple of 8 long,
+/// starting at a multiple of 8) into lane `e % 8`, as ggml's generic K-quant dots do.
+#[inline]
+fn lanes_add(aux32: &mut [i32; 8], scale: i32, qw: &[i8], qa: &[u8]) {
+    for (cw, ca) in qw.chunks_exact(8).zip(qa.chunks_exact(8)) {
+        for l in 0..8 {
+            aux32[l] += scale * (cw[l] as i32 * ca[l] as i8 as i32);
+        }
+    }
+}
+
+/// Q2_K × Q8_K: per super-block `sumf += (d_a * d_w) * isum - (d_a * dmin_w) * summs`,
+/// where `isum = Σ_sub scale_sub Σ q_w q_a` and `summs = Σ_sub bsum_sub * min_sub`.
+fn dot_q2_k(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (wb, ab) in w.chunks_exact(84).zip(a.chunks_exact(Q8K_SIZE)) {
+        let sc = &wb[0..16];
+        let q2 = &wb[16..80];
+        let (da, qa, bsums) = q8_k_block(ab);
+        let summs: i32 = bsums.iter().zip(sc).map(|(&b, &s)| b * (s >> 4) as i32).sum();
+        let dall = da * f16_at(wb, 80);
+        let dmin = da * f16_at(wb, 82);
+        let mut isum = 0i32;
+        for half in 0..2 {
+            let q = &q2[32 * half..32 * half + 32];
+            for k in 0..4 {
+                let shift = 2 * k;
+                for part in 0..2 {
+                    let sub = 8 * half + 2 * k + part;
+                    let e0 = 16 * sub;
+                    let isuml: i32 = q[16 * part..16 * part + 16]
+                        .iter()
+                        .zip(i8s(&qa[e0..e0 + 16]))
+                        .map(|(&x, y)| ((x >> shift) & 3) as i32 * y)
+                        .sum();
+                    isum += (sc[sub] & 0x0F) as i32 * isuml;
+                }
+            }
+        }
+        sumf += (isum as f32).mul_add(dall, -(dmin * summs as f32));
+    }
+    sumf
+}
+
+/// The signed 6-bit scale of Q3_K sub-block `k` (0..16), bias removed.
+#[inline]
+fn scale_k3(k: usize, s: &[u8]) -> i32 {
+    let low = if k < 8 { s[k] & 0x0F } else { s[k - 8] >> 4 };
+    let high = (s[8 + k % 4] >> (2 * (k / 4))) & 3;
+    (low | (high << 4)) as i32 - 32
+}
+
+/// The 6-bit scale and min of Q4_K/Q5_K sub-block `j` (0..8).
+#[inline]
+fn scale_min_k4(j: usize, s: &[u8]) -> (i32, i32) {
+    if j < 4 {
+        ((s[j] & 63) as i32, (s[j + 4] & 63) as i32)
+    } else {
+        (
+            ((s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4)) as i32,
+            ((s[j + 4] >> 4) | ((s[j] >> 6) << 4)) as i32,
+        )
+    }
+}
+
+/// Final reduction of the generic K-quant dots: `sumf` (carrying any min terms), plus
+/// the eight lane sums in order.
+#[inline]
+fn reduce_lanes(mut sumf: f32, sums: &[f32; 8]) -> f32 {
+    for &s in sums {
+        sumf += s;
+    }
+    sumf
+}
+
+/// Q3_K × Q8_K, following ggml's generic code: integer products per element, scaled by
+/// the sub-block's signed scale, accumulated in eight i32 lanes (element index mod 8);
+/// per super-block each lane adds `(d_w * d_a) * lane` to an f32 lane sum; the lane
+/// sums are added at the end.
+fn dot_q3_k(w: &[u8], a: &[u8]) -> f32 {
+    let mut sums = [0.0f32; 8];
+    let mut q = [0i8; QK_K];
+    for (wb, ab) in w.chunks_exact(110).zip(a.chunks_exact(Q8K_SIZE)) {
+        let hmask = &wb[0..32];
+        let qs = &wb[32..96];
+        let scales = &wb[96..108];
+        let (da, qa, _) = q8_k_block(ab);
+        for half in 0..2 {
+            let ql = &qs[32 * half..32 * half + 32];
+            for k in 0..4 {
+                let (shift, hbit) = (2 * k, 4 * half + k);
+                let out = &mut q[128 * half + 32 * k..128 * half + 32 * k + 32];
+                for l in 0..32 {
+                    let low = ((ql[l] >> shift) & 3) as i8;
+                    out[l] = if (hmask[l] >> hbit) & 1 == 1 { low } else { low - 4 };
+                }
+            }
+        }
+        let mut aux32 = [0i32; 8];
+        for sub in 0..16 {
+            let r = 16 * sub..16 * sub + 16;
+            lanes_add(&mut aux32, scale_k3(sub, scales), &q[r.clone()], &qa[r]);
+        }
+        let d = f16_at(wb, 108) * da;
+        for (s, &x) in sums.iter_mut().zip(&aux32) {
+            *s = d.mul_add(x as f32, *s);
+        }
+    }
+    reduce_lanes(0.0, &sums)
+}
+
+/// Q4_K and Q5_K × Q8_K (ggml's generic code): the scale terms as in [`dot_q3_k`] with
+/// 32-element sub-blocks, and per super-block `sumf -= (dmin_w * d_a) * Σ bsum * min`.
+/// `q` receives the unsigned quants; `decode` fills it from the weight block.
+fn dot_q45_k(w: &[u8], a: &[u8], wsize: usize, decode: impl Fn(&[u8], &mut [i8; QK_K])) -> f32 {
+    let mut sums = [0.0f32; 8];
+    let mut sumf = 0.0f32;
+    let mut q = [0i8; QK_K];
+    for (wb, ab) in w.chunks_exact(wsize).zip(a.chunks_exact(Q8K_SIZE)) {
+        let scales = &wb[4..16];
+        let (da, qa, bsums) = q8_k_block(ab);
+        decode(wb, &mut q);
+        let mut sc = [0i32; 8];
+        let mut mn = [0i32; 8];
+        for j in 0..8 {
+            (sc[j], mn[j]) = scale_min_k4(j, scales);
+        }
+        let sumi: i32 = bsums.iter().enumerate().map(|(j, &b)| b * mn[j / 2]).sum();
+        let mut aux32 = [0i32; 8];
+        for (sub, &s) in sc.iter().enumerate() {
+            let r = 32 * sub..32 * sub + 32;
+            lanes_add(&mut aux32, s, &q[r.clone()], &qa[r]);
+        }
+        let d = f16_at(wb, 0) * da;
+        for (s, &x) in sums.iter_mut().zip(&aux32) {
+            *s = d.mul_add(x as f32, *s);
+        }
+        let dmin = f16_at(wb, 2) * da;
+        sumf = (-dmin).mul_add(sumi as f32, sumf);
+    }
+    reduce_lanes(sumf, &sums)
+}
+
+/// Q4_K × Q8_K; see [`dot_q45_k`].
+fn dot_q4_k(w: &[u8], a: &[u8]) -> f32 {
+    dot_q45_k(w, a, 144, |wb, q| {
+        let qs = &wb[16..144];
+        for chunk in 0..4 {
+            for l in 0..32 {
+                let b = qs[32 * chunk + l];
+                q[64 * chunk + l] = (b & 0x0F) as i8;
+                q[64 * chunk + 32 + l] = (b >> 4) as i8;
+            }
+        }
+    })
+}
+
+/// Q5_K × Q8_K; see [`dot_q45_k`].
+fn dot_q5_k(w: &[u8], a: &[u8]) -> f32 {
+    dot_q45_k(w, a, 176, |wb, q| {
+        let qh = &wb[16..48];
+        let qs = &wb[48..176];
+        for chunk in 0..4 {
+            let (s1, s2) = (2 * chunk, 2 * chunk + 1);
+            for l in 0..32 {
+                let b = qs[32 * chunk + l];
+                q[64 * chunk + l] = ((b & 0x0F) | (((qh[l] >> s1) & 1) << 4)) as i8;
+                q[64 * chunk + 32 + l] = ((b >> 4) | (((qh[l] >> s2) & 1) << 4)) as i8;
+            }
+        }
+    })
+}
+
+/// Q6_K × Q8_K (ggml's generic code): signed quants `q - 32`, signed 8-bit scale per
+/// 16 elements, lanes as in [`dot_q3_k`].
+fn dot_q6_k(w: &[u8], a: &[u8]) -> f32 {
+    let mut sums = [0.0f32; 8];
+    let mut q = [0i8; QK_K];
+    for (wb, ab) in w.chunks_exact(210).zip(a.chunks_exact(Q8K_SIZE)) {
+        let (da, qa, _) = q8_k_block(ab);
+        for half in 0..2 {
+            let ql = &wb[64 * half..64 * half + 64];
+            let qh = &wb[128 + 32 * half..128 + 32 * half + 32];
+            let out = &mut q[128 * half..128 * half + 128];
+            for l in 0..32 {
+                out[l] = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i8 - 32;
+                out[l + 32] = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                out[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                out[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+            }
+        }
+        let scales = &wb[192..208];
+        let mut aux32 = [0i32; 8];
+        for (sub, &sc) in scales.iter().enumerate() {
+            let r = 16 * sub..16 * sub + 16;
+            lanes_add(&mut aux32, sc as i8 as i32, &q[r.clone()], &qa[r]);
+        }
+        let d = f16_at(wb, 208) * da;
+        for (s, &x) in sums.iter_mut().zip(&aux32) {
+            *s = d.mul_add(x as f32, *s);
+        }
+    }
+    reduce_lanes(0.0, &sums)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quantize(format: ActFormat, x: &[f32]) -> Vec<u8> {
+        let mut out = vec![0xAA; 3]; // stale contents must be replaced
+        quantize_activations(format, x, &mut out);
+        out
+    }
+
+    #[test]
+    fn q8_0_rounds_ties_to_even() {
+        // amax = 127, so the scale is exactly 1 and x * id lands on exact ties.
+        let mut x = [0.0f32; 32];
+        x[0] = 127.0;
+        x[1] = 0.5;
+        x[2] = 1.5;
+        x[3] = -2.5;
+        x[4] = 2.4;
+        let y = quantize(ActFormat::Q8_0, &x);
+        assert_eq!(y.len(), 34);
+        assert_eq!(f16_at(&y, 0), 1.0);
+        let q: Vec<i8> = y[2..7].iter().map(|&b| b as i8).collect();
+        assert_eq!(q, [127, 0, 2, -2, 2]);
+    }
+
+    #[test]
+    fn round_half_even_matches_std() {
+        for i in -400_000..400_000 {
+            let v = i as f32 * 0.000_5 + 0.000_25 * (i % 3) as f32;
+            assert_eq!(round_half_even(v), v.round_ties_even() as i32, "{v}");
+        }
+        assert_eq!(round_half_even(-0.5), 0);
+        assert_eq!(round_half_even(126.5), 126);
+        assert_eq!(round_half_even(-127.49999), -127);
+    }
+
+    #[test]
+    fn q8_1_stores_scaled_sum() {
+        let x: Vec<f32> = (0..32).map(|i| i as f32 - 10.0).collect();
+        let y = quantize(ActFormat::Q8_1, &x);
+        let d = 21.0f32 / 127.0;
+        let qsum: i32 = y[4..].iter().map(|&b| b as i8 as i32).sum();
+        assert_eq!(f16_at(&y, 0), f16::from_f32(d).to_f32());
+        assert_eq!(f16_at(&y, 2), f16::from_f32(d * qsum as f32).to_f32());
+    }
+
+    #[test]
+    fn zero_blocks_quantize_to_zero() {
+        for fmt in [ActFormat::Q8_0, ActFormat::Q8_1, ActFormat::Q8_K] {
+            let y = quantize(fmt, &vec![0.0; fmt.block_size()]);
+            assert!(y.iter().all(|&b| b == 0), "{fmt:?}");
+        }
+    }
+
+    #[test]
+    fn q8_k_scale_takes_the_sign_of_the_largest_element() {
+        // The largest-magnitude element maps to -127 (iscale = -127 / max), so d < 0 for
+        // a positive max and d > 0 for a negative one; d * q reproduces x either way.
+        for sign in [1.0f32, -1.0] {
+            let mut x = vec![0.0f32; QK_K];
+            x[3] = 2.0 * sign;
+            x[200] = -sign;
+            let y = quantize(ActFormat::Q8_K, &x);
+            let d = f32_at(&y, 0);
+            assert_eq!(d, 1.0 / (-127.0 / (2.0 * sign)));
+            assert_eq!(y[4 + 3] as i8, -127);
+            assert_eq!(y[4 + 200] as i8, 64); // 63.5 rounds to even
+            let bsum0 = i16::from_le_bytes([y[4 + QK_K], y[5 + QK_K]]);
+            assert_eq!(bsum0, -127);
+        }
+    }
+
+    #[test]
+    fn q8_0_dot_by_hand() {
+        // Weight block: d = 0.5, q = 1..=32; activations all 1 except the max 127.
+        let mut w = vec![0u8; 34];
+        w[..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        for j in 0..32 {
+            w[2 + j] = (j as i8 + 1) as u8;
+        }
+        let mut x = vec![1.0f32; 32];
+        x[31] = 127.0;
+        let a = quantize(ActFormat::Q8_0, &x);
+        let want = 0.5 * ((1..=31).sum::<i32>() + 32 * 127) as f32;
+        assert_eq!(dot(GgmlType::Q8_0, &w, &a, 32), want);
+    }
+
+    #[test]
+    #[should_panic(expected = "not a whole number of Q8_K blocks")]
+    fn partial_block_panics() {
+        quantize_activations(ActFormat::Q8_K, &[0.0; 300], &mut Vec::new());
+    }
+
+    #[test]
+    #[should_panic(expected = "but acts has")]
+    fn wrong_activation_format_panics() {
+        let a = quantize(ActFormat::Q8_0, &[1.0; 256]);
+        dot(GgmlType::Q4_K, &[0u8; 144], &a, 256);
+    }
+}
