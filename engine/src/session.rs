@@ -192,8 +192,11 @@ impl Session {
         let mut device = self.engine.device();
         let device = &mut *device;
         let pending = &self.tokens[cache.len..];
+        let mut logits = None;
         for chunk in pending.chunks(self.engine.max_batch()) {
-            let logits = model.forward(device.be.as_mut(), cache, &mut device.scratch, chunk, 1);
+            logits = Some(model.forward(device.be.as_mut(), cache, &mut device.scratch, chunk, 1));
+        }
+        if let Some(logits) = logits {
             device.be.read(logits, 0, &mut self.logits);
         }
     }

@@ -146,7 +146,7 @@ pub fn quantize_activations(format: ActFormat, x: &[f32], out: &mut Vec<u8>) {
 /// (ggml's portable `quantize_row_q8_0_ref` multiplies by `1 / d` and rounds ties away
 /// from zero; the two differ only when `x * id` lands on an exact tie or within an ulp of
 /// one, which is rare.)
-#[inline]
+#[inline(always)]
 fn quantize_q8_0_block(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
@@ -163,13 +163,14 @@ fn quantize_q8_0_block(x: &[f32], qs: &mut [u8]) -> (f32, i32) {
 /// Rounds to the nearest integer, ties to even, for |v| < 2^22 (ggml's `nearest_int`;
 /// the same as `f32::round_ties_even`, which without SSE4.1 is a libm call per element).
 /// Adding and subtracting 1.5 * 2^23 leaves an f32 with no fraction bits.
-#[inline]
+#[inline(always)]
 fn round_half_even(v: f32) -> i32 {
     const MAGIC: f32 = 12_582_912.0;
     ((v + MAGIC) - MAGIC) as i32
 }
 
 /// Quantizes 256 values to one Q8_K block as `quantize_row_q8_K_ref` does.
+#[inline(always)]
 fn quantize_q8_k_block(x: &[f32], y: &mut [u8]) {
     // The signed value of largest magnitude (the first one on ties).
     let mut amax = 0.0f32;
@@ -207,6 +208,26 @@ fn quantize_q8_k_block(x: &[f32], y: &mut [u8]) {
 /// If `n` is not a whole number of blocks, or either slice is not exactly the bytes of
 /// `n` elements.
 pub fn dot(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::ops::has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { dot_avx2(weight_ty, weight_row, acts, n) };
+        }
+    }
+    dot_portable(weight_ty, weight_row, acts, n)
+}
+
+/// [`dot`] compiled for AVX2 + FMA: the same operations (fused multiply-adds stay exactly
+/// where the portable code asks for them), vectorized and without libm calls.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize) -> f32 {
+    dot_portable(weight_ty, weight_row, acts, n)
+}
+
+#[inline(always)]
+fn dot_portable(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize) -> f32 {
     let fmt = activation_format(weight_ty);
     let (Some(wb), Some(ab)) = (weight_ty.row_bytes(n), fmt.row_bytes(n)) else {
         panic!("qdot::dot: {n} elements is not a whole number of {weight_ty} blocks");
@@ -268,22 +289,22 @@ pub fn dequantize_activations(format: ActFormat, acts: &[u8], out: &mut [f32]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-#[inline]
+#[inline(always)]
 fn bf16_at(b: &[u8], at: usize) -> f32 {
     bf16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-#[inline]
+#[inline(always)]
 fn f32_at(b: &[u8], at: usize) -> f32 {
     f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-#[inline]
+#[inline(always)]
 fn i8s(b: &[u8]) -> impl Iterator<Item = i32> + '_ {
     b.iter().map(|&q| q as i8 as i32)
 }
@@ -291,6 +312,7 @@ fn i8s(b: &[u8]) -> impl Iterator<Item = i32> + '_ {
 /// Float rows: products in f32, summed in 8 f32 lanes (vectorizable), lanes then added
 /// in order. (ggml's SIMD f32/f16 dots also use lane accumulators, of a different
 /// width, so this matches it to rounding only.)
+#[inline(always)]
 fn dot_float(
     w: &[u8],
     a: &[u8],
@@ -307,13 +329,14 @@ fn dot_float(
 }
 
 /// The 16 activation quants of a Q8_0 block at `b`: `(d, qs)`.
-#[inline]
+#[inline(always)]
 fn q8_0_block(b: &[u8]) -> (f32, &[u8]) {
     (f16_at(b, 0), &b[2..2 + QK8])
 }
 
 /// Q4_0 × Q8_0: per block `Σ (q_w - 8) q_a` in integers, then
 /// `sumf += ((sumi * d_w) * d_a)` (ggml's order of the f32 products).
+#[inline(always)]
 fn dot_q4_0(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (wb, ab) in w.chunks_exact(18).zip(a.chunks_exact(34)) {
@@ -332,6 +355,7 @@ fn dot_q4_0(w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// Q4_1 × Q8_1: per block `sumf += (d_w * d_a) * Σ q_w q_a + m_w * s_a`.
+#[inline(always)]
 fn dot_q4_1(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (wb, ab) in w.chunks_exact(20).zip(a.chunks_exact(36)) {
@@ -351,7 +375,7 @@ fn dot_q4_1(w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// The 32 five-bit values of a Q5_0/Q5_1 block (`qh`, `qs` as stored), unsigned 0..32.
-#[inline]
+#[inline(always)]
 fn q5_values(qh: u32, qs: &[u8]) -> [i32; 32] {
     let mut v = [0i32; 32];
     for j in 0..16 {
@@ -362,6 +386,7 @@ fn q5_values(qh: u32, qs: &[u8]) -> [i32; 32] {
 }
 
 /// Q5_0 × Q8_0: per block `sumf += (d_w * d_a) * Σ (q_w - 16) q_a`.
+#[inline(always)]
 fn dot_q5_0(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (wb, ab) in w.chunks_exact(22).zip(a.chunks_exact(34)) {
@@ -376,6 +401,7 @@ fn dot_q5_0(w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// Q5_1 × Q8_1: per block `sumf += (d_w * d_a) * Σ q_w q_a + m_w * s_a`.
+#[inline(always)]
 fn dot_q5_1(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (wb, ab) in w.chunks_exact(24).zip(a.chunks_exact(36)) {
@@ -390,6 +416,7 @@ fn dot_q5_1(w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// Q8_0 × Q8_0: per block `sumf += sumi * (d_w * d_a)`.
+#[inline(always)]
 fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (wb, ab) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
@@ -402,7 +429,7 @@ fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// A Q8_K block: `(d, qs, bsums)`.
-#[inline]
+#[inline(always)]
 fn q8_k_block(b: &[u8]) -> (f32, &[u8], [i32; 16]) {
     let mut bsums = [0i32; 16];
     for (j, s) in bsums.iter_mut().enumerate() {
@@ -417,7 +444,7 @@ const Q8K_SIZE: usize = 4 + QK_K + 2 * (QK_K / 16);
 
 /// Adds `scale * q_w[e] * q_a[e]` for the elements `e` of `range` (a multiple of 8 long,
 /// starting at a multiple of 8) into lane `e % 8`, as ggml's generic K-quant dots do.
-#[inline]
+#[inline(always)]
 fn lanes_add(aux32: &mut [i32; 8], scale: i32, qw: &[i8], qa: &[u8]) {
     for (cw, ca) in qw.chunks_exact(8).zip(qa.chunks_exact(8)) {
         for l in 0..8 {
@@ -428,6 +455,7 @@ fn lanes_add(aux32: &mut [i32; 8], scale: i32, qw: &[i8], qa: &[u8]) {
 
 /// Q2_K × Q8_K: per super-block `sumf += (d_a * d_w) * isum - (d_a * dmin_w) * summs`,
 /// where `isum = Σ_sub scale_sub Σ q_w q_a` and `summs = Σ_sub bsum_sub * min_sub`.
+#[inline(always)]
 fn dot_q2_k(w: &[u8], a: &[u8]) -> f32 {
     let mut sumf = 0.0f32;
     for (wb, ab) in w.chunks_exact(84).zip(a.chunks_exact(Q8K_SIZE)) {
@@ -460,7 +488,7 @@ fn dot_q2_k(w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// The signed 6-bit scale of Q3_K sub-block `k` (0..16), bias removed.
-#[inline]
+#[inline(always)]
 fn scale_k3(k: usize, s: &[u8]) -> i32 {
     let low = if k < 8 { s[k] & 0x0F } else { s[k - 8] >> 4 };
     let high = (s[8 + k % 4] >> (2 * (k / 4))) & 3;
@@ -468,7 +496,7 @@ fn scale_k3(k: usize, s: &[u8]) -> i32 {
 }
 
 /// The 6-bit scale and min of Q4_K/Q5_K sub-block `j` (0..8).
-#[inline]
+#[inline(always)]
 fn scale_min_k4(j: usize, s: &[u8]) -> (i32, i32) {
     if j < 4 {
         ((s[j] & 63) as i32, (s[j + 4] & 63) as i32)
@@ -482,7 +510,7 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (i32, i32) {
 
 /// Final reduction of the generic K-quant dots: `sumf` (carrying any min terms), plus
 /// the eight lane sums in order.
-#[inline]
+#[inline(always)]
 fn reduce_lanes(mut sumf: f32, sums: &[f32; 8]) -> f32 {
     for &s in sums {
         sumf += s;
@@ -494,6 +522,7 @@ fn reduce_lanes(mut sumf: f32, sums: &[f32; 8]) -> f32 {
 /// the sub-block's signed scale, accumulated in eight i32 lanes (element index mod 8);
 /// per super-block each lane adds `(d_w * d_a) * lane` to an f32 lane sum; the lane
 /// sums are added at the end.
+#[inline(always)]
 fn dot_q3_k(w: &[u8], a: &[u8]) -> f32 {
     let mut sums = [0.0f32; 8];
     let mut q = [0i8; QK_K];
@@ -529,6 +558,7 @@ fn dot_q3_k(w: &[u8], a: &[u8]) -> f32 {
 /// Q4_K and Q5_K × Q8_K (ggml's generic code): the scale terms as in [`dot_q3_k`] with
 /// 32-element sub-blocks, and per super-block `sumf -= (dmin_w * d_a) * Σ bsum * min`.
 /// `q` receives the unsigned quants; `decode` fills it from the weight block.
+#[inline(always)]
 fn dot_q45_k(w: &[u8], a: &[u8], wsize: usize, decode: impl Fn(&[u8], &mut [i8; QK_K])) -> f32 {
     let mut sums = [0.0f32; 8];
     let mut sumf = 0.0f32;
@@ -559,6 +589,7 @@ fn dot_q45_k(w: &[u8], a: &[u8], wsize: usize, decode: impl Fn(&[u8], &mut [i8; 
 }
 
 /// Q4_K × Q8_K; see [`dot_q45_k`].
+#[inline(always)]
 fn dot_q4_k(w: &[u8], a: &[u8]) -> f32 {
     dot_q45_k(w, a, 144, |wb, q| {
         let qs = &wb[16..144];
@@ -573,6 +604,7 @@ fn dot_q4_k(w: &[u8], a: &[u8]) -> f32 {
 }
 
 /// Q5_K × Q8_K; see [`dot_q45_k`].
+#[inline(always)]
 fn dot_q5_k(w: &[u8], a: &[u8]) -> f32 {
     dot_q45_k(w, a, 176, |wb, q| {
         let qh = &wb[16..48];
@@ -590,6 +622,7 @@ fn dot_q5_k(w: &[u8], a: &[u8]) -> f32 {
 
 /// Q6_K × Q8_K (ggml's generic code): signed quants `q - 32`, signed 8-bit scale per
 /// 16 elements, lanes as in [`dot_q3_k`].
+#[inline(always)]
 fn dot_q6_k(w: &[u8], a: &[u8]) -> f32 {
     let mut sums = [0.0f32; 8];
     let mut q = [0i8; QK_K];

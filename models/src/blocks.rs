@@ -219,8 +219,8 @@ pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, 
         plan.rope_theta,
         plan.rope_style,
     );
-    be.store_rows(s.k, kv.0, n, h.kv_dim(), start);
-    be.store_rows(s.v, kv.1, n, h.kv_dim(), start);
+    be.store_kv(s.k, kv.0, n, h.kv_dim(), start);
+    be.store_kv(s.v, kv.1, n, h.kv_dim(), start);
     let shape = Attention {
         n_tokens: n,
         start_pos: start,

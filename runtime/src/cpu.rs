@@ -258,8 +258,15 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn store_rows(&mut self, src: BufId, cache: BufId, n: usize, row_len: usize, start: usize) {
-        self.copy(src, 0, cache, start * row_len, n * row_len);
+    fn store_kv(&mut self, src: BufId, cache: BufId, n: usize, row_len: usize, start: usize) {
+        let numerics = self.numerics;
+        let (src, cache) = self.pair(src, cache);
+        let (src, dst) = (&src[..n * row_len], &mut cache[start * row_len..(start + n) * row_len]);
+        match numerics {
+            // llama.cpp keeps its cache in f16.
+            Numerics::Quantized => dst.iter_mut().zip(src).for_each(|(d, s)| *d = ops::round_to_f16(*s)),
+            Numerics::Reference => dst.copy_from_slice(src),
+        }
     }
 
     fn attention(&mut self, q: BufId, keys: BufId, values: BufId, a: Attention, out: BufId) {
@@ -272,30 +279,49 @@ impl Backend for CpuBackend {
         let kv_stride = a.n_kv_head * d;
         let group = a.n_head / a.n_kv_head;
         let n_ctx_max = a.start_pos + a.n_tokens;
+        // llama.cpp runs a few queries through a kernel that rounds the query to f16 and
+        // accumulates values in f16, and tiles of 64 or more through an f32 kernel.
+        let f16_accumulator = self.numerics == Numerics::Quantized && a.n_tokens < 64;
         self.pool.install(|| {
             out[..a.n_tokens * a.n_head * d]
                 .par_chunks_mut(d)
                 .enumerate()
                 .for_each_init(
-                    || vec![0.0; n_ctx_max],
+                    || vec![0.0; n_ctx_max.max(d)],
                     |scores, (i, head_out)| {
                         let (t, h) = (i / a.n_head, i % a.n_head);
                         let pos = a.start_pos + t;
                         let first = a.window.map_or(0, |w| (pos + 1).saturating_sub(w));
                         let query = &q[i * d..(i + 1) * d];
                         let offset = (h / group) * d;
-                        ops::attend(
-                            query,
-                            k,
-                            v,
-                            kv_stride,
-                            offset,
-                            first,
-                            pos + 1,
-                            a.scale,
-                            scores,
-                            head_out,
-                        );
+                        if f16_accumulator {
+                            let q16 = &mut scores[..d];
+                            ops::attend_f16_accumulator(
+                                query,
+                                k,
+                                v,
+                                kv_stride,
+                                offset,
+                                first,
+                                pos + 1,
+                                a.scale,
+                                q16,
+                                head_out,
+                            );
+                        } else {
+                            ops::attend(
+                                query,
+                                k,
+                                v,
+                                kv_stride,
+                                offset,
+                                first,
+                                pos + 1,
+                                a.scale,
+                                scores,
+                                head_out,
+                            );
+                        }
                     },
                 );
         });

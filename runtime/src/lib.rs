@@ -154,8 +154,9 @@ pub trait Backend: Send {
     fn rms_norm(&mut self, x: BufId, weight: WeightId, n: usize, eps: f32);
     /// Rotates `n_heads` heads of `head_dim` in each of `positions.len()` rows.
     fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle);
-    /// Writes `n` rows of `row_len` floats from `src` into `cache` starting at row `start`.
-    fn store_rows(&mut self, src: BufId, cache: BufId, n: usize, row_len: usize, start: usize);
+    /// Writes `n` rows of `row_len` keys or values from `src` into `cache` starting at row
+    /// `start`. A backend may keep the cache at reduced precision (f16).
+    fn store_kv(&mut self, src: BufId, cache: BufId, n: usize, row_len: usize, start: usize);
     /// Causal attention of `q` over the cached keys and values into `out`.
     fn attention(&mut self, q: BufId, keys: BufId, values: BufId, shape: Attention, out: BufId);
     /// `gate[i] = act(gate[i]) * up[i]` for the first `len` floats.
