@@ -163,9 +163,9 @@ pub fn round_to_f16(x: f32) -> f32 {
 /// Causal attention of one query head as llama.cpp's CPU flash-attention kernel computes
 /// it for a handful of queries over an f16 cache: the query rounded to f16, an online
 /// softmax, and the probability-weighted sum of values accumulated in f16 (each update
-/// rounded), divided by the softmax sum at the end. Same layout as [`attend`]; `keys`
-/// and `values` must already hold f16-representable values, and `q16` is scratch of
-/// `q.len()` floats.
+/// rounded), divided by the softmax sum at the end. Same layout and arguments as
+/// [`attend`]; `keys` and `values` must already hold f16-representable values, and
+/// `q16` is scratch of at least `q.len()` floats.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_f16_accumulator(
     q: &[f32],

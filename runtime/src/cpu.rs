@@ -281,47 +281,35 @@ impl Backend for CpuBackend {
         let n_ctx_max = a.start_pos + a.n_tokens;
         // llama.cpp runs a few queries through a kernel that rounds the query to f16 and
         // accumulates values in f16, and tiles of 64 or more through an f32 kernel.
-        let f16_accumulator = self.numerics == Numerics::Quantized && a.n_tokens < 64;
+        let kernel = if self.numerics == Numerics::Quantized && a.n_tokens < 64 {
+            ops::attend_f16_accumulator
+        } else {
+            ops::attend
+        };
         self.pool.install(|| {
             out[..a.n_tokens * a.n_head * d]
                 .par_chunks_mut(d)
                 .enumerate()
                 .for_each_init(
                     || vec![0.0; n_ctx_max.max(d)],
-                    |scores, (i, head_out)| {
+                    |scratch, (i, head_out)| {
                         let (t, h) = (i / a.n_head, i % a.n_head);
                         let pos = a.start_pos + t;
                         let first = a.window.map_or(0, |w| (pos + 1).saturating_sub(w));
                         let query = &q[i * d..(i + 1) * d];
                         let offset = (h / group) * d;
-                        if f16_accumulator {
-                            let q16 = &mut scores[..d];
-                            ops::attend_f16_accumulator(
-                                query,
-                                k,
-                                v,
-                                kv_stride,
-                                offset,
-                                first,
-                                pos + 1,
-                                a.scale,
-                                q16,
-                                head_out,
-                            );
-                        } else {
-                            ops::attend(
-                                query,
-                                k,
-                                v,
-                                kv_stride,
-                                offset,
-                                first,
-                                pos + 1,
-                                a.scale,
-                                scores,
-                                head_out,
-                            );
-                        }
+                        kernel(
+                            query,
+                            k,
+                            v,
+                            kv_stride,
+                            offset,
+                            first,
+                            pos + 1,
+                            a.scale,
+                            scratch,
+                            head_out,
+                        );
                     },
                 );
         });
