@@ -40,7 +40,10 @@ impl Engine {
         let tok = self.tokenizer();
         let bos = tok.bos.filter(|_| tok.add_bos);
         let mut tokens: Vec<u32> = bos.into_iter().collect();
-        tokens.extend(self.encode(text)?);
+        tokens.extend(
+            tok.encode_literal(text)
+                .map_err(|e| EngineError::Tokenize(e.to_string()))?,
+        );
         let n_chunks = tokens.len() / n_ctx;
         if n_chunks == 0 {
             return Err(EngineError::InvalidOption(format!(

@@ -226,6 +226,14 @@ impl TokenizerInfo {
         Ok(self.tokenizer.encode_fast(text, false)?.get_ids().to_vec())
     }
 
+    /// Encodes text whose special-token spellings are plain text (llama.cpp's
+    /// `parse_special = false`, as llama-perplexity tokenizes), without BOS.
+    pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let mut literal = self.tokenizer.clone();
+        literal.set_encode_special_tokens(true);
+        Ok(literal.encode_fast(text, false)?.get_ids().to_vec())
+    }
+
     /// Encodes a prompt: BOS first when the model wants it, then [`TokenizerInfo::encode`].
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         let mut ids = Vec::new();
@@ -1098,10 +1106,8 @@ mod tests {
         assert_eq!(info.decode(&ids), "ab ab<|im_end|>\né");
         assert_eq!(info.token_bytes(7), [0xC3]);
         // parse_special = false: the control token is plain text.
-        let mut t = info.tokenizer.clone();
-        t.set_encode_special_tokens(true);
-        let ids = t.encode("<|im_end|>", false).unwrap();
-        assert!(!ids.get_ids().contains(&6));
+        let ids = info.encode_literal("<|im_end|>").unwrap();
+        assert!(!ids.contains(&6), "{ids:?}");
     }
 
     #[test]
