@@ -60,12 +60,13 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// RMS normalization of one row in place: `x = x / rms(x) * weight`.
+/// RMS normalization of one row in place: `x = x / rms(x) * weight`, rounded as ggml
+/// rounds it (f32 squares summed in f64, then the scale, then the weight).
 pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
-    let mean_square = x.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / x.len() as f64;
+    let mean_square = x.iter().map(|v| (v * v) as f64).sum::<f64>() / x.len() as f64;
     let inv = 1.0 / ((mean_square as f32) + eps).sqrt();
     for (v, w) in x.iter_mut().zip(weight) {
-        *v *= inv * w;
+        *v = (*v * inv) * w;
     }
 }
 
@@ -107,6 +108,55 @@ pub fn silu(x: f32) -> f32 {
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// `exp(x)` as ggml's vectorized `ggml_v_expf` computes it (a polynomial after range
+/// reduction, at most ~1.5 ulp from the exact value), so that [`silu_ggml`] rounds as
+/// llama.cpp does.
+pub fn exp_ggml(x: f32) -> f32 {
+    // The constants as hexadecimal floats: 0x1.8p23, 0x1.715476p+0 (log2 e),
+    // 0x1.62e4p-1 and 0x1.7f7d1cp-20 (ln 2 in two parts), then the polynomial's.
+    let round = f32::from_bits(0x4b40_0000);
+    let (log2e, ln2_hi, ln2_lo) = (
+        f32::from_bits(0x3fb8_aa3b),
+        f32::from_bits(0x3f31_7200),
+        f32::from_bits(0x35bf_be8e),
+    );
+    let c = [0x3c07_2010, 0x3d2b_9f17, 0x3e2a_af33, 0x3eff_fedb, 0x3f7f_fff6].map(f32::from_bits);
+    let n = x.mul_add(log2e, round) - round;
+    let b = (-n).mul_add(ln2_lo, (-n).mul_add(ln2_hi, x));
+    let u = b * b;
+    let j = c[0]
+        .mul_add(b, c[1])
+        .mul_add(u, c[2].mul_add(b, c[3]))
+        .mul_add(u, c[4].mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    // j · 2^n, rounded once (as `scalef` does).
+    (j as f64 * 2f64.powi(n as i32)) as f32
+}
+
+/// SiLU as llama.cpp's CPU backend computes it: `x / (1 + exp(-x))` with [`exp_ggml`].
+#[inline]
+pub fn silu_ggml(x: f32) -> f32 {
+    x / (1.0 + exp_ggml(-x))
+}
+
+/// GELU-tanh as llama.cpp's CPU backend computes it: from a table indexed by the input
+/// rounded to f16, holding f16 results (inputs beyond ±10 pass through or vanish).
+#[inline]
+pub fn gelu_tanh_ggml(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        let x = round_to_f16(x);
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        const COEF_A: f32 = 0.044_715;
+        round_to_f16(0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh()))
+    }
 }
 
 /// Softmax in place, stable against large inputs.
@@ -180,6 +230,7 @@ pub fn attend_f16_accumulator(
     out: &mut [f32],
 ) {
     let d = q.len();
+    let q16 = &mut q16[..d];
     for (r, v) in q16.iter_mut().zip(q) {
         *r = round_to_f16(*v);
     }
@@ -252,13 +303,31 @@ mod tests {
         let values: Vec<f32> = (0..n * d)
             .map(|i| round_to_f16(((i * 17) % 7) as f32 * 0.2 - 0.7))
             .collect();
-        let (mut scores, mut exact, mut approx, mut q16) = (vec![0.0; n], vec![0.0; d], vec![0.0; d], vec![0.0; d]);
+        // Scratch longer than the head, as the CPU backend passes it.
+        let (mut scores, mut exact, mut approx, mut q16) = (vec![0.0; n], vec![0.0; d], vec![0.0; d], vec![0.0; n]);
         attend(&q, &keys, &values, d, 0, 3, n, 0.25, &mut scores, &mut exact);
         attend_f16_accumulator(&q, &keys, &values, d, 0, 3, n, 0.25, &mut q16, &mut approx);
         for (a, b) in exact.iter().zip(&approx) {
             // f16 keeps 11 significant bits: ~5e-4 relative per rounding.
             assert!((a - b).abs() < 5e-3, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn ggml_style_activations_stay_close_to_exact_ones() {
+        for i in -400..400 {
+            let x = i as f32 * 0.037;
+            assert!((exp_ggml(x) - x.exp()).abs() <= 4e-7 * x.exp(), "exp({x})");
+            assert!((silu_ggml(x) - silu(x)).abs() <= 1e-6 * (1.0 + x.abs()), "silu({x})");
+            // f16 input and output: about 1e-3 relative.
+            assert!(
+                (gelu_tanh_ggml(x) - gelu_tanh(x)).abs() <= 2e-3 * (1.0 + x.abs()),
+                "gelu({x})"
+            );
+        }
+        assert_eq!(exp_ggml(-200.0), 0.0);
+        assert_eq!(exp_ggml(200.0), f32::INFINITY);
+        assert_eq!(gelu_tanh_ggml(12.0), 12.0);
     }
 
     #[test]

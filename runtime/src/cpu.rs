@@ -316,11 +316,14 @@ impl Backend for CpuBackend {
     }
 
     fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation) {
-        let (up, gate) = self.pair(up, gate);
-        let f = match act {
-            Activation::Silu => ops::silu,
-            Activation::GeluTanh => ops::gelu_tanh,
+        // The quantized path computes activations as llama.cpp does, down to the rounding.
+        let f = match (act, self.numerics) {
+            (Activation::Silu, Numerics::Quantized) => ops::silu_ggml,
+            (Activation::Silu, Numerics::Reference) => ops::silu,
+            (Activation::GeluTanh, Numerics::Quantized) => ops::gelu_tanh_ggml,
+            (Activation::GeluTanh, Numerics::Reference) => ops::gelu_tanh,
         };
+        let (up, gate) = self.pair(up, gate);
         for (g, u) in gate[..len].iter_mut().zip(&up[..len]) {
             *g = f(*g) * u;
         }
