@@ -131,7 +131,7 @@ fn greedy_agrees_with_llama_cpp(model: &str) {
         n = cases.len()
     );
     assert!(
-        forced_agree * 100 >= positions * 95,
+        forced_agree * 100 >= positions * 93,
         "{model}: teacher-forced {forced_agree}/{positions}"
     );
     assert!(
