@@ -83,19 +83,6 @@ fn random_acts(rng: &mut Rng, n: usize) -> Vec<f32> {
     x
 }
 
-const QUANTIZED: [GgmlType; 10] = [
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q2_K,
-    GgmlType::Q3_K,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
-
 /// The f64 reference for `dot(ty, w, acts, n)` and the magnitude its error is measured
 /// against.
 ///
@@ -148,10 +135,7 @@ fn dot_matches_f64_reference() {
     let mut rng = Rng(0x6b69_6c6e_7164_6f74);
     let mut acts = Vec::new();
     let mut worst = 0f64;
-    for ty in QUANTIZED
-        .into_iter()
-        .chain([GgmlType::F32, GgmlType::F16, GgmlType::BF16])
-    {
+    for ty in GgmlType::ALL {
         let bs = ty.block_size().max(32);
         for blocks in [1, 3, 7] {
             for _ in 0..20 {
