@@ -2,7 +2,9 @@
 //! quantized tensors and their dequantization, dot products, matrix products,
 //! normalization, rotary embeddings, attention and activations, each on plain slices.
 
+pub mod attention;
 pub mod dequant;
+pub mod gemm;
 pub mod ops;
 pub mod qdot;
 pub mod quant;

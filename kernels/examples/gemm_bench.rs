@@ -1,0 +1,67 @@
+//! Throughput of the matrix kernels on one thread, per weight type, for a decode shape
+//! (one token) and a prefill shape (many tokens):
+//! `cargo run --release -p kiln-kernels --example gemm_bench [-- TYPE...]`.
+
+use std::time::Instant;
+
+use kiln_kernels::gemm::{gemm, simd_level, OutMatrix};
+use kiln_kernels::qdot::{activation_format, quantize_activations};
+use kiln_kernels::GgmlType;
+
+fn main() {
+    let wanted: Vec<String> = std::env::args().skip(1).collect();
+    println!("SIMD level: {:?}", simd_level());
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        if !wanted.is_empty() && !wanted.iter().any(|w| w.eq_ignore_ascii_case(&ty.to_string())) {
+            continue;
+        }
+        // Decode: a 2048 × 1024 matrix (a few MiB, L2/L3) and one token; prefill: 256
+        // rows × 1024 cols against 512 tokens.
+        for (rows, cols, tokens) in [(2048, 1024, 1), (256, 1024, 512)] {
+            let rb = ty.row_bytes(cols).unwrap();
+            let weights: Vec<u8> = (0..rows * rb).map(|i| (i * 2654435761usize >> 7) as u8).collect();
+            let mut weights = weights;
+            // Sane scales: overwrite every block's first f16 field (d) with 0.01.
+            let ts = ty.type_size();
+            let d_at = if ty == GgmlType::Q6_K { 208 } else { 0 };
+            for b in 0..weights.len() / ts {
+                weights[b * ts + d_at..b * ts + d_at + 2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+            }
+            let fmt = activation_format(ty);
+            let mut acts = Vec::new();
+            let mut one = Vec::new();
+            for t in 0..tokens {
+                let x: Vec<f32> = (0..cols).map(|i| ((i * 7 + t * 13) % 17) as f32 - 8.0).collect();
+                quantize_activations(fmt, &x, &mut one);
+                acts.extend_from_slice(&one);
+            }
+            let mut out = vec![0f32; rows * tokens];
+            let run = |out: &mut Vec<f32>| {
+                // SAFETY: out holds tokens × rows, one writer.
+                let o = unsafe { OutMatrix::new(out.as_mut_ptr(), rows) };
+                gemm(ty, &weights, rows, cols, &acts, tokens, o);
+            };
+            run(&mut out);
+            let reps = (2e9 / (rows * cols * tokens) as f64).clamp(3.0, 2000.0) as usize;
+            let start = Instant::now();
+            for _ in 0..reps {
+                run(&mut out);
+            }
+            let secs = start.elapsed().as_secs_f64() / reps as f64;
+            let macs = (rows * cols * tokens) as f64;
+            println!(
+                "{ty:5} rows {rows:5} cols {cols} tokens {tokens:3}: {:8.1} µs  {:6.1} GMAC/s  {:5.1} GB/s weights",
+                secs * 1e6,
+                macs / secs / 1e9,
+                (rows * rb) as f64 / secs / 1e9
+            );
+        }
+    }
+}

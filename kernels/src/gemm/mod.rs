@@ -1,0 +1,169 @@
+//! Quantized matrix products: a band of weight rows times a batch of activation rows.
+//!
+//! One call computes `out[t][r] = dot(weight row r, activation row t)` for every weight
+//! row of the band and every activation row, with the arithmetic of [`crate::qdot`]:
+//! activations quantized once per row to the weight type's 8-bit block format
+//! ([`crate::qdot::activation_format`]), integer products per block, f32 scales. The
+//! integer parts are exact, so a SIMD kernel differs from the scalar reference only in
+//! the order of the f32 sums.
+//!
+//! The caller (the runtime) splits the weight rows of a matrix into bands across
+//! threads; a kernel sees one band and every token, so it can reuse each unpacked weight
+//! block across tokens (prefill) or stream its rows once (decode, one token).
+//!
+//! Kernels are chosen at run time from what the CPU has: AVX-512 VNNI, then AVX2, then
+//! the portable scalar path ([`crate::qdot::dot`] per element), which is always correct.
+
+use crate::qdot;
+use crate::quant::GgmlType;
+
+#[cfg(target_arch = "x86_64")]
+mod blocks32;
+#[cfg(target_arch = "x86_64")]
+mod kquants;
+
+/// Where a kernel writes its results: element `(t, r)` at `ptr + t * ld + r`.
+///
+/// Several threads write one output matrix at once, each through its own `OutMatrix`
+/// over a disjoint band of columns `r`; a raw pointer lets them do so without aliasing
+/// `&mut` slices.
+#[derive(Clone, Copy)]
+pub struct OutMatrix {
+    ptr: *mut f32,
+    ld: usize,
+}
+
+// SAFETY: an `OutMatrix` is only a place to write; `new`'s contract makes concurrent
+// writers touch disjoint elements.
+unsafe impl Send for OutMatrix {}
+unsafe impl Sync for OutMatrix {}
+
+impl OutMatrix {
+    /// # Safety
+    /// For every `(t, r)` a kernel is asked to compute, `ptr + t * ld + r` must be valid
+    /// for writes and written by no one else while the kernel runs.
+    pub unsafe fn new(ptr: *mut f32, ld: usize) -> Self {
+        OutMatrix { ptr, ld }
+    }
+
+    /// The same matrix seen from column `r0` on: element `(t, r)` is `(t, r0 + r)` here.
+    pub fn offset_cols(self, r0: usize) -> Self {
+        OutMatrix {
+            ptr: self.ptr.wrapping_add(r0),
+            ld: self.ld,
+        }
+    }
+
+    /// Stores `v` at `(t, r)`.
+    ///
+    /// # Safety
+    /// `(t, r)` is one of the elements `new`'s contract covers.
+    #[inline(always)]
+    pub unsafe fn write(self, t: usize, r: usize, v: f32) {
+        unsafe { *self.ptr.add(t * self.ld + r) = v }
+    }
+}
+
+/// The SIMD level a kernel runs at, detected once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    Scalar,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL + VNNI (plus AVX2/FMA/F16C).
+    Avx512Vnni,
+}
+
+/// The best SIMD level this CPU supports (`KILN_SIMD=scalar|avx2` lowers it, for tests
+/// and comparisons).
+pub fn simd_level() -> SimdLevel {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let best = detect();
+        match std::env::var("KILN_SIMD").as_deref() {
+            Ok("scalar") => SimdLevel::Scalar,
+            Ok("avx2") => best.min(SimdLevel::Avx2),
+            _ => best,
+        }
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> SimdLevel {
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+    let avx512 = avx2
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni");
+    if avx512 {
+        SimdLevel::Avx512Vnni
+    } else if avx2 {
+        SimdLevel::Avx2
+    } else {
+        SimdLevel::Scalar
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> SimdLevel {
+    SimdLevel::Scalar
+}
+
+/// `out[t][r] = dot(weights row r, acts row t)` for `r < n_rows`, `t < n_tokens`.
+///
+/// `weights` holds `n_rows` consecutive rows of `cols` elements of `ty` as stored in
+/// GGUF; `acts` holds `n_tokens` consecutive rows quantized by
+/// [`qdot::quantize_activations`] to [`qdot::activation_format`]`(ty)`.
+///
+/// # Panics
+/// If the slices are not exactly those sizes.
+pub fn gemm(ty: GgmlType, weights: &[u8], n_rows: usize, cols: usize, acts: &[u8], n_tokens: usize, out: OutMatrix) {
+    gemm_at(simd_level(), ty, weights, n_rows, cols, acts, n_tokens, out)
+}
+
+/// [`gemm`] at a given SIMD level (at most [`simd_level`]): for tests that compare levels.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_at(
+    level: SimdLevel,
+    ty: GgmlType,
+    weights: &[u8],
+    n_rows: usize,
+    cols: usize,
+    acts: &[u8],
+    n_tokens: usize,
+    out: OutMatrix,
+) {
+    let row_bytes = ty.row_bytes(cols).expect("gemm: cols is a whole number of weight blocks");
+    let act_bytes = qdot::activation_format(ty)
+        .row_bytes(cols)
+        .expect("gemm: cols is a whole number of activation blocks");
+    assert_eq!(weights.len(), n_rows * row_bytes, "gemm: weight bytes");
+    assert_eq!(acts.len(), n_tokens * act_bytes, "gemm: activation bytes");
+    assert!(level <= simd_level(), "gemm: {level:?} is not supported by this CPU");
+    #[cfg(target_arch = "x86_64")]
+    if level != SimdLevel::Scalar {
+        // SAFETY: `level` was detected on this CPU, and the sizes were checked above.
+        let done = unsafe {
+            match ty {
+                GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
+                    blocks32::gemm(level, ty, weights, n_rows, cols, acts, n_tokens, out)
+                }
+                GgmlType::Q4_K | GgmlType::Q6_K => kquants::gemm(level, ty, weights, n_rows, cols, acts, n_tokens, out),
+                _ => false,
+            }
+        };
+        if done {
+            return;
+        }
+    }
+    for r in 0..n_rows {
+        let w = &weights[r * row_bytes..][..row_bytes];
+        for t in 0..n_tokens {
+            let a = &acts[t * act_bytes..][..act_bytes];
+            // SAFETY: (t, r) is in the band the caller handed us.
+            unsafe { out.write(t, r, qdot::dot(ty, w, a, cols)) };
+        }
+    }
+}
