@@ -26,7 +26,7 @@ fn main() {
         // rows × 1024 cols against 512 tokens.
         for (rows, cols, tokens) in [(2048, 1024, 1), (256, 1024, 512)] {
             let rb = ty.row_bytes(cols).unwrap();
-            let weights: Vec<u8> = (0..rows * rb).map(|i| (i * 2654435761usize >> 7) as u8).collect();
+            let weights: Vec<u8> = (0..rows * rb).map(|i| ((i * 2654435761usize) >> 7) as u8).collect();
             let mut weights = weights;
             // Sane scales: overwrite every block's first f16 field (d) with 0.01.
             let ts = ty.type_size();

@@ -1,8 +1,35 @@
 //! Causal self-attention over a key/value cache, split into work items that threads
 //! take independently: grouped-query heads read their shared keys and values in place
 //! (no copies per head), and a sliding window limits what each query sees.
+//!
+//! Two kernels, chosen per call:
+//!
+//! - **f16 accumulator** ([`AttnPrecision::Ggml`] with fewer than 64 queries, i.e. decode
+//!   and small batches): llama.cpp's CPU flash attention for a handful of queries. An
+//!   item is one query × some heads of one KV group, so each key and value row is read
+//!   once for those heads. The result is bit-identical to [`ops::attend_f16_accumulator`]
+//!   per (query, head): the score dot product keeps its order (sixteen lane
+//!   accumulators, then the lanes summed in order), the exponentials are the same
+//!   `f32::exp`, and every accumulator update is rounded to f16 (by `vcvtps2ph` here,
+//!   which rounds as `half` does). Only the work around them is vectorized and
+//!   reordered: scores for a block of keys first, then the (sequential) online softmax
+//!   over that block, then the value updates.
+//! - **f32 flash attention** (everything else): an item is a tile of queries × the heads
+//!   of one KV group (up to four SIMD vectors of query lanes). For each block of keys it
+//!   computes the score block like a small GEMM (a key element broadcast against the
+//!   transposed queries, queries in lanes), masks it (causal, window), runs the online
+//!   softmax with the queries still in lanes, and accumulates `P·V` in f32. It differs
+//!   from [`ops::attend`] only in summation order, a polynomial `exp` (~2 ulp), the scale
+//!   folded into the query, and normalization at the end: ~1e-6 relative.
+//!
+//! Both run at the best [`SimdLevel`] of the CPU (AVX-512, else AVX2 + FMA + F16C);
+//! the scalar level runs the [`ops`] reference per (query, head).
 
-use crate::gemm::OutMatrix;
+use std::array;
+use std::cell::RefCell;
+use std::ops::Range;
+
+use crate::gemm::{simd_level, OutMatrix, SimdLevel};
 use crate::ops;
 
 /// The arithmetic of an attention call.
@@ -32,9 +59,63 @@ pub struct AttnGeometry {
     pub precision: AttnPrecision,
 }
 
+impl AttnGeometry {
+    fn group(&self) -> usize {
+        self.n_head / self.n_kv_head
+    }
+
+    fn f16_accumulator(&self) -> bool {
+        self.precision == AttnPrecision::Ggml && self.n_tokens < 64
+    }
+
+    /// The keys query `t` sees: `first..=pos`.
+    fn visible(&self, t: usize) -> (usize, usize) {
+        let pos = self.start_pos + t;
+        (self.window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos)
+    }
+}
+
+/// Keys per block: scores, weights and probabilities of a block stay in L1.
+const KEY_BLOCK: usize = 64;
+
+/// How a call is split: an item is `tokens` consecutive queries × `heads` consecutive
+/// heads of one KV group; a group has `parts` items per tile of queries.
+struct Split {
+    heads: usize,
+    parts: usize,
+    tokens: usize,
+    tiles: usize,
+}
+
+fn split(g: &AttnGeometry) -> Split {
+    let group = g.group();
+    let (heads, tokens) = if g.f16_accumulator() {
+        // One query × the whole group per item: each query's softmax is a sequential
+        // chain, and the group's keys and values are read once. (Splitting the group for
+        // more items at decode would read them again per part, and decode is bound by
+        // memory bandwidth.)
+        (group, 1)
+    } else {
+        let heads = group.min(TILE_LANES);
+        (heads, (TILE_LANES / heads).max(1))
+    };
+    Split {
+        heads,
+        parts: group.div_ceil(heads),
+        tokens,
+        tiles: g.n_tokens.div_ceil(tokens),
+    }
+}
+
+/// Query lanes (query × head) of an f32 tile: enough to reuse each key and value row
+/// loaded from L2 many times, few enough that the tile's transposed queries, outputs
+/// and score block stay in L1/L2 (64 × 256 floats = 64 KiB each at head_dim 256).
+const TILE_LANES: usize = 64;
+
 /// How many work items a call splits into.
 pub fn work_items(g: &AttnGeometry) -> usize {
-    g.n_tokens * g.n_head
+    let s = split(g);
+    g.n_kv_head * s.parts * s.tiles
 }
 
 /// Computes work item `item` (< [`work_items`]): some heads of some queries, written
@@ -43,29 +124,977 @@ pub fn work_items(g: &AttnGeometry) -> usize {
 /// `q` holds `n_tokens × n_head × head_dim` floats; `keys` and `values` hold at least
 /// `start_pos + n_tokens` rows of `kv_stride`.
 pub fn run_item(g: &AttnGeometry, q: &[f32], keys: &[f32], values: &[f32], item: usize, out: OutMatrix) {
+    run_item_at(simd_level(), g, q, keys, values, item, out)
+}
+
+/// [`run_item`] at a given SIMD level (at most [`simd_level`]), whose items are those of
+/// [`work_items`]: for tests that compare levels.
+///
+/// # Panics
+/// If the level is not supported, the slices are too short, or the geometry is
+/// inconsistent.
+#[allow(clippy::too_many_arguments)]
+pub fn run_item_at(
+    level: SimdLevel,
+    g: &AttnGeometry,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    item: usize,
+    out: OutMatrix,
+) {
+    assert!(
+        level <= simd_level(),
+        "attention: {level:?} is not supported by this CPU"
+    );
     let d = g.head_dim;
-    let (t, h) = (item / g.n_head, item % g.n_head);
-    let pos = g.start_pos + t;
-    let first = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-    let query = &q[item * d..(item + 1) * d];
-    let offset = (h / (g.n_head / g.n_kv_head)) * d;
-    SCRATCH.with_borrow_mut(|(scratch, head_out)| {
-        scratch.resize(scratch.len().max(pos + 1).max(d), 0.0);
-        head_out.resize(d, 0.0);
-        let kernel = if g.precision == AttnPrecision::Ggml && g.n_tokens < 64 {
-            ops::attend_f16_accumulator
-        } else {
-            ops::attend
-        };
-        kernel(query, keys, values, g.kv_stride, offset, first, pos + 1, g.scale, scratch, head_out);
-        for (i, &v) in head_out.iter().enumerate() {
-            // SAFETY: the caller's OutMatrix covers row t, columns of head h.
-            unsafe { out.write(t, h * d + i, v) };
+    assert!(
+        g.n_kv_head > 0 && g.n_head.is_multiple_of(g.n_kv_head),
+        "attention: heads per KV head"
+    );
+    assert!(g.n_kv_head * d <= g.kv_stride, "attention: KV row stride");
+    assert!(q.len() >= g.n_tokens * g.n_head * d, "attention: query length");
+    let rows = g.start_pos + g.n_tokens;
+    assert!(
+        keys.len() >= rows * g.kv_stride && values.len() >= rows * g.kv_stride,
+        "attention: cache length"
+    );
+    let s = split(g);
+    assert!(item < g.n_kv_head * s.parts * s.tiles, "attention: item {item}");
+    let (tile, rest) = (item % s.tiles, item / s.tiles);
+    let (part, kv) = (rest % s.parts, rest / s.parts);
+    let group = g.group();
+    let h0 = kv * group + part * s.heads;
+    let t0 = tile * s.tokens;
+    let job = Item {
+        g,
+        q,
+        keys,
+        values,
+        heads: h0..(h0 + s.heads).min((kv + 1) * group),
+        tokens: t0..(t0 + s.tokens).min(g.n_tokens),
+        kv_offset: kv * d,
+        out,
+    };
+    SCRATCH.with_borrow_mut(|sc| match level {
+        SimdLevel::Scalar => run_portable(&job, sc),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => {
+            // SAFETY: AVX2, FMA and F16C are present (level ≤ simd_level()); the slice
+            // lengths were checked above.
+            unsafe { run_avx2(&job, sc) }
         }
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512Vnni => {
+            // SAFETY: AVX-512 F/BW/VL, FMA and F16C are present (level ≤ simd_level());
+            // the slice lengths were checked above.
+            unsafe { run_avx512(&job, sc) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => run_portable(&job, sc),
     });
 }
 
+/// One work item, its bounds checked.
+struct Item<'a> {
+    g: &'a AttnGeometry,
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    heads: Range<usize>,
+    tokens: Range<usize>,
+    kv_offset: usize,
+    out: OutMatrix,
+}
+
+impl Item<'_> {
+    fn query(&self, t: usize, h: usize) -> &[f32] {
+        let d = self.g.head_dim;
+        &self.q[(t * self.g.n_head + h) * d..][..d]
+    }
+}
+
+/// Per-thread scratch, grown to the largest item seen and reused.
+struct Scratch {
+    q: Vec<f32>,
+    o: Vec<f32>,
+    s: Vec<f32>,
+    w: Vec<f32>,
+    r: Vec<f32>,
+    stats: Vec<f32>,
+}
+
 thread_local! {
-    /// Per-thread scratch: scores (or the f16 query) and one head's output.
-    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch { q: Vec::new(), o: Vec::new(), s: Vec::new(), w: Vec::new(), r: Vec::new(), stats: Vec::new() })
+    };
+}
+
+/// `n` floats of `buf` starting on a 64-byte boundary, so that full-width loads never
+/// split a cache line.
+fn aligned(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n + 16 {
+        buf.resize(n + 16, 0.0);
+    }
+    let skip = buf.as_ptr().align_offset(64).min(16);
+    &mut buf[skip..skip + n]
+}
+
+/// The reference kernels per (query, head).
+fn run_portable(it: &Item, sc: &mut Scratch) {
+    let g = it.g;
+    let d = g.head_dim;
+    let kernel = if g.f16_accumulator() {
+        ops::attend_f16_accumulator
+    } else {
+        ops::attend
+    };
+    let head_out = aligned(&mut sc.o, d);
+    for t in it.tokens.clone() {
+        let (first, pos) = g.visible(t);
+        let scratch = aligned(&mut sc.s, (pos + 1).max(d));
+        for h in it.heads.clone() {
+            let query = it.query(t, h);
+            kernel(
+                query,
+                it.keys,
+                it.values,
+                g.kv_stride,
+                it.kv_offset,
+                first,
+                pos + 1,
+                g.scale,
+                scratch,
+                head_out,
+            );
+            for (i, &v) in head_out.iter().enumerate() {
+                // SAFETY: the caller's OutMatrix covers row t, columns of head h.
+                unsafe { it.out.write(t, h * d + i, v) };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn run_avx512(it: &Item, sc: &mut Scratch) {
+    // SAFETY: the features the kernels' intrinsics need are enabled here.
+    unsafe {
+        if it.g.f16_accumulator() {
+            f16_item::<x86::Avx512>(it, sc)
+        } else {
+            f32_item::<x86::Avx512, 4, 4>(it, sc)
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2(it: &Item, sc: &mut Scratch) {
+    // SAFETY: the features the kernels' intrinsics need are enabled here. Sixteen ymm
+    // registers: 2-key score blocks and 2-row P·V blocks.
+    unsafe {
+        if it.g.f16_accumulator() {
+            f16_item::<x86::Avx2>(it, sc)
+        } else {
+            f32_item::<x86::Avx2, 2, 2>(it, sc)
+        }
+    }
+}
+
+/// The vector operations the kernels are written in. Every method is `unsafe`: it
+/// needs the CPU features of its implementation, and pointers valid for a full vector.
+/// Generic kernels are `#[inline(always)]` so that they compile inside the
+/// `#[target_feature]` entry points above.
+trait Simd {
+    const LANES: usize;
+    type V: Copy;
+    /// Sixteen f32 lanes: the accumulators of [`ops::dot`].
+    type Acc16: Copy;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// `a * b + c`, rounded once.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `c - a * b`, rounded once.
+    unsafe fn fnma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Each lane rounded to the nearest f16 (ties to even), as f32.
+    unsafe fn round_f16(v: Self::V) -> Self::V;
+    /// `j · 2^n` for integral `n` in `-127..=0`.
+    unsafe fn ldexp(j: Self::V, n: Self::V) -> Self::V;
+    /// `v`, with 0 where `x < limit`.
+    unsafe fn zero_below(v: Self::V, x: Self::V, limit: f32) -> Self::V;
+    /// `s`, with -∞ where key position `k` is outside `lo..=hi`.
+    unsafe fn mask_outside(s: Self::V, k: f32, lo: Self::V, hi: Self::V) -> Self::V;
+    /// `v`, with 0 where it is -∞.
+    unsafe fn neg_inf_to_zero(v: Self::V) -> Self::V;
+    /// Starts loading the cache line holding `p` into L2.
+    unsafe fn prefetch(p: *const f32);
+    unsafe fn acc16_zero() -> Self::Acc16;
+    /// `acc[i] = q[i] * k[i] + acc[i]` for `i < 16`.
+    unsafe fn acc16_fma(q: *const f32, k: *const f32, acc: Self::Acc16) -> Self::Acc16;
+    /// The lanes of each accumulator summed first to last: `((a0 + a1) + a2) + …`.
+    unsafe fn acc16_sums(acc: [Self::Acc16; 16]) -> [f32; 16];
+}
+
+/// `exp(x)` for `x ≤ 0` (or -∞) as ggml's `ggml_v_expf` computes it (range reduction,
+/// then a degree-5 polynomial; ~1.5 ulp), 0 below -80: smaller weights are negligible
+/// next to the maximum's 1, and would only make subnormal products (slow).
+#[inline(always)]
+unsafe fn exp<S: Simd>(x: S::V) -> S::V {
+    // SAFETY: the caller has S's features.
+    unsafe {
+        let round = S::splat(f32::from_bits(0x4b40_0000));
+        let xc = S::max(x, S::splat(-80.0));
+        let n = S::sub(S::fma(xc, S::splat(f32::from_bits(0x3fb8_aa3b)), round), round);
+        let b = S::fnma(
+            n,
+            S::splat(f32::from_bits(0x35bf_be8e)),
+            S::fnma(n, S::splat(f32::from_bits(0x3f31_7200)), xc),
+        );
+        let u = S::mul(b, b);
+        let c = [0x3c07_2010, 0x3d2b_9f17, 0x3e2a_af33, 0x3eff_fedb, 0x3f7f_fff6].map(|c| S::splat(f32::from_bits(c)));
+        let j = S::fma(
+            S::fma(S::fma(c[0], b, c[1]), u, S::fma(c[2], b, c[3])),
+            u,
+            S::fma(c[4], b, S::splat(1.0)),
+        );
+        S::zero_below(S::ldexp(j, n), x, -80.0)
+    }
+}
+
+/// [`ops::dot`] of `q` with each of 16 key rows, in its order: sixteen lane
+/// accumulators over whole chunks, the lanes summed first to last (for 16 rows at once,
+/// which a transpose makes vertical additions), plus the scalar tail. The accumulators
+/// run 8 rows at a time: 8 independent FMA chains cover FMA latency × ports.
+#[inline(always)]
+unsafe fn dot16_exact<S: Simd>(q: *const f32, k: [*const f32; 16], d: usize) -> [f32; 16] {
+    // SAFETY: the caller has S's features; q and the rows hold d floats.
+    unsafe {
+        let full = d / 16 * 16;
+        let mut acc = [S::acc16_zero(); 16];
+        for half in [0, 8] {
+            for c in (0..full).step_by(16) {
+                for r in half..half + 8 {
+                    acc[r] = S::acc16_fma(q.add(c), k[r].add(c), acc[r]);
+                }
+            }
+        }
+        let mut sums = S::acc16_sums(acc);
+        for (r, sum) in sums.iter_mut().enumerate() {
+            let mut tail = 0f32;
+            for i in full..d {
+                tail = (*q.add(i)).mul_add(*k[r].add(i), tail);
+            }
+            *sum += tail;
+        }
+        sums
+    }
+}
+
+/// The f16-accumulator kernel (see the module documentation): per query, blocks of keys,
+/// each as scores → sequential online softmax → f16 value updates.
+#[inline(always)]
+unsafe fn f16_item<S: Simd>(it: &Item, sc: &mut Scratch) {
+    let g = it.g;
+    let (d, stride, hp) = (g.head_dim, g.kv_stride, it.heads.len());
+    let cols = d / S::LANES;
+    let vec_end = cols * S::LANES;
+    let q16 = aligned(&mut sc.q, hp * d);
+    let o = aligned(&mut sc.o, hp * d);
+    let scores = aligned(&mut sc.s, hp * KEY_BLOCK);
+    let weights = aligned(&mut sc.w, hp * KEY_BLOCK);
+    let rescales = aligned(&mut sc.r, hp * KEY_BLOCK);
+    let (maxes, sums) = aligned(&mut sc.stats, 2 * hp).split_at_mut(hp);
+    // SAFETY: run_item checked that every row below start_pos + n_tokens lies in keys
+    // and values, and kv_offset + d ≤ kv_stride.
+    let (keys, values) = unsafe { (it.keys.as_ptr().add(it.kv_offset), it.values.as_ptr().add(it.kv_offset)) };
+    for t in it.tokens.clone() {
+        let (first, pos) = g.visible(t);
+        for (hi, h) in it.heads.clone().enumerate() {
+            for (r, &v) in q16[hi * d..][..d].iter_mut().zip(it.query(t, h)) {
+                *r = ops::round_to_f16(v);
+            }
+        }
+        o.fill(0.0);
+        maxes.fill(f32::NEG_INFINITY);
+        sums.fill(0.0);
+        for kb in (first..=pos).step_by(KEY_BLOCK) {
+            let nb = KEY_BLOCK.min(pos + 1 - kb);
+            // SAFETY: rows kb..kb + nb are visible rows (≤ pos), inside the cache.
+            unsafe {
+                let krow = |j: usize| keys.add((kb + j) * stride);
+                // The next block's rows, fetched while this one computes: decode streams
+                // the cache from memory once, in rows too short and far apart (one KV
+                // head of each) for the hardware prefetcher to run far enough ahead.
+                let next = (kb + KEY_BLOCK)..(kb + 2 * KEY_BLOCK).min(pos + 1);
+                for hi in 0..hp {
+                    let qh = q16.as_ptr().add(hi * d);
+                    for j0 in (0..nb).step_by(16) {
+                        if hi == 0 {
+                            for row in (next.start + j0..next.start + j0 + 16).filter(|r| next.contains(r)) {
+                                for i in (0..d).step_by(16) {
+                                    S::prefetch(keys.add(row * stride + i));
+                                    S::prefetch(values.add(row * stride + i));
+                                }
+                            }
+                        }
+                        // A last partial group repeats its last row; the extra dots are dropped.
+                        let n = 16.min(nb - j0);
+                        let dots = dot16_exact::<S>(qh, array::from_fn(|r| krow(j0 + r.min(n - 1))), d);
+                        for (s, dot) in scores[hi * KEY_BLOCK + j0..][..n].iter_mut().zip(dots) {
+                            *s = dot * g.scale;
+                        }
+                    }
+                }
+            }
+            // The online softmax, as the reference: a new maximum rescales what came
+            // before (recorded per key, 1 when it does not happen) and weighs 1.
+            let mut rescaled = false;
+            for hi in 0..hp {
+                let (max, sum) = (&mut maxes[hi], &mut sums[hi]);
+                for j in 0..nb {
+                    let score = scores[hi * KEY_BLOCK + j];
+                    let (rescale, weight) = if score > *max {
+                        let r = (*max - score).exp();
+                        *max = score;
+                        rescaled = true;
+                        (r, 1.0)
+                    } else {
+                        (1.0, (score - *max).exp())
+                    };
+                    *sum = *sum * rescale + weight;
+                    weights[hi * KEY_BLOCK + j] = weight;
+                    rescales[hi * KEY_BLOCK + j] = rescale;
+                }
+            }
+            // SAFETY: as above; o holds hp × d floats and the units index inside it.
+            unsafe {
+                let vrows = values.add(kb * stride);
+                let args = (o.as_mut_ptr(), vrows, nb, weights.as_ptr(), rescales.as_ptr());
+                // Sixteen units at a time fill the AVX-512 registers (eight the AVX2 ones).
+                let (units, mut u) = (hp * cols, 0);
+                while units - u >= 16 && S::LANES == 16 {
+                    f16_units_any::<S, 16>(rescaled, u, cols, d, stride, args);
+                    u += 16;
+                }
+                while units - u >= 8 {
+                    f16_units_any::<S, 8>(rescaled, u, cols, d, stride, args);
+                    u += 8;
+                }
+                while units - u >= 2 {
+                    f16_units_any::<S, 2>(rescaled, u, cols, d, stride, args);
+                    u += 2;
+                }
+                if u < units {
+                    f16_units_any::<S, 1>(rescaled, u, cols, d, stride, args);
+                }
+                for hi in 0..hp {
+                    for i in vec_end..d {
+                        let o = &mut o[hi * d + i];
+                        for j in 0..nb {
+                            let rescale = rescales[hi * KEY_BLOCK + j];
+                            if rescale != 1.0 {
+                                *o = ops::round_to_f16(*o * rescale);
+                            }
+                            let v = *vrows.add(j * stride + i);
+                            *o = ops::round_to_f16(v.mul_add(weights[hi * KEY_BLOCK + j], *o));
+                        }
+                    }
+                }
+            }
+        }
+        for (hi, h) in it.heads.clone().enumerate() {
+            let inv = 1.0 / sums[hi];
+            for (i, &v) in o[hi * d..][..d].iter().enumerate() {
+                // SAFETY: the caller's OutMatrix covers row t, columns of head h.
+                unsafe { it.out.write(t, h * d + i, v * inv) };
+            }
+        }
+    }
+}
+
+type UnitArgs = (*mut f32, *const f32, usize, *const f32, *const f32);
+
+/// [`f16_units`], without looking at rescales in the (usual) blocks that set no new
+/// maximum: the test per key and unit costs about as much as the update.
+#[inline(always)]
+unsafe fn f16_units_any<S: Simd, const U: usize>(
+    rescaled: bool,
+    u0: usize,
+    cols: usize,
+    d: usize,
+    stride: usize,
+    args: UnitArgs,
+) {
+    // SAFETY: as f16_units.
+    unsafe {
+        if rescaled {
+            f16_units::<S, U, true>(u0, cols, d, stride, args)
+        } else {
+            f16_units::<S, U, false>(u0, cols, d, stride, args)
+        }
+    }
+}
+
+/// Value updates of `U` vectors of accumulator ("units", numbered head-major from `u0`,
+/// `cols` per head) over a block of keys, held in registers across the block:
+/// `o = f16(o · rescale)` where a key set a new maximum (skipping it when the rescale is
+/// 1 changes nothing: `o` is already an f16 value), then `o = f16(v · weight + o)`.
+/// Several units keep independent rounding chains in flight.
+#[inline(always)]
+unsafe fn f16_units<S: Simd, const U: usize, const RESCALE: bool>(
+    u0: usize,
+    cols: usize,
+    d: usize,
+    stride: usize,
+    (o, vrows, nb, weights, rescales): UnitArgs,
+) {
+    // SAFETY: the caller has S's features; units index heads < hp and columns < d, the
+    // value rows 0..nb are inside the cache, weights/rescales hold hp × KEY_BLOCK.
+    unsafe {
+        let head: [usize; U] = array::from_fn(|k| (u0 + k) / cols);
+        let col: [usize; U] = array::from_fn(|k| (u0 + k) % cols * S::LANES);
+        let mut acc: [S::V; U] = array::from_fn(|k| S::load(o.add(head[k] * d + col[k])));
+        for j in 0..nb {
+            let v = vrows.add(j * stride);
+            for k in 0..U {
+                let at = head[k] * KEY_BLOCK + j;
+                let rescale = *rescales.add(at);
+                if RESCALE && rescale != 1.0 {
+                    acc[k] = S::round_f16(S::mul(acc[k], S::splat(rescale)));
+                }
+                acc[k] = S::round_f16(S::fma(S::load(v.add(col[k])), S::splat(*weights.add(at)), acc[k]));
+            }
+        }
+        for k in 0..U {
+            S::store(o.add(head[k] * d + col[k]), acc[k]);
+        }
+    }
+}
+
+/// The f32 flash-attention kernel (see the module documentation). Query lanes are
+/// numbered head-major: lane `hi * tokens + ti`. `R` keys per score block and `RM`
+/// query rows per P·V block are chosen per instruction set to fit its registers.
+#[inline(always)]
+unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut Scratch) {
+    let g = it.g;
+    let (d, stride) = (g.head_dim, g.kv_stride);
+    let nt = it.tokens.len();
+    let m = it.heads.len() * nt;
+    let mp = m.div_ceil(S::LANES) * S::LANES;
+    let qt = aligned(&mut sc.q, d * mp);
+    let o = aligned(&mut sc.o, mp * d);
+    let s = aligned(&mut sc.s, KEY_BLOCK * mp);
+    let lo = aligned(&mut sc.w, mp);
+    let hi = aligned(&mut sc.r, mp);
+    let stats = aligned(&mut sc.stats, 3 * mp);
+    let (maxes, rest) = stats.split_at_mut(mp);
+    let (sums, alpha) = rest.split_at_mut(mp);
+    // Transposed, scaled queries: qt[dd][lane]. Padding lanes get a zero query and the
+    // first lane's keys, so they stay finite; their results are dropped.
+    for lane in 0..mp {
+        let (t, query) = if lane < m {
+            let t = it.tokens.start + lane % nt;
+            (t, Some(it.query(t, it.heads.start + lane / nt)))
+        } else {
+            (it.tokens.start, None)
+        };
+        for dd in 0..d {
+            qt[dd * mp + lane] = query.map_or(0.0, |q| q[dd] * g.scale);
+        }
+        let (first, pos) = g.visible(t);
+        (lo[lane], hi[lane]) = (first as f32, pos as f32);
+    }
+    // The window start and the position grow with the token, so the first and last
+    // tokens bound what the tile sees, and what every lane sees.
+    let (kmin, min_hi) = g.visible(it.tokens.start);
+    let (max_lo, kmax) = g.visible(it.tokens.end - 1);
+    o.fill(0.0);
+    maxes.fill(f32::NEG_INFINITY);
+    sums.fill(0.0);
+    // SAFETY: run_item checked that rows ≤ kmax lie in keys and values, and that
+    // kv_offset + d ≤ kv_stride; the scratch slices have the sizes the kernels index.
+    unsafe {
+        let keys = it.keys.as_ptr().add(it.kv_offset);
+        let values = it.values.as_ptr().add(it.kv_offset);
+        for kb in (kmin..=kmax).step_by(KEY_BLOCK) {
+            let nb = KEY_BLOCK.min(kmax + 1 - kb);
+            // At most four vectors of lanes at a time: R × 4 accumulators fill the
+            // registers.
+            let vecs = mp / S::LANES;
+            for v0 in (0..vecs).step_by(4) {
+                let lane0 = v0 * S::LANES;
+                let args = (
+                    qt.as_ptr().add(lane0),
+                    mp,
+                    keys.add(kb * stride),
+                    stride,
+                    nb,
+                    d,
+                    s.as_mut_ptr().add(lane0),
+                );
+                match vecs - v0 {
+                    1 => score_block::<S, R, 1>(args),
+                    2 => score_block::<S, R, 2>(args),
+                    3 => score_block::<S, R, 3>(args),
+                    _ => score_block::<S, R, 4>(args),
+                }
+            }
+            let fully_visible = kb >= max_lo && kb + nb - 1 <= min_hi;
+            softmax_block::<S>(
+                s,
+                mp,
+                nb,
+                kb,
+                (!fully_visible).then_some((&*lo, &*hi)),
+                maxes,
+                sums,
+                alpha,
+            );
+            pv_block::<S, RM>(o, d, mp, s, alpha, values.add(kb * stride), stride, nb);
+        }
+    }
+    for lane in 0..m {
+        let (t, h) = (it.tokens.start + lane % nt, it.heads.start + lane / nt);
+        let inv = 1.0 / sums[lane];
+        for (i, &v) in o[lane * d..][..d].iter().enumerate() {
+            // SAFETY: the caller's OutMatrix covers row t, columns of head h.
+            unsafe { it.out.write(t, h * d + i, v * inv) };
+        }
+    }
+}
+
+/// `s[n][lane] = Σ_dd k[n][dd] · qt[dd][lane]` for the `nb` keys of a block and `MV`
+/// vectors of lanes (`qt` and `s` start at the first), `R` keys at a time: each key
+/// element is broadcast against the query vectors.
+#[inline(always)]
+unsafe fn score_block<S: Simd, const R: usize, const MV: usize>(
+    (qt, mp, keys, stride, nb, d, s): (*const f32, usize, *const f32, usize, usize, usize, *mut f32),
+) {
+    // SAFETY: the caller has S's features; qt holds d × mp, s holds nb × mp, key rows
+    // 0..nb hold d floats each.
+    unsafe {
+        let mut n = 0;
+        while n + R <= nb {
+            score_rows::<S, R, MV>(qt, mp, array::from_fn(|r| keys.add((n + r) * stride)), d, s.add(n * mp));
+            n += R;
+        }
+        for n in n..nb {
+            score_rows::<S, 1, MV>(qt, mp, [keys.add(n * stride)], d, s.add(n * mp));
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn score_rows<S: Simd, const R: usize, const MV: usize>(
+    qt: *const f32,
+    mp: usize,
+    k: [*const f32; R],
+    d: usize,
+    s: *mut f32,
+) {
+    // SAFETY: as score_block.
+    unsafe {
+        let mut acc = [[S::splat(0.0); MV]; R];
+        for dd in 0..d {
+            let q: [S::V; MV] = array::from_fn(|v| S::load(qt.add(dd * mp + v * S::LANES)));
+            for (acc, k) in acc.iter_mut().zip(k) {
+                let kr = S::splat(*k.add(dd));
+                for (acc, q) in acc.iter_mut().zip(q) {
+                    *acc = S::fma(kr, q, *acc);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                S::store(s.add(r * mp + v * S::LANES), *acc);
+            }
+        }
+    }
+}
+
+/// Online softmax over a block of scores with queries in lanes: masks the block where
+/// `mask` gives the lanes' visible ranges, raises the running maxima, turns scores into
+/// unnormalized probabilities in place, and leaves in `alpha` the factor by which each
+/// lane's earlier sum and output shrink. A maximum still -∞ (a lane that has seen no key
+/// yet) counts as 0, so that no -∞ - -∞ appears.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn softmax_block<S: Simd>(
+    s: &mut [f32],
+    mp: usize,
+    nb: usize,
+    kb: usize,
+    mask: Option<(&[f32], &[f32])>,
+    maxes: &mut [f32],
+    sums: &mut [f32],
+    alpha: &mut [f32],
+) {
+    // SAFETY: the caller has S's features; s holds nb × mp and the lane arrays mp.
+    unsafe {
+        let s = s.as_mut_ptr();
+        for off in (0..mp).step_by(S::LANES) {
+            let mut block_max = S::splat(f32::NEG_INFINITY);
+            for n in 0..nb {
+                let p = s.add(n * mp + off);
+                let mut x = S::load(p);
+                if let Some((lo, hi)) = mask {
+                    x = S::mask_outside(
+                        x,
+                        (kb + n) as f32,
+                        S::load(lo.as_ptr().add(off)),
+                        S::load(hi.as_ptr().add(off)),
+                    );
+                    S::store(p, x);
+                }
+                block_max = S::max(block_max, x);
+            }
+            let old = S::load(maxes.as_ptr().add(off));
+            let new = S::max(old, block_max);
+            let used = S::neg_inf_to_zero(new);
+            let a = exp::<S>(S::sub(old, used));
+            let mut sum = S::mul(S::load(sums.as_ptr().add(off)), a);
+            for n in 0..nb {
+                let p = s.add(n * mp + off);
+                let e = exp::<S>(S::sub(S::load(p), used));
+                S::store(p, e);
+                sum = S::add(sum, e);
+            }
+            S::store(alpha.as_mut_ptr().add(off), a);
+            S::store(sums.as_mut_ptr().add(off), sum);
+            S::store(maxes.as_mut_ptr().add(off), new);
+        }
+    }
+}
+
+/// `o[lane] = o[lane] · alpha[lane] + Σ_n p[n][lane] · v[n]` over a block of keys: `RM`
+/// lanes × four vectors of columns in registers, then single vectors, then a scalar tail.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn pv_block<S: Simd, const RM: usize>(
+    o: &mut [f32],
+    d: usize,
+    mp: usize,
+    p: &[f32],
+    alpha: &[f32],
+    values: *const f32,
+    stride: usize,
+    nb: usize,
+) {
+    // SAFETY: the caller has S's features; o holds mp × d, p nb × mp, value rows 0..nb
+    // hold d floats; mp is a multiple of the vector width, itself a multiple of RM.
+    unsafe {
+        let cols = d / S::LANES;
+        let args = (o.as_mut_ptr(), d, mp, p.as_ptr(), alpha.as_ptr(), values, stride, nb);
+        let mut c = 0;
+        while c + 4 <= cols {
+            pv_tile::<S, RM, 4>(c * S::LANES, args);
+            c += 4;
+        }
+        for c in c..cols {
+            pv_tile::<S, RM, 1>(c * S::LANES, args);
+        }
+        for i in cols * S::LANES..d {
+            for lane in 0..mp {
+                let mut acc = o[lane * d + i] * alpha[lane];
+                for n in 0..nb {
+                    acc = p[n * mp + lane].mul_add(*values.add(n * stride + i), acc);
+                }
+                o[lane * d + i] = acc;
+            }
+        }
+    }
+}
+
+type PvArgs = (*mut f32, usize, usize, *const f32, *const f32, *const f32, usize, usize);
+
+#[inline(always)]
+unsafe fn pv_tile<S: Simd, const RM: usize, const C: usize>(
+    col: usize,
+    (o, d, mp, p, alpha, values, stride, nb): PvArgs,
+) {
+    // SAFETY: as pv_block.
+    unsafe {
+        for m0 in (0..mp).step_by(RM) {
+            let mut acc: [[S::V; C]; RM] = array::from_fn(|r| {
+                let a = S::splat(*alpha.add(m0 + r));
+                array::from_fn(|c| S::mul(S::load(o.add((m0 + r) * d + col + c * S::LANES)), a))
+            });
+            for n in 0..nb {
+                let row = values.add(n * stride + col);
+                let v: [S::V; C] = array::from_fn(|c| S::load(row.add(c * S::LANES)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let pr = S::splat(*p.add(n * mp + m0 + r));
+                    for (acc, v) in acc.iter_mut().zip(v) {
+                        *acc = S::fma(pr, v, *acc);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (c, acc) in acc.iter().enumerate() {
+                    S::store(o.add((m0 + r) * d + col + c * S::LANES), *acc);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Simd;
+
+    /// 16 lanes of `__m512`.
+    pub struct Avx512;
+
+    // SAFETY (all methods): callers hold AVX-512 F/BW/VL and F16C, and pass pointers
+    // valid for 16 floats.
+    impl Simd for Avx512 {
+        const LANES: usize = 16;
+        type V = __m512;
+        type Acc16 = __m512;
+
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            _mm512_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            _mm512_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fnma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fnmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn round_f16(v: __m512) -> __m512 {
+            _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+        }
+        #[inline(always)]
+        unsafe fn ldexp(j: __m512, n: __m512) -> __m512 {
+            _mm512_scalef_ps(j, n)
+        }
+        #[inline(always)]
+        unsafe fn zero_below(v: __m512, x: __m512, limit: f32) -> __m512 {
+            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(limit)), v)
+        }
+        #[inline(always)]
+        unsafe fn mask_outside(s: __m512, k: f32, lo: __m512, hi: __m512) -> __m512 {
+            let k = _mm512_set1_ps(k);
+            let inside = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(lo, k) & _mm512_cmp_ps_mask::<_CMP_LE_OQ>(k, hi);
+            _mm512_mask_blend_ps(inside, _mm512_set1_ps(f32::NEG_INFINITY), s)
+        }
+        #[inline(always)]
+        unsafe fn neg_inf_to_zero(v: __m512) -> __m512 {
+            let inf = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, _mm512_set1_ps(f32::NEG_INFINITY));
+            _mm512_mask_blend_ps(inf, v, _mm512_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn acc16_zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn acc16_fma(q: *const f32, k: *const f32, acc: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k), acc) }
+        }
+        #[inline(always)]
+        unsafe fn acc16_sums(acc: [__m512; 16]) -> [f32; 16] {
+            // Transposed, column i holds lane i of every accumulator; adding the columns
+            // in order adds each accumulator's lanes in order (64 shuffles + 15 adds for
+            // 16 sums, against 16 × 15 scalar adds and lane extractions).
+            let t = transpose16(acc);
+            let mut sum = t[0];
+            for c in &t[1..] {
+                sum = _mm512_add_ps(sum, *c);
+            }
+            // SAFETY: __m512 is sixteen f32 lanes in order.
+            unsafe { std::mem::transmute::<__m512, [f32; 16]>(sum) }
+        }
+    }
+
+    /// `out[i]` lane `k` = `rows[k]` lane `i`. Per 128-bit lane: interleave pairs of
+    /// rows, then gather 4-row columns (`u[4g + j]` lane L holds rows 4g..4g+4 of column
+    /// 4L + j), then move 128-bit lanes across in two steps.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F (register-only shuffles, no memory access).
+    #[inline(always)]
+    unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, j) = (i / 4, i % 4);
+            let (a, b) = (t[4 * g + j / 2], t[4 * g + 2 + j / 2]);
+            if j % 2 == 0 {
+                _mm512_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm512_shuffle_ps::<0xee>(a, b)
+            }
+        });
+        // x[j] = 128-bit lanes 0, 1 of u[j] then of u[4 + j]; x[4 + j] lanes 2, 3; y
+        // likewise for rows 8..16.
+        let pairs = |base: usize| -> [__m512; 8] {
+            std::array::from_fn(|i| {
+                let (a, b) = (u[base + i % 4], u[base + 4 + i % 4]);
+                if i < 4 {
+                    _mm512_shuffle_f32x4::<0x44>(a, b)
+                } else {
+                    _mm512_shuffle_f32x4::<0xee>(a, b)
+                }
+            })
+        };
+        let (x, y) = (pairs(0), pairs(8));
+        std::array::from_fn(|col| {
+            let (l, j) = (col / 4, col % 4);
+            let (a, b) = (x[l / 2 * 4 + j], y[l / 2 * 4 + j]);
+            if l % 2 == 0 {
+                _mm512_shuffle_f32x4::<0x88>(a, b)
+            } else {
+                _mm512_shuffle_f32x4::<0xdd>(a, b)
+            }
+        })
+    }
+
+    /// 8 lanes of `__m256`.
+    pub struct Avx2;
+
+    // SAFETY (all methods): callers hold AVX2, FMA and F16C, and pass pointers valid
+    // for 8 floats (16 for the Acc16 methods).
+    impl Simd for Avx2 {
+        const LANES: usize = 8;
+        type V = __m256;
+        /// Lanes 0..8 and 8..16.
+        type Acc16 = (__m256, __m256);
+
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+            _mm256_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            _mm256_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn fnma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fnmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn round_f16(v: __m256) -> __m256 {
+            _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
+        }
+        #[inline(always)]
+        unsafe fn ldexp(j: __m256, n: __m256) -> __m256 {
+            // 2^n built from its exponent bits (n ≥ -126 after exp's clamp at -80).
+            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+            _mm256_mul_ps(j, _mm256_castsi256_ps(bits))
+        }
+        #[inline(always)]
+        unsafe fn zero_below(v: __m256, x: __m256, limit: f32) -> __m256 {
+            _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(limit)))
+        }
+        #[inline(always)]
+        unsafe fn mask_outside(s: __m256, k: f32, lo: __m256, hi: __m256) -> __m256 {
+            let k = _mm256_set1_ps(k);
+            let inside = _mm256_and_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(lo, k), _mm256_cmp_ps::<_CMP_LE_OQ>(k, hi));
+            _mm256_blendv_ps(_mm256_set1_ps(f32::NEG_INFINITY), s, inside)
+        }
+        #[inline(always)]
+        unsafe fn neg_inf_to_zero(v: __m256) -> __m256 {
+            let inf = _mm256_cmp_ps::<_CMP_EQ_OQ>(v, _mm256_set1_ps(f32::NEG_INFINITY));
+            _mm256_blendv_ps(v, _mm256_setzero_ps(), inf)
+        }
+        #[inline(always)]
+        unsafe fn prefetch(p: *const f32) {
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+        }
+        #[inline(always)]
+        unsafe fn acc16_zero() -> (__m256, __m256) {
+            (_mm256_setzero_ps(), _mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn acc16_fma(q: *const f32, k: *const f32, acc: (__m256, __m256)) -> (__m256, __m256) {
+            unsafe {
+                (
+                    _mm256_fmadd_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k), acc.0),
+                    _mm256_fmadd_ps(_mm256_loadu_ps(q.add(8)), _mm256_loadu_ps(k.add(8)), acc.1),
+                )
+            }
+        }
+        #[inline(always)]
+        unsafe fn acc16_sums(acc: [(__m256, __m256); 16]) -> [f32; 16] {
+            acc.map(|(lo, hi)| {
+                let mut lanes = [0f32; 16];
+                // SAFETY: lanes holds 16 floats.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+                }
+                lanes.iter().sum()
+            })
+        }
+    }
 }

@@ -82,11 +82,25 @@ pub enum RopeStyle {
 /// Rotates one head's vector in place for position `pos`; only the first `rope_dims`
 /// dimensions rotate.
 pub fn rope(head: &mut [f32], pos: u32, rope_dims: usize, theta: f32, style: RopeStyle) {
-    let half = rope_dims / 2;
-    for i in 0..half {
-        let freq = 1.0 / theta.powf(2.0 * i as f32 / rope_dims as f32);
-        let angle = pos as f32 * freq;
-        let (sin, cos) = angle.sin_cos();
+    let table: Vec<(f32, f32)> = (0..rope_dims / 2)
+        .map(|i| rope_angle(pos, i, rope_dims, theta).sin_cos())
+        .collect();
+    rope_with(head, &table, style);
+}
+
+/// The angle by which pair `i` of a `rope_dims`-dimensional head turns at `pos`.
+#[inline]
+pub fn rope_angle(pos: u32, i: usize, rope_dims: usize, theta: f32) -> f32 {
+    let freq = 1.0 / theta.powf(2.0 * i as f32 / rope_dims as f32);
+    pos as f32 * freq
+}
+
+/// Rotates one head by precomputed `(sin, cos)` per pair (`table.len()` pairs rotate);
+/// heads of one position share a table.
+#[inline]
+pub fn rope_with(head: &mut [f32], table: &[(f32, f32)], style: RopeStyle) {
+    let half = table.len();
+    for (i, &(sin, cos)) in table.iter().enumerate() {
         let (a, b) = match style {
             RopeStyle::Interleaved => (2 * i, 2 * i + 1),
             RopeStyle::Neox => (i, i + half),
@@ -113,6 +127,7 @@ pub fn gelu_tanh(x: f32) -> f32 {
 /// `exp(x)` as ggml's vectorized `ggml_v_expf` computes it (a polynomial after range
 /// reduction, at most ~1.5 ulp from the exact value), so that [`silu_ggml`] rounds as
 /// llama.cpp does.
+#[inline(always)]
 pub fn exp_ggml(x: f32) -> f32 {
     // The constants as hexadecimal floats: 0x1.8p23, 0x1.715476p+0 (log2 e),
     // 0x1.62e4p-1 and 0x1.7f7d1cp-20 (ln 2 in two parts), then the polynomial's.
@@ -130,17 +145,48 @@ pub fn exp_ggml(x: f32) -> f32 {
         .mul_add(b, c[1])
         .mul_add(u, c[2].mul_add(b, c[3]))
         .mul_add(u, c[4].mul_add(b, 1.0));
-    if n.abs() > 192.0 {
-        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    if n.abs() > 126.0 {
+        // Near or past the ends of the f32 range: scale in f64 and round once, as
+        // `scalef` does (subnormal results, overflow to infinity, underflow to 0).
+        if n.abs() > 192.0 {
+            return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+        }
+        return (j as f64 * 2f64.powi(n as i32)) as f32;
     }
-    // j · 2^n, rounded once (as `scalef` does).
-    (j as f64 * 2f64.powi(n as i32)) as f32
+    // j · 2^n with |n| ≤ 126 is exact in f32: build 2^n from its exponent bits.
+    j * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// SiLU as llama.cpp's CPU backend computes it: `x / (1 + exp(-x))` with [`exp_ggml`].
-#[inline]
+#[inline(always)]
 pub fn silu_ggml(x: f32) -> f32 {
     x / (1.0 + exp_ggml(-x))
+}
+
+/// `gate[i] = silu_ggml(gate[i]) * up[i]`: SwiGLU as llama.cpp computes it.
+pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above. (Without FMA
+            // enabled, `mul_add` in `exp_ggml` is a libm call per element.)
+            return unsafe { swiglu_ggml_avx2(gate, up) };
+        }
+    }
+    swiglu_portable(gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_ggml_avx2(gate: &mut [f32], up: &[f32]) {
+    swiglu_portable(gate, up)
+}
+
+#[inline(always)]
+fn swiglu_portable(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = silu_ggml(*g) * u;
+    }
 }
 
 /// GELU-tanh as llama.cpp's CPU backend computes it: from a table indexed by the input
@@ -152,11 +198,24 @@ pub fn gelu_tanh_ggml(x: f32) -> f32 {
     } else if x >= 10.0 {
         x
     } else {
-        let x = round_to_f16(x);
-        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-        const COEF_A: f32 = 0.044_715;
-        round_to_f16(0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh()))
+        gelu_f16_table()[half::f16::from_f32(x).to_bits() as usize].to_f32()
     }
+}
+
+/// GELU-tanh of every f16 value, rounded to f16 (ggml's `table_gelu_f16`), built once.
+fn gelu_f16_table() -> &'static [half::f16] {
+    use std::sync::OnceLock;
+    static TABLE: OnceLock<Vec<half::f16>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = half::f16::from_bits(bits).to_f32();
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                const COEF_A: f32 = 0.044_715;
+                half::f16::from_f32(0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh()))
+            })
+            .collect()
+    })
 }
 
 /// Softmax in place, stable against large inputs.
@@ -208,6 +267,40 @@ pub fn attend(
 #[inline]
 pub fn round_to_f16(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
+}
+
+/// `dst[i] = round_to_f16(src[i])` for equal-length slices.
+pub fn round_to_f16_slice(src: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() && is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU supports F16C, checked just above.
+            return unsafe { round_to_f16_slice_f16c(src, dst) };
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = round_to_f16(*s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn round_to_f16_slice_f16c(src: &[f32], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert_eq!(src.len(), dst.len());
+    let mut i = 0;
+    while i + 8 <= src.len() {
+        // SAFETY: i + 8 ≤ len for both slices.
+        unsafe {
+            let v = _mm256_loadu_ps(src.as_ptr().add(i));
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    for j in i..src.len() {
+        dst[j] = round_to_f16(src[j]);
+    }
 }
 
 /// Causal attention of one query head as llama.cpp's CPU flash-attention kernel computes

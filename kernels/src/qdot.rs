@@ -115,6 +115,39 @@ pub fn quantize_activations(format: ActFormat, x: &[f32], out: &mut Vec<u8>) {
     };
     out.clear();
     out.resize(bytes, 0);
+    quantize_activations_into(format, x, out);
+}
+
+/// [`quantize_activations`] into a slice of exactly `format.row_bytes(x.len())` bytes,
+/// for callers that quantize many rows into one buffer from several threads.
+///
+/// # Panics
+/// If `x.len()` is not a whole number of `format` blocks or `out` is not that size.
+pub fn quantize_activations_into(format: ActFormat, x: &[f32], out: &mut [u8]) {
+    assert_eq!(
+        Some(out.len()),
+        format.row_bytes(x.len()),
+        "quantize_activations_into: output size"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::ops::has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { quantize_avx2(format, x, out) };
+        }
+    }
+    quantize_portable(format, x, out)
+}
+
+/// [`quantize_portable`] compiled for AVX2: the same operations, vectorized.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_avx2(format: ActFormat, x: &[f32], out: &mut [u8]) {
+    quantize_portable(format, x, out)
+}
+
+#[inline(always)]
+fn quantize_portable(format: ActFormat, x: &[f32], out: &mut [u8]) {
     let bs = format.block_size();
     let ts = format.type_size();
     for (xb, yb) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {

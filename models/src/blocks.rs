@@ -191,9 +191,7 @@ pub struct AttnPlan {
 /// layer's keys and values to the cache rows of those positions.
 pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, kv: (BufId, BufId), plan: AttnPlan) {
     let (start, n) = (s.positions[0] as usize, s.positions.len());
-    be.matmul(w.q, s.xb, n, s.q);
-    be.matmul(w.k, s.xb, n, s.k);
-    be.matmul(w.v, s.xb, n, s.v);
+    be.matmul_many(s.xb, n, &[(w.q, s.q), (w.k, s.k), (w.v, s.v)]);
     if let Some([qb, kb, vb]) = w.qkv_bias {
         be.add_bias(s.q, qb, n);
         be.add_bias(s.k, kb, n);
@@ -253,8 +251,7 @@ impl FfnWeights {
 
 /// Gated feed-forward of the `n` normalized rows in `s.xb`, whose output replaces them.
 pub fn feed_forward(be: &mut dyn Backend, h: &Hyper, w: &FfnWeights, s: &Scratch, n: usize, act: Activation) {
-    be.matmul(w.gate, s.xb, n, s.gate);
-    be.matmul(w.up, s.xb, n, s.up);
+    be.matmul_many(s.xb, n, &[(w.gate, s.gate), (w.up, s.up)]);
     be.gated_activation(s.gate, s.up, n * h.d_ffn, act);
     be.matmul(w.down, s.gate, n, s.xb);
 }

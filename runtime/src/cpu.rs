@@ -1,10 +1,15 @@
 //! The CPU backend: weights stay in the host bytes they were loaded from (a memory map),
-//! buffers are plain vectors, and ops run at once on the calling thread and rayon's pool.
+//! buffers are plain vectors, and ops run at once on the calling thread and a persistent
+//! thread pool (see `pool.rs`), entered only by ops big enough to repay it.
 
+use std::ops::Range;
+
+use kiln_kernels::attention::{self, AttnGeometry, AttnPrecision};
 use kiln_kernels::dequant::dequantize_row;
+use kiln_kernels::gemm::{self, OutMatrix};
 use kiln_kernels::{ops, qdot};
-use rayon::prelude::*;
 
+use crate::pool::ThreadPool;
 use crate::{Activation, Attention, Backend, BufId, Result, RopeStyle, WeightId, WeightSource};
 
 /// How the CPU backend multiplies quantized weights.
@@ -19,11 +24,12 @@ pub enum Numerics {
 }
 
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    pool: ThreadPool,
     numerics: Numerics,
     /// Quantized input rows of the current matmul, reused across calls.
     acts: Vec<u8>,
-    act_row: Vec<u8>,
+    /// (sin, cos) per position and rotated pair of the current rope call.
+    rope_table: Vec<(f32, f32)>,
     weights: Vec<WeightSource>,
     /// Vectors (norm weights, biases) dequantized once at upload, by weight index.
     vectors: Vec<Option<Vec<f32>>>,
@@ -38,16 +44,11 @@ impl CpuBackend {
 
     pub fn with_numerics(threads: Option<usize>, numerics: Numerics) -> Self {
         let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(|i| format!("kiln-cpu-{i}"))
-            .build()
-            .expect("the CPU thread pool starts");
         CpuBackend {
-            pool,
+            pool: ThreadPool::new(threads.max(1)),
             numerics,
             acts: Vec::new(),
-            act_row: Vec::new(),
+            rope_table: Vec::new(),
             weights: Vec::new(),
             vectors: Vec::new(),
             buffers: Vec::new(),
@@ -60,11 +61,6 @@ impl CpuBackend {
 
     fn buf_mut(&mut self, id: BufId) -> &mut [f32] {
         &mut self.buffers[id.0 as usize]
-    }
-
-    /// One buffer to read and another to write.
-    fn pair(&mut self, read: BufId, write: BufId) -> (&[f32], &mut [f32]) {
-        pair(&mut self.buffers, read, write)
     }
 }
 
@@ -82,23 +78,57 @@ fn pair(buffers: &mut [Vec<f32>], read: BufId, write: BufId) -> (&[f32], &mut [f
     (r, w)
 }
 
-/// The output of a matmul, shared by tasks that write disjoint elements of it.
+/// A slice that threads of one pool job write in disjoint parts.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (see `matmul`), and the buffer outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+struct Shared<T> {
+    ptr: *mut T,
+    len: usize,
+}
 
-impl OutPtr {
+// SAFETY: `part` hands out disjoint ranges only (its contract), so sharing the pointer
+// between threads is sound; the slice outlives the pool job that uses it.
+unsafe impl<T: Send> Send for Shared<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    fn new(slice: &mut [T]) -> Self {
+        Shared {
+            ptr: slice.as_mut_ptr(),
+            len: slice.len(),
+        }
+    }
+
     /// # Safety
-    /// `i` is in bounds and no other task writes element `i`.
-    unsafe fn write(self, i: usize, v: f32) {
-        unsafe { *self.0.add(i) = v }
+    /// No two live parts overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, range: Range<usize>) -> &mut [T] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
     }
 }
 
-/// Rows per parallel task in matmul: enough work to amortize dequantizing each row.
-const ROWS_PER_TASK: usize = 16;
+/// Elementwise work below this many floats runs on the calling thread: waking the pool
+/// costs more than it saves.
+const PARALLEL_ELEMENTS: usize = 1 << 15;
+
+/// Runs `f` over rows `0..n` of `row_len` floats, in parallel when they are many.
+fn for_rows(pool: &ThreadPool, n: usize, row_len: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+    if n * row_len < PARALLEL_ELEMENTS {
+        f(0..n);
+    } else {
+        let chunk = (PARALLEL_ELEMENTS / 4 / row_len.max(1)).max(1);
+        pool.for_chunks(n, chunk, f);
+    }
+}
+
+/// Weight rows per parallel task of a matmul: small enough to balance the threads,
+/// large enough that each task streams a useful run of rows.
+fn rows_per_task(rows: usize, n_tokens: usize, threads: usize) -> usize {
+    // Decode: ~8 tasks per thread; prefill: bands of 64 rows stay in L1/L2 while the
+    // kernel sweeps the tokens.
+    let target = if n_tokens == 1 { rows.div_ceil(threads * 8) } else { 64 };
+    target.clamp(16, 256).next_multiple_of(16)
+}
 
 impl Backend for CpuBackend {
     fn name(&self) -> String {
@@ -141,80 +171,119 @@ impl Backend for CpuBackend {
     }
 
     fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize) {
-        let (s, d) = self.pair(src, dst);
+        let (s, d) = pair(&mut self.buffers, src, dst);
         d[dst_offset..dst_offset + len].copy_from_slice(&s[src_offset..src_offset + len]);
     }
 
     fn embed(&mut self, table: WeightId, tokens: &[u32], out: BufId) {
         let w = &self.weights[table.0 as usize];
         let row_bytes = w.ty.row_bytes(w.cols).expect("validated at upload");
-        let (cols, ty, bytes) = (w.cols, w.ty, w.bytes.clone());
+        let (cols, ty, bytes) = (w.cols, w.ty, w.bytes.as_slice());
         let out = &mut self.buffers[out.0 as usize];
         for (t, &token) in tokens.iter().enumerate() {
-            let src = &bytes.as_slice()[token as usize * row_bytes..][..row_bytes];
+            let src = &bytes[token as usize * row_bytes..][..row_bytes];
             dequantize_row(ty, src, &mut out[t * cols..(t + 1) * cols]);
         }
     }
 
     fn matmul(&mut self, weight: WeightId, x: BufId, n: usize, out: BufId) {
+        self.matmul_many(x, n, &[(weight, out)]);
+    }
+
+    fn matmul_many(&mut self, x: BufId, n: usize, products: &[(WeightId, BufId)]) {
+        const MAX: usize = 4;
+        assert!(products.len() <= MAX, "matmul_many takes at most {MAX} products");
+        let weight = |id: WeightId| &self.weights[id.0 as usize];
+        let first = weight(products[0].0);
+        let shares_input = products.iter().all(|&(id, _)| {
+            let w = weight(id);
+            w.cols == first.cols && qdot::activation_format(w.ty) == qdot::activation_format(first.ty)
+        });
+        if products.len() > 1 && !shares_input {
+            // Inputs quantized differently: one product at a time.
+            for &(weight, out) in products {
+                self.matmul_many(x, n, &[(weight, out)]);
+            }
+            return;
+        }
+        let mut outs = [None; MAX];
+        let mut chunks = [0usize; MAX];
+        // Task numbers are laid end to end over the products: task k of product i is
+        // its rows band k.
+        let mut first_task = [0usize; MAX + 1];
+        for (i, &(weight, out)) in products.iter().enumerate() {
+            assert!(
+                out != x && products[..i].iter().all(|&(_, o)| o != out),
+                "matmul outputs must be distinct from each other and the input"
+            );
+            let (rows, _) = self.weight_shape(weight);
+            let buf = &mut self.buffers[out.0 as usize][..n * rows];
+            // SAFETY: `buf` holds n × rows floats; tasks own disjoint bands of rows r of
+            // one product and write only (t, r) for their r.
+            outs[i] = Some(unsafe { OutMatrix::new(buf.as_mut_ptr(), rows) });
+            chunks[i] = rows_per_task(rows, n, self.pool.n_threads());
+            first_task[i + 1] = first_task[i] + rows.div_ceil(chunks[i]);
+        }
         let CpuBackend {
             pool,
             weights,
             buffers,
             numerics,
             acts,
-            act_row,
             ..
         } = self;
-        let w = &weights[weight.0 as usize];
-        let (rows, cols, ty) = (w.rows, w.cols, w.ty);
-        let row_bytes = ty.row_bytes(cols).expect("validated at upload");
-        let weight_row = |r: usize| &w.bytes.as_slice()[r * row_bytes..][..row_bytes];
-        let (x, out) = pair(buffers, x, out);
-        let x = &x[..n * cols];
-        // Tasks own bands of weight rows: each reads its rows once for all `n` inputs and
-        // writes out[t * rows + r] for its r only, so no two tasks write one element.
-        let out = OutPtr(out[..n * rows].as_mut_ptr());
-        // SAFETY: in bounds (t < n, r < rows), and rows are split between tasks.
-        let store = |t: usize, r: usize, v: f32| unsafe { out.write(t * rows + r, v) };
-        let bands = rows.div_ceil(ROWS_PER_TASK);
-        let band_rows = |band: usize| band * ROWS_PER_TASK..rows.min((band + 1) * ROWS_PER_TASK);
+        let cols = weights[products[0].0 .0 as usize].cols;
+        let x = &buffers[x.0 as usize][..n * cols];
+        let task = |k: usize| {
+            let i = (0..products.len())
+                .rfind(|&i| first_task[i] <= k)
+                .expect("task 0 exists");
+            let w = &weights[products[i].0 .0 as usize];
+            let band = (k - first_task[i]) * chunks[i]..(w.rows).min((k - first_task[i] + 1) * chunks[i]);
+            (w, band, outs[i].expect("set above"))
+        };
+        let n_tasks = first_task[products.len()];
         match numerics {
             Numerics::Quantized => {
-                // Each input row is quantized once to the weight type's 8-bit block format;
-                // every output is then a sum of per-block integer dot products.
-                let format = qdot::activation_format(ty);
+                // Each input row is quantized once to the weights' 8-bit block format
+                // (shared by every product here); every output is then a sum of
+                // per-block integer products.
+                let format = qdot::activation_format(weights[products[0].0 .0 as usize].ty);
                 let act_bytes = format
                     .row_bytes(cols)
                     .expect("activation blocks divide the row as weight blocks do");
-                acts.clear();
-                for row in x.chunks_exact(cols) {
-                    qdot::quantize_activations(format, row, act_row);
-                    acts.extend_from_slice(act_row);
-                }
-                let acts = &acts[..];
-                pool.install(|| {
-                    (0..bands).into_par_iter().for_each(|band| {
-                        for r in band_rows(band) {
-                            for (t, a) in acts.chunks_exact(act_bytes).enumerate() {
-                                store(t, r, qdot::dot(ty, weight_row(r), a, cols));
-                            }
-                        }
-                    })
+                acts.resize(n * act_bytes, 0);
+                let shared = Shared::new(&mut acts[..n * act_bytes]);
+                for_rows(pool, n, cols, &|tokens| {
+                    for t in tokens {
+                        // SAFETY: each token's bytes belong to one task.
+                        let dst = unsafe { shared.part(t * act_bytes..(t + 1) * act_bytes) };
+                        qdot::quantize_activations_into(format, &x[t * cols..(t + 1) * cols], dst);
+                    }
+                });
+                let acts = &acts[..n * act_bytes];
+                pool.for_chunks(n_tasks, 1, &|tasks| {
+                    for k in tasks {
+                        let (w, band, out) = task(k);
+                        let row_bytes = w.ty.row_bytes(cols).expect("validated at upload");
+                        let bytes = &w.bytes.as_slice()[band.start * row_bytes..band.end * row_bytes];
+                        gemm::gemm(w.ty, bytes, band.len(), cols, acts, n, out.offset_cols(band.start));
+                    }
                 });
             }
-            Numerics::Reference => pool.install(|| {
-                (0..bands).into_par_iter().for_each_init(
-                    || vec![0.0; cols],
-                    |row, band| {
-                        for r in band_rows(band) {
-                            dequantize_row(ty, weight_row(r), row);
-                            for (t, input) in x.chunks_exact(cols).enumerate() {
-                                store(t, r, ops::dot(row, input));
-                            }
+            Numerics::Reference => pool.for_chunks(n_tasks, 1, &|tasks| {
+                let mut row = vec![0.0; cols];
+                for k in tasks {
+                    let (w, band, out) = task(k);
+                    let row_bytes = w.ty.row_bytes(cols).expect("validated at upload");
+                    for r in band {
+                        dequantize_row(w.ty, &w.bytes.as_slice()[r * row_bytes..][..row_bytes], &mut row);
+                        for (t, input) in x.chunks_exact(cols).enumerate() {
+                            // SAFETY: r is in this task's band.
+                            unsafe { out.write(t, r, ops::dot(&row, input)) };
                         }
-                    },
-                )
+                    }
+                }
             }),
         }
     }
@@ -229,7 +298,7 @@ impl Backend for CpuBackend {
     }
 
     fn add(&mut self, x: BufId, y: BufId, len: usize) {
-        let (y, x) = self.pair(y, x);
+        let (y, x) = pair(&mut self.buffers, y, x);
         for (a, b) in x[..len].iter_mut().zip(&y[..len]) {
             *a += b;
         }
@@ -243,28 +312,46 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&mut self, x: BufId, weight: WeightId, n: usize, eps: f32) {
         let weight = vector(&self.vectors, weight);
-        for row in self.buffers[x.0 as usize].chunks_mut(weight.len()).take(n) {
-            ops::rms_norm_in_place(row, weight, eps);
-        }
+        let cols = weight.len();
+        let x = Shared::new(&mut self.buffers[x.0 as usize][..n * cols]);
+        for_rows(&self.pool, n, cols, &|rows| {
+            // SAFETY: each task owns its rows.
+            let part = unsafe { x.part(rows.start * cols..rows.end * cols) };
+            for row in part.chunks_exact_mut(cols) {
+                ops::rms_norm_in_place(row, weight, eps);
+            }
+        });
     }
 
     fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle) {
-        let x = self.buf_mut(x);
-        for (t, &pos) in positions.iter().enumerate() {
-            for h in 0..n_heads {
-                let start = (t * n_heads + h) * head_dim;
-                ops::rope(&mut x[start..start + head_dim], pos, head_dim, theta, style);
-            }
+        // Every head of a position turns by the same angles: compute them once.
+        let half = head_dim / 2;
+        self.rope_table.clear();
+        for &pos in positions {
+            self.rope_table
+                .extend((0..half).map(|i| ops::rope_angle(pos, i, head_dim, theta).sin_cos()));
         }
+        let table = &self.rope_table;
+        let row = n_heads * head_dim;
+        let x = Shared::new(&mut self.buffers[x.0 as usize][..positions.len() * row]);
+        for_rows(&self.pool, positions.len(), row, &|tokens| {
+            for t in tokens {
+                // SAFETY: each task owns its tokens' rows.
+                let part = unsafe { x.part(t * row..(t + 1) * row) };
+                for head in part.chunks_exact_mut(head_dim) {
+                    ops::rope_with(head, &table[t * half..(t + 1) * half], style);
+                }
+            }
+        });
     }
 
     fn store_kv(&mut self, src: BufId, cache: BufId, n: usize, row_len: usize, start: usize) {
         let numerics = self.numerics;
-        let (src, cache) = self.pair(src, cache);
+        let (src, cache) = pair(&mut self.buffers, src, cache);
         let (src, dst) = (&src[..n * row_len], &mut cache[start * row_len..(start + n) * row_len]);
         match numerics {
             // llama.cpp keeps its cache in f16.
-            Numerics::Quantized => dst.iter_mut().zip(src).for_each(|(d, s)| *d = ops::round_to_f16(*s)),
+            Numerics::Quantized => ops::round_to_f16_slice(src, dst),
             Numerics::Reference => dst.copy_from_slice(src),
         }
     }
@@ -274,58 +361,54 @@ impl Backend for CpuBackend {
             .buffers
             .get_disjoint_mut([q.0, keys.0, values.0, out.0].map(|i| i as usize))
             .expect("attention buffers must be distinct");
-        let (q, k, v) = (&*q, &*k, &*v);
-        let d = a.head_dim;
-        let kv_stride = a.n_kv_head * d;
-        let group = a.n_head / a.n_kv_head;
-        let n_ctx_max = a.start_pos + a.n_tokens;
-        // llama.cpp runs a few queries through a kernel that rounds the query to f16 and
-        // accumulates values in f16, and tiles of 64 or more through an f32 kernel.
-        let kernel = if self.numerics == Numerics::Quantized && a.n_tokens < 64 {
-            ops::attend_f16_accumulator
-        } else {
-            ops::attend
+        let geometry = AttnGeometry {
+            n_tokens: a.n_tokens,
+            start_pos: a.start_pos,
+            n_head: a.n_head,
+            n_kv_head: a.n_kv_head,
+            head_dim: a.head_dim,
+            kv_stride: a.n_kv_head * a.head_dim,
+            scale: a.scale,
+            window: a.window,
+            precision: match self.numerics {
+                Numerics::Quantized => AttnPrecision::Ggml,
+                Numerics::Reference => AttnPrecision::F32,
+            },
         };
-        self.pool.install(|| {
-            out[..a.n_tokens * a.n_head * d]
-                .par_chunks_mut(d)
-                .enumerate()
-                .for_each_init(
-                    || vec![0.0; n_ctx_max.max(d)],
-                    |scratch, (i, head_out)| {
-                        let (t, h) = (i / a.n_head, i % a.n_head);
-                        let pos = a.start_pos + t;
-                        let first = a.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                        let query = &q[i * d..(i + 1) * d];
-                        let offset = (h / group) * d;
-                        kernel(
-                            query,
-                            k,
-                            v,
-                            kv_stride,
-                            offset,
-                            first,
-                            pos + 1,
-                            a.scale,
-                            scratch,
-                            head_out,
-                        );
-                    },
-                );
+        let q_len = a.n_tokens * a.n_head * a.head_dim;
+        let (q, k, v) = (&q[..q_len], &*k, &*v);
+        // SAFETY: `out` holds n_tokens rows of n_head × head_dim; work items write
+        // disjoint (token, head) parts of it.
+        let out = unsafe { OutMatrix::new(out[..q_len].as_mut_ptr(), a.n_head * a.head_dim) };
+        self.pool.for_chunks(attention::work_items(&geometry), 1, &|items| {
+            for item in items {
+                attention::run_item(&geometry, q, k, v, item, out);
+            }
         });
     }
 
     fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation) {
         // The quantized path computes activations as llama.cpp does, down to the rounding.
-        let f = match (act, self.numerics) {
-            (Activation::Silu, Numerics::Quantized) => ops::silu_ggml,
-            (Activation::Silu, Numerics::Reference) => ops::silu,
-            (Activation::GeluTanh, Numerics::Quantized) => ops::gelu_tanh_ggml,
-            (Activation::GeluTanh, Numerics::Reference) => ops::gelu_tanh,
+        let numerics = self.numerics;
+        let apply = move |g: &mut [f32], u: &[f32]| {
+            let f = match (act, numerics) {
+                (Activation::Silu, Numerics::Quantized) => return ops::swiglu_ggml(g, u),
+                (Activation::Silu, Numerics::Reference) => ops::silu,
+                (Activation::GeluTanh, Numerics::Quantized) => ops::gelu_tanh_ggml,
+                (Activation::GeluTanh, Numerics::Reference) => ops::gelu_tanh,
+            };
+            for (g, u) in g.iter_mut().zip(u) {
+                *g = f(*g) * u;
+            }
         };
-        let (up, gate) = self.pair(up, gate);
-        for (g, u) in gate[..len].iter_mut().zip(&up[..len]) {
-            *g = f(*g) * u;
-        }
+        let (up, gate) = pair(&mut self.buffers, up, gate);
+        let up = &up[..len];
+        let gate = Shared::new(&mut gate[..len]);
+        const SPAN: usize = 4096;
+        for_rows(&self.pool, len.div_ceil(SPAN), SPAN, &|spans| {
+            let range = spans.start * SPAN..(spans.end * SPAN).min(len);
+            // SAFETY: each task owns its spans.
+            apply(unsafe { gate.part(range.clone()) }, &up[range]);
+        });
     }
 }

@@ -5,6 +5,7 @@
 //! [`BufId`] handles and never learn which device runs them.
 
 mod cpu;
+mod pool;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -144,6 +145,14 @@ pub trait Backend: Send {
     fn embed(&mut self, table: WeightId, tokens: &[u32], out: BufId);
     /// `out[t] = weight · x[t]` for `n` rows of `x` (each `cols` long); out rows are `rows` long.
     fn matmul(&mut self, weight: WeightId, x: BufId, n: usize, out: BufId);
+    /// Several products of one input: `out_i[t] = weight_i · x[t]` for each
+    /// `(weight_i, out_i)` (at most four, all of the same input width). A backend may
+    /// prepare the input once and run them as one dispatch.
+    fn matmul_many(&mut self, x: BufId, n: usize, products: &[(WeightId, BufId)]) {
+        for &(weight, out) in products {
+            self.matmul(weight, x, n, out);
+        }
+    }
     /// `x[t] += bias` for `n` rows.
     fn add_bias(&mut self, x: BufId, bias: WeightId, n: usize);
     /// `x[i] += y[i]` for the first `len` floats.

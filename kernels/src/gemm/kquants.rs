@@ -1,7 +1,41 @@
 //! SIMD kernels for the K-quant super-block types: Q4_K, Q6_K.
+//!
+//! Both keep the arithmetic of [`crate::qdot`]: per super-block of 256 an exact integer
+//! sum `Σ_sub scale_sub · Σ q_w q_a` (Q6_K with `q_w − 32`; Q4_K with a separate
+//! `Σ_sub min_sub · bsum_sub`), then one f32 multiply-add by `d_w · d_a` (and
+//! `dmin_w · d_a`). Only the order of the f32 sums differs from the scalar reference.
+//!
+//! * Few tokens (decode): each weight row is streamed once per token, several rows per
+//!   pass sharing the activation loads. The quants are unsigned, so `vpmaddubsw` takes
+//!   them against the signed activations directly; `vpmaddwd`/`vpdpwssd` with the
+//!   sub-block scale in every word then applies the scales in integers. Q4_K's mins and
+//!   Q6_K's −32 offset come from the activation block sums (`bsums`).
+//! * Many tokens (prefill, AVX-512): each panel of 32 weight rows is unpacked once into
+//!   i16 values already multiplied by their sub-block scale (`sc · q` ≤ 945 for Q4_K,
+//!   `|sc · (q − 32)|` ≤ 4096 for Q6_K) and transposed so that one zmm holds one pair of
+//!   columns of 16 rows; activations are widened to i16 once per call. The micro-kernel
+//!   then takes one `vpdpwssd` (activation pair broadcast from memory) per 32
+//!   multiply-adds, reuses each weight load across a tile of tokens, and keeps one
+//!   accumulator lane per row, so no horizontal sums.
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
 
 use super::{OutMatrix, SimdLevel};
-use crate::quant::GgmlType;
+use crate::quant::{GgmlType, QK_K};
+
+/// Bytes of a Q8_K activation block: `d: f32`, `qs: [i8; 256]`, `bsums: [i16; 16]`.
+const Q8K_BYTES: usize = 4 + QK_K + 32;
+/// Offset of `bsums` in a Q8_K block.
+const BSUMS: usize = 4 + QK_K;
+/// Bytes of a Q4_K block: `d, dmin: f16`, `scales: [u8; 12]`, `qs: [u8; 128]`.
+const Q4K_BYTES: usize = 144;
+/// Bytes of a Q6_K block: `ql: [u8; 128]`, `qh: [u8; 64]`, `scales: [i8; 16]`, `d: f16`.
+const Q6K_BYTES: usize = 210;
+
+/// Rows per pass of the decode kernels (they share each activation load).
+const DECODE_ROWS: usize = 4;
 
 /// Runs the kernel for `ty` at `level`; returns false when there is none (the caller
 /// then takes the scalar path).
@@ -11,14 +45,879 @@ use crate::quant::GgmlType;
 /// checked.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm(
-    _level: SimdLevel,
-    _ty: GgmlType,
-    _weights: &[u8],
-    _n_rows: usize,
-    _cols: usize,
-    _acts: &[u8],
-    _n_tokens: usize,
-    _out: OutMatrix,
+    level: SimdLevel,
+    ty: GgmlType,
+    weights: &[u8],
+    n_rows: usize,
+    cols: usize,
+    acts: &[u8],
+    n_tokens: usize,
+    out: OutMatrix,
 ) -> bool {
-    false
+    let nsb = cols / QK_K;
+    let k = Problem {
+        weights,
+        n_rows,
+        nsb,
+        acts,
+        n_tokens,
+        out,
+    };
+    // SAFETY: the caller guarantees the CPU features of `level` and the slice sizes.
+    unsafe {
+        match (level, ty) {
+            (SimdLevel::Avx512Vnni, GgmlType::Q4_K) => x512::gemm::<false>(&k),
+            (SimdLevel::Avx512Vnni, GgmlType::Q6_K) => x512::gemm::<true>(&k),
+            (SimdLevel::Avx2, GgmlType::Q4_K) => x256::gemm::<false>(&k),
+            (SimdLevel::Avx2, GgmlType::Q6_K) => x256::gemm::<true>(&k),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// One call's operands: `n_rows` weight rows of `nsb` super-blocks, `n_tokens`
+/// activation rows of `nsb` Q8_K blocks.
+struct Problem<'a> {
+    weights: &'a [u8],
+    n_rows: usize,
+    nsb: usize,
+    acts: &'a [u8],
+    n_tokens: usize,
+    out: OutMatrix,
+}
+
+impl Problem<'_> {
+    fn row_bytes(&self, q6: bool) -> usize {
+        self.nsb * if q6 { Q6K_BYTES } else { Q4K_BYTES }
+    }
+}
+
+/// # Safety
+/// `p` is valid for reading 4 bytes.
+#[inline(always)]
+unsafe fn rd_u32(p: *const u8) -> u32 {
+    // SAFETY: the caller's contract; unaligned reads are allowed.
+    unsafe { p.cast::<u32>().read_unaligned() }
+}
+
+/// # Safety
+/// `p` is valid for reading 4 bytes.
+#[inline(always)]
+unsafe fn rd_f32(p: *const u8) -> f32 {
+    // SAFETY: the caller's contract.
+    f32::from_bits(unsafe { rd_u32(p) })
+}
+
+/// The eight 6-bit scales and eight 6-bit mins of a Q4_K block (the 12 bytes at `s`),
+/// one per byte, sub-block `j` in byte `j`: `(scales, mins)`. For `j < 4` they are the
+/// low 6 bits of bytes `j` and `j + 4`; for `j ≥ 4` the nibbles of byte `j + 4` plus the
+/// top 2 bits of bytes `j − 4` and `j` — done here on all four sub-blocks at once.
+///
+/// # Safety
+/// `s` is valid for reading 12 bytes.
+#[inline(always)]
+unsafe fn q4k_scales_mins(s: *const u8) -> (u64, u64) {
+    // SAFETY: the caller's contract: 12 bytes.
+    let (w0, w1, w2) = unsafe { (rd_u32(s), rd_u32(s.add(4)), rd_u32(s.add(8))) };
+    let sc_hi = (w2 & 0x0F0F_0F0F) | ((w0 >> 2) & 0x3030_3030);
+    let mn_hi = ((w2 >> 4) & 0x0F0F_0F0F) | ((w1 >> 2) & 0x3030_3030);
+    (
+        (w0 & 0x3F3F_3F3F) as u64 | (sc_hi as u64) << 32,
+        (w1 & 0x3F3F_3F3F) as u64 | (mn_hi as u64) << 32,
+    )
+}
+
+/// The kernels for AVX-512 (F, BW, VL, VNNI).
+mod x512 {
+    use super::*;
+
+    /// `acc + Σ pairs a · b` in one `vpdpwssd`: LLVM expands `_mm512_dpwssd_epi32` into
+    /// `vpmaddwd` + `vpaddd` unless tuning for a CPU known to run it fast, which
+    /// `target_feature` cannot ask for. Unsafe (inline assembly); needs AVX512-VNNI.
+    macro_rules! dpwssd {
+        ($acc:expr, $a:expr, $b:expr) => {{
+            let mut acc: __m512i = $acc;
+            asm!(
+                "vpdpwssd {acc}, {a}, {b}",
+                acc = inout(zmm_reg) acc,
+                a = in(zmm_reg) $a,
+                b = in(zmm_reg) $b,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            acc
+        }};
+    }
+
+    /// Decode below this many tokens; from here on, unpacking each weight panel once
+    /// for the prefill micro-kernel pays for itself.
+    const PREFILL_MIN_TOKENS: usize = 4;
+    /// 16-row blocks per prefill panel.
+    const RB: usize = 2;
+    /// Weight rows per prefill panel.
+    const PANEL_ROWS: usize = 16 * RB;
+    /// Tokens per prefill micro-kernel tile.
+    const TILE_T: usize = 8;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn gemm<const Q6: bool>(k: &Problem) {
+        if k.n_tokens < PREFILL_MIN_TOKENS {
+            for t in 0..k.n_tokens {
+                // SAFETY: the caller's contract; t < n_tokens.
+                unsafe { decode::<Q6>(k, t) };
+            }
+        } else {
+            // SAFETY: the caller's contract.
+            unsafe { prefill::<Q6>(k) };
+        }
+    }
+
+    /// Two 32-byte loads into the low and high halves of a zmm.
+    ///
+    /// # Safety
+    /// `lo` and `hi` are valid for reading 32 bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn halves(lo: *const u8, hi: *const u8) -> __m512i {
+        // SAFETY: the caller's contract.
+        let (lo, hi) = unsafe { (_mm256_loadu_si256(lo.cast()), _mm256_loadu_si256(hi.cast())) };
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    /// A `vpermw` index putting word `a` in 128-bit lane 0, `b` in lane 1, `c` in 2, `d`
+    /// in 3.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn lanes4(a: i32, b: i32, c: i32, d: i32) -> __m512i {
+        let w = |x: i32| x | x << 16;
+        _mm512_set_epi32(
+            w(d),
+            w(d),
+            w(d),
+            w(d),
+            w(c),
+            w(c),
+            w(c),
+            w(c),
+            w(b),
+            w(b),
+            w(b),
+            w(b),
+            w(a),
+            w(a),
+            w(a),
+            w(a),
+        )
+    }
+
+    /// `out[t][r]` for every row and the one token `t`, `DECODE_ROWS` rows per pass.
+    ///
+    /// # Safety
+    /// As [`super::gemm`]; `t < k.n_tokens`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn decode<const Q6: bool>(k: &Problem, t: usize) {
+        let row_bytes = k.row_bytes(Q6);
+        let a = k.acts[t * k.nsb * Q8K_BYTES..][..k.nsb * Q8K_BYTES].as_ptr();
+        let w = k.weights.as_ptr();
+        let mut r = 0;
+        while r + DECODE_ROWS <= k.n_rows {
+            // SAFETY: rows r..r + DECODE_ROWS exist; `a` is one whole activation row.
+            let v = unsafe { decode_rows::<Q6, DECODE_ROWS>(w.add(r * row_bytes), row_bytes, k.nsb, a) };
+            for (i, &x) in v.iter().enumerate() {
+                // SAFETY: (t, r + i) is in the caller's band.
+                unsafe { k.out.write(t, r + i, x) };
+            }
+            r += DECODE_ROWS;
+        }
+        for r in r..k.n_rows {
+            // SAFETY: as above, for one row.
+            unsafe {
+                let [x] = decode_rows::<Q6, 1>(w.add(r * row_bytes), row_bytes, k.nsb, a);
+                k.out.write(t, r, x);
+            }
+        }
+    }
+
+    /// The dots of `R` consecutive weight rows (at `w`, `row_bytes` apart) with one
+    /// activation row `a`.
+    ///
+    /// The activations of a super-block are loaded once for all `R` rows, as four zmm
+    /// whose 32-byte halves are the element chunks that the weight bytes, as loaded,
+    /// hold: Q4_K bytes 0..64 carry chunks 0 and 2 in their low nibbles and 1 and 3 in
+    /// their high ones; Q6_K `ql` bytes 0..32 and 64..96 carry chunks 0 and 4 (low
+    /// nibbles) and 2 and 6 (high), with the matching `qh` bits of bytes 0..64.
+    ///
+    /// # Safety
+    /// `R` rows of `nsb` blocks at `w`, `nsb` Q8_K blocks at `a`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn decode_rows<const Q6: bool, const R: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        nsb: usize,
+        a: *const u8,
+    ) -> [f32; R] {
+        let mut accf = [_mm512_setzero_ps(); R];
+        let mut accm = [_mm_setzero_ps(); R];
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m2 = _mm512_set1_epi8(0x30);
+        // Sub-block scale words per 128-bit lane of the four quant vectors.
+        let idx = if Q6 {
+            [
+                lanes4(0, 1, 8, 9),
+                lanes4(2, 3, 10, 11),
+                lanes4(4, 5, 12, 13),
+                lanes4(6, 7, 14, 15),
+            ]
+        } else {
+            [
+                lanes4(0, 0, 2, 2),
+                lanes4(1, 1, 3, 3),
+                lanes4(4, 4, 6, 6),
+                lanes4(5, 5, 7, 7),
+            ]
+        };
+        for sb in 0..nsb {
+            // SAFETY: block sb of the activation row and of each of the R weight rows.
+            unsafe {
+                let ab = a.add(sb * Q8K_BYTES);
+                let da = _mm_set1_ps(rd_f32(ab));
+                let q = ab.add(4);
+                let bsums = _mm256_loadu_si256(ab.add(BSUMS).cast());
+                if Q6 {
+                    let av = [
+                        halves(q, q.add(128)),
+                        halves(q.add(32), q.add(160)),
+                        halves(q.add(64), q.add(192)),
+                        halves(q.add(96), q.add(224)),
+                    ];
+                    for (i, f) in accf.iter_mut().enumerate() {
+                        let wb = w.add(i * row_bytes + sb * Q6K_BYTES);
+                        let x = halves(wb, wb.add(64));
+                        let y = halves(wb.add(32), wb.add(96));
+                        let h = _mm512_loadu_si512(wb.add(128).cast());
+                        let v = [
+                            _mm512_or_si512(_mm512_and_si512(x, m4), _mm512_and_si512(_mm512_slli_epi16::<4>(h), m2)),
+                            _mm512_or_si512(_mm512_and_si512(y, m4), _mm512_and_si512(_mm512_slli_epi16::<2>(h), m2)),
+                            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(x), m4), _mm512_and_si512(h, m2)),
+                            _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(y), m4),
+                                _mm512_and_si512(_mm512_srli_epi16::<2>(h), m2),
+                            ),
+                        ];
+                        let sw = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(192).cast()));
+                        // The stored quants are q + 32: start from −32 · Σ scale · bsum.
+                        let neg = _mm256_mullo_epi16(sw, _mm256_set1_epi16(-32));
+                        let mut acc = dpwssd!(
+                            _mm512_setzero_si512(),
+                            _mm512_zextsi256_si512(neg),
+                            _mm512_zextsi256_si512(bsums)
+                        );
+                        let swz = _mm512_zextsi256_si512(sw);
+                        for j in 0..4 {
+                            let p = _mm512_maddubs_epi16(v[j], av[j]);
+                            acc = dpwssd!(acc, p, _mm512_permutexvar_epi16(idx[j], swz));
+                        }
+                        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.add(208).cast::<u16>().read_unaligned() as i32));
+                        let dd = _mm_mul_ps(d, da);
+                        *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_broadcastss_ps(dd), *f);
+                    }
+                } else {
+                    let av = [
+                        halves(q, q.add(64)),
+                        halves(q.add(32), q.add(96)),
+                        halves(q.add(128), q.add(192)),
+                        halves(q.add(160), q.add(224)),
+                    ];
+                    // Sums of the activations per 32 (bsum pairs), as words.
+                    let bs2 = _mm256_cvtepi32_epi16(_mm256_madd_epi16(bsums, _mm256_set1_epi16(1)));
+                    for (i, (f, m)) in accf.iter_mut().zip(accm.iter_mut()).enumerate() {
+                        let wb = w.add(i * row_bytes + sb * Q4K_BYTES);
+                        let (sc, mn) = q4k_scales_mins(wb.add(4));
+                        let p0 = _mm512_loadu_si512(wb.add(16).cast());
+                        let p1 = _mm512_loadu_si512(wb.add(80).cast());
+                        let v = [
+                            _mm512_and_si512(p0, m4),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(p0), m4),
+                            _mm512_and_si512(p1, m4),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(p1), m4),
+                        ];
+                        let sw = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+                        let mut acc = _mm512_setzero_si512();
+                        for j in 0..4 {
+                            let p = _mm512_maddubs_epi16(v[j], av[j]);
+                            acc = dpwssd!(acc, p, _mm512_permutexvar_epi16(idx[j], sw));
+                        }
+                        let mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)), bs2);
+                        // [d, dmin] · d_a.
+                        let dd = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(rd_u32(wb) as i32)), da);
+                        *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_broadcastss_ps(dd), *f);
+                        *m = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_permute_ps::<0x55>(dd), *m);
+                    }
+                }
+            }
+        }
+        let mut res = [0f32; R];
+        for (o, (f, m)) in res.iter_mut().zip(accf.iter().zip(&accm)) {
+            let m = _mm_add_ps(*m, _mm_movehl_ps(*m, *m));
+            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+            *o = _mm512_reduce_add_ps(*f) - _mm_cvtss_f32(m);
+        }
+        res
+    }
+
+    /// One zmm of a packed panel, aligned so the micro-kernel's loads are.
+    #[repr(C, align(64))]
+    #[derive(Clone, Copy)]
+    struct Z([i32; 16]);
+
+    /// Per-thread buffers of the prefill kernel, kept across calls so that they are
+    /// allocated once.
+    #[derive(Default)]
+    struct Scratch {
+        /// One panel of weights; see [`pack_panel`].
+        panel: Vec<Z>,
+        /// Every token's activations; see [`pack_acts`].
+        acts: Vec<i32>,
+        /// `d` of every activation block, `[token][super-block]`.
+        ascale: Vec<f32>,
+    }
+
+    thread_local! {
+        static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    }
+
+    /// Column pairs per super-block in the packed layouts: the 128 pairs of quants, then
+    /// for Q4_K the 4 pairs of mins (weights) against the activation sums per 32.
+    const fn pairs(q6: bool) -> usize {
+        if q6 {
+            128
+        } else {
+            132
+        }
+    }
+
+    /// Zmm per super-block of a packed panel: `pairs × RB`, then `d` and `dmin` per
+    /// 16-row block.
+    const fn panel_sb(q6: bool) -> usize {
+        (pairs(q6) + 2) * RB
+    }
+
+    /// The prefill path: for each panel of 32 rows, unpack it once, then run the
+    /// micro-kernel over tiles of tokens.
+    ///
+    /// # Safety
+    /// As [`super::gemm`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn prefill<const Q6: bool>(k: &Problem) {
+        let np = pairs(Q6);
+        let row_bytes = k.row_bytes(Q6);
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            s.acts.resize(k.n_tokens * k.nsb * np, 0);
+            s.ascale.resize(k.n_tokens * k.nsb, 0.0);
+            s.panel.resize(k.nsb * panel_sb(Q6), Z([0; 16]));
+            // SAFETY: the buffers were just sized for the call.
+            unsafe { pack_acts::<Q6>(k.acts, &mut s.acts, &mut s.ascale) };
+            for r0 in (0..k.n_rows).step_by(PANEL_ROWS) {
+                let rows = (k.n_rows - r0).min(PANEL_ROWS);
+                // SAFETY: rows r0..r0 + rows exist; the panel holds nsb super-blocks.
+                unsafe {
+                    pack_panel::<Q6>(
+                        &k.weights[r0 * row_bytes..][..rows * row_bytes],
+                        rows,
+                        k.nsb,
+                        &mut s.panel,
+                    )
+                };
+                let mut t0 = 0;
+                while t0 < k.n_tokens {
+                    let nt = (k.n_tokens - t0).min(TILE_T);
+                    let tile = Tile {
+                        panel: s.panel.as_ptr(),
+                        acts: s.acts[t0 * k.nsb * np..].as_ptr(),
+                        ascale: s.ascale[t0 * k.nsb..].as_ptr(),
+                        nsb: k.nsb,
+                        out: k.out.offset_cols(r0),
+                        t0,
+                        rows,
+                    };
+                    // SAFETY: tokens t0..t0 + nt are packed; rows < PANEL_ROWS of the
+                    // band at r0.
+                    unsafe {
+                        match nt {
+                            8 => micro::<Q6, 8>(&tile),
+                            7 => micro::<Q6, 7>(&tile),
+                            6 => micro::<Q6, 6>(&tile),
+                            5 => micro::<Q6, 5>(&tile),
+                            4 => micro::<Q6, 4>(&tile),
+                            3 => micro::<Q6, 3>(&tile),
+                            2 => micro::<Q6, 2>(&tile),
+                            _ => micro::<Q6, 1>(&tile),
+                        }
+                    }
+                    t0 += nt;
+                }
+            }
+        });
+    }
+
+    /// The element chunks (32 each) whose values fill the low and high halves of column
+    /// block `j` (16 column pairs) of a packed super-block: those that the weight bytes
+    /// hold side by side, as loaded by [`q4k_values`] and [`q6k_values`].
+    const fn chunk_pairs(q6: bool) -> [(usize, usize); 4] {
+        if q6 {
+            [(0, 4), (1, 5), (2, 6), (3, 7)]
+        } else {
+            [(0, 2), (1, 3), (4, 6), (5, 7)]
+        }
+    }
+
+    /// Widens every activation block to i16 pairs: block `b` (token `b / nsb`) takes
+    /// `pairs` i32 at `dst[b * pairs..]`; for Q4_K then the four pairs of sums per 32
+    /// elements. `scale[b]` is its `d`.
+    ///
+    /// The pairs are not consecutive elements but those the weight unpacking yields
+    /// without shuffles: for each entry `(c, c')` of [`chunk_pairs`], two column blocks,
+    /// the even then the odd elements of each 4: block `2j` lane `i` (dword) holds
+    /// elements `4i, 4i + 2` of chunk `c` (lanes 0..8) or `c'` (lanes 8..16, `i − 8`),
+    /// block `2j + 1` elements `4i + 1, 4i + 3`.
+    ///
+    /// # Safety
+    /// `dst` and `scale` have room for every block of `acts`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn pack_acts<const Q6: bool>(acts: &[u8], dst: &mut [i32], scale: &mut [f32]) {
+        let np = pairs(Q6);
+        for (b, blk) in acts.chunks_exact(Q8K_BYTES).enumerate() {
+            // SAFETY: `blk` is one Q8_K block; `dst` has `np` i32 for it.
+            unsafe {
+                let src = blk.as_ptr();
+                scale[b] = rd_f32(src);
+                let d = dst.as_mut_ptr().add(b * np);
+                for (j, (c0, c1)) in chunk_pairs(Q6).into_iter().enumerate() {
+                    let x = halves(src.add(4 + 32 * c0), src.add(4 + 32 * c1));
+                    // Each word holds two activations: sign-extend the low, then the high.
+                    let even = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(x));
+                    let odd = _mm512_srai_epi16::<8>(x);
+                    _mm512_storeu_si512(d.add(32 * j).cast(), even);
+                    _mm512_storeu_si512(d.add(32 * j + 16).cast(), odd);
+                }
+                if !Q6 {
+                    let bsums = _mm256_loadu_si256(src.add(BSUMS).cast());
+                    let bs2 = _mm256_cvtepi32_epi16(_mm256_madd_epi16(bsums, _mm256_set1_epi16(1)));
+                    _mm_storeu_si128(d.add(128).cast(), bs2);
+                }
+            }
+        }
+    }
+
+    /// Transposes a 16 × 16 matrix of i32, one row per zmm.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4i + j], 128-bit lane L: rows 4i..4i + 4 of column 4L + j.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+        }
+        let mut o = [_mm512_setzero_si512(); 16];
+        for j in 0..4 {
+            let v02 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[j], u[4 + j]);
+            let v13 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[j], u[4 + j]);
+            let w02 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + j], u[12 + j]);
+            let w13 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + j], u[12 + j]);
+            o[j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v02, w02);
+            o[8 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v02, w02);
+            o[4 + j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v13, w13);
+            o[12 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v13, w13);
+        }
+        o
+    }
+
+    /// One Q4_K block as scaled i16 pairs in the column order of [`pack_acts`]; plus
+    /// `d`, `dmin` and the mins as four i16 pairs.
+    ///
+    /// Each dword of `qs` holds four bytes; masking its words takes the low nibbles of
+    /// bytes 0 and 2 (elements `4i`, `4i + 2` of the low-nibble chunk), shifting first
+    /// by 8, 4 or 12 the other three pairs: no byte shuffles.
+    ///
+    /// # Safety
+    /// `wb` is one Q4_K block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q4k_values(wb: *const u8, v: &mut [__m512i; 8]) -> (f32, f32, [i32; 4]) {
+        let m = _mm512_set1_epi16(0x0F);
+        // SAFETY: the reads stay within the 144 bytes of the block.
+        unsafe {
+            let (sc, mn) = q4k_scales_mins(wb.add(4));
+            let sw = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+            for z in 0..2 {
+                let x = _mm512_loadu_si512(wb.add(16 + 64 * z).cast());
+                for nib in 0..2 {
+                    let (c0, c1) = chunk_pairs(false)[2 * z + nib];
+                    let scale = _mm512_permutexvar_epi16(lanes4(c0 as i32, c0 as i32, c1 as i32, c1 as i32), sw);
+                    let (even, odd) = if nib == 0 {
+                        (x, _mm512_srli_epi16::<8>(x))
+                    } else {
+                        (_mm512_srli_epi16::<4>(x), _mm512_srli_epi16::<12>(x))
+                    };
+                    let j = 2 * z + nib;
+                    v[2 * j] = _mm512_mullo_epi16(_mm512_and_si512(even, m), scale);
+                    v[2 * j + 1] = _mm512_mullo_epi16(_mm512_and_si512(odd, m), scale);
+                }
+            }
+            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(rd_u32(wb) as i32));
+            let byte = |j: usize| (mn >> (8 * j)) as u8 as i32;
+            let mins = [0, 1, 2, 3].map(|p| byte(2 * p) | byte(2 * p + 1) << 16);
+            (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)), mins)
+        }
+    }
+
+    /// One Q6_K block as scaled i16 pairs `scale · (q − 32)` in the column order of
+    /// [`pack_acts`] (the nibble and 2-bit fields taken per word, as in [`q4k_values`]);
+    /// plus `d`.
+    ///
+    /// # Safety
+    /// `wb` is one Q6_K block.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q6k_values(wb: *const u8, v: &mut [__m512i; 8]) -> f32 {
+        let m4 = _mm512_set1_epi16(0x0F);
+        let m2 = _mm512_set1_epi16(0x30);
+        let off = _mm512_set1_epi16(32);
+        // SAFETY: the reads stay within the 210 bytes of the block.
+        unsafe {
+            // Low and high halves: the two 128-element halves of the block, whose
+            // `ql`/`qh` bytes line up.
+            let x = halves(wb, wb.add(64));
+            let y = halves(wb.add(32), wb.add(96));
+            let h = _mm512_loadu_si512(wb.add(128).cast());
+            let sw = _mm512_zextsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(192).cast())));
+            // Per chunk pair j: the 4-bit field (ql source, shift) and the 2-bit field's
+            // shift in `qh`, for the even element of each word; the odd one is 8 bits up.
+            let field = |j: usize, odd: bool| {
+                let (ql, qh) = match (j, odd) {
+                    (0, false) => (x, _mm512_slli_epi16::<4>(h)),
+                    (0, true) => (_mm512_srli_epi16::<8>(x), _mm512_srli_epi16::<4>(h)),
+                    (1, false) => (y, _mm512_slli_epi16::<2>(h)),
+                    (1, true) => (_mm512_srli_epi16::<8>(y), _mm512_srli_epi16::<6>(h)),
+                    (2, false) => (_mm512_srli_epi16::<4>(x), h),
+                    (2, true) => (_mm512_srli_epi16::<12>(x), _mm512_srli_epi16::<8>(h)),
+                    (3, false) => (_mm512_srli_epi16::<4>(y), _mm512_srli_epi16::<2>(h)),
+                    _ => (_mm512_srli_epi16::<12>(y), _mm512_srli_epi16::<10>(h)),
+                };
+                let q = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_and_si512(qh, m2));
+                _mm512_sub_epi16(q, off)
+            };
+            for j in 0..4 {
+                let (c0, c1) = chunk_pairs(true)[j];
+                // 128-bit lane k of a column block: dwords 4k..4k + 4, elements of
+                // sub-block 2c0, 2c0 + 1, 2c1, 2c1 + 1.
+                let (s0, s1) = (2 * c0 as i32, 2 * c1 as i32);
+                let scale = _mm512_permutexvar_epi16(lanes4(s0, s0 + 1, s1, s1 + 1), sw);
+                v[2 * j] = _mm512_mullo_epi16(field(j, false), scale);
+                v[2 * j + 1] = _mm512_mullo_epi16(field(j, true), scale);
+            }
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                wb.add(208).cast::<u16>().read_unaligned() as i32,
+            )))
+        }
+    }
+
+    /// Unpacks `rows` (≤ 32) weight rows into `panel`: per super-block, for each column
+    /// pair `p` (in the order of [`pack_acts`]) and 16-row block `rb`, zmm `p * RB + rb`
+    /// holds in lane `i` the two scaled i16 values of row `16 rb + i`, for Q4_K followed
+    /// by the mins pairs; then `d` and `dmin` of each 16-row block as f32 lanes. Rows past
+    /// `rows` are zero.
+    ///
+    /// # Safety
+    /// `w` holds `rows` rows of `nsb` blocks; `panel` has `nsb * panel_sb` elements.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn pack_panel<const Q6: bool>(w: &[u8], rows: usize, nsb: usize, panel: &mut [Z]) {
+        let (wsize, np) = (if Q6 { Q6K_BYTES } else { Q4K_BYTES }, pairs(Q6));
+        let row_bytes = nsb * wsize;
+        let mut vals = [[_mm512_setzero_si512(); 8]; 16];
+        for sb in 0..nsb {
+            let dst = &mut panel[sb * panel_sb(Q6)..][..panel_sb(Q6)];
+            for rb in 0..RB {
+                let mut d = [0f32; 16];
+                let mut dmin = [0f32; 16];
+                let mut mins = [[0i32; 4]; 16];
+                for (i, v) in vals.iter_mut().enumerate() {
+                    let r = 16 * rb + i;
+                    if r >= rows {
+                        *v = [_mm512_setzero_si512(); 8];
+                        continue;
+                    }
+                    let wb = w[r * row_bytes + sb * wsize..][..wsize].as_ptr();
+                    // SAFETY: `wb` is one whole block.
+                    unsafe {
+                        if Q6 {
+                            d[i] = q6k_values(wb, v);
+                        } else {
+                            (d[i], dmin[i], mins[i]) = q4k_values(wb, v);
+                        }
+                    }
+                }
+                // Column block `blk` of every row: pairs 16 blk..16 blk + 16.
+                for blk in 0..8 {
+                    let cols = transpose16(&std::array::from_fn(|i| vals[i][blk]));
+                    for (j, &col) in cols.iter().enumerate() {
+                        // SAFETY: `Z` is 64 bytes, aligned to 64.
+                        unsafe { _mm512_store_si512((&mut dst[(16 * blk + j) * RB + rb] as *mut Z).cast(), col) };
+                    }
+                }
+                if !Q6 {
+                    for p in 0..4 {
+                        dst[(128 + p) * RB + rb] = Z(std::array::from_fn(|i| mins[i][p]));
+                    }
+                }
+                dst[np * RB + rb] = Z(d.map(f32::to_bits).map(|b| b as i32));
+                dst[(np + 1) * RB + rb] = Z(dmin.map(f32::to_bits).map(|b| b as i32));
+            }
+        }
+    }
+
+    /// What one micro-kernel call works on: a packed panel, the packed activations from
+    /// token `t0` on, and where to write.
+    struct Tile {
+        panel: *const Z,
+        acts: *const i32,
+        ascale: *const f32,
+        nsb: usize,
+        /// Output from the panel's first row on.
+        out: OutMatrix,
+        t0: usize,
+        /// Valid rows of the panel.
+        rows: usize,
+    }
+
+    /// `T` tokens × 32 rows: per super-block, integer dot products over the 128 column
+    /// pairs (one `vpdpwssd` per 16 rows and token), converted once and scaled by
+    /// `d_w · d_a` (Q4_K: minus the mins term scaled by `dmin_w · d_a`).
+    ///
+    /// # Safety
+    /// `k.panel` is packed for `k.nsb` super-blocks; `T` tokens are packed at `k.acts`,
+    /// `k.ascale`; the outputs of `k.rows` rows and tokens `k.t0..k.t0 + T` are the
+    /// caller's.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn micro<const Q6: bool, const T: usize>(k: &Tile) {
+        let np = pairs(Q6);
+        let tstride = k.nsb * np;
+        let mut accf = [[_mm512_setzero_ps(); T]; RB];
+        for sb in 0..k.nsb {
+            // SAFETY: super-block sb of the panel and of each token's packed row.
+            unsafe {
+                let w = k.panel.add(sb * panel_sb(Q6)).cast::<__m512i>();
+                let a = k.acts.add(sb * np);
+                let dots = |acc: &mut [[__m512i; T]; RB], p: usize| {
+                    let wv: [__m512i; RB] = std::array::from_fn(|rb| _mm512_load_si512(w.add(p * RB + rb)));
+                    for t in 0..T {
+                        let b = _mm512_set1_epi32(*a.add(t * tstride + p));
+                        for rb in 0..RB {
+                            acc[rb][t] = dpwssd!(acc[rb][t], wv[rb], b);
+                        }
+                    }
+                };
+                let mut acc = [[_mm512_setzero_si512(); T]; RB];
+                for p in 0..128 {
+                    dots(&mut acc, p);
+                }
+                let dv: [__m512; RB] = std::array::from_fn(|rb| _mm512_load_ps(w.add(np * RB + rb).cast()));
+                let mut f = [[_mm512_setzero_ps(); T]; RB];
+                for rb in 0..RB {
+                    for t in 0..T {
+                        f[rb][t] = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[rb][t]), dv[rb]);
+                    }
+                }
+                if !Q6 {
+                    let mut macc = [[_mm512_setzero_si512(); T]; RB];
+                    for p in 128..132 {
+                        dots(&mut macc, p);
+                    }
+                    let dm: [__m512; RB] = std::array::from_fn(|rb| _mm512_load_ps(w.add((np + 1) * RB + rb).cast()));
+                    for rb in 0..RB {
+                        for t in 0..T {
+                            f[rb][t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(macc[rb][t]), dm[rb], f[rb][t]);
+                        }
+                    }
+                }
+                for t in 0..T {
+                    let da = _mm512_set1_ps(*k.ascale.add(t * k.nsb + sb));
+                    for rb in 0..RB {
+                        accf[rb][t] = _mm512_fmadd_ps(f[rb][t], da, accf[rb][t]);
+                    }
+                }
+            }
+        }
+        for (rb, accs) in accf.iter().enumerate() {
+            for (t, &v) in accs.iter().enumerate() {
+                let mut lanes = [0f32; 16];
+                // SAFETY: `lanes` has 16 f32.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+                for (i, &x) in lanes.iter().enumerate().take(k.rows.saturating_sub(16 * rb)) {
+                    // SAFETY: row 16 rb + i < rows, token t0 + t: in the caller's band.
+                    unsafe { k.out.write(k.t0 + t, 16 * rb + i, x) };
+                }
+            }
+        }
+    }
+}
+
+/// The kernels for AVX2 + FMA + F16C: the decode scheme, 256 bits wide, for every
+/// token count (rows in fours, each group against every token while its weights are
+/// in L1).
+mod x256 {
+    use super::*;
+
+    /// # Safety
+    /// As [`super::gemm`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemm<const Q6: bool>(k: &Problem) {
+        let row_bytes = k.row_bytes(Q6);
+        let act_bytes = k.nsb * Q8K_BYTES;
+        let w = k.weights.as_ptr();
+        let mut r = 0;
+        while r < k.n_rows {
+            let n = (k.n_rows - r).min(DECODE_ROWS);
+            for t in 0..k.n_tokens {
+                let a = k.acts[t * act_bytes..][..act_bytes].as_ptr();
+                // SAFETY: rows r..r + n exist; `a` is one whole activation row; (t, r..r
+                // + n) is in the caller's band.
+                unsafe {
+                    if n == DECODE_ROWS {
+                        let v = rows::<Q6, DECODE_ROWS>(w.add(r * row_bytes), row_bytes, k.nsb, a);
+                        for (i, &x) in v.iter().enumerate() {
+                            k.out.write(t, r + i, x);
+                        }
+                    } else {
+                        for i in r..r + n {
+                            let [x] = rows::<Q6, 1>(w.add(i * row_bytes), row_bytes, k.nsb, a);
+                            k.out.write(t, i, x);
+                        }
+                    }
+                }
+            }
+            r += n;
+        }
+    }
+
+    /// The dots of `R` consecutive weight rows (at `w`, `row_bytes` apart) with one
+    /// activation row `a`; each 32 weight bytes hold one 32-element chunk per nibble,
+    /// so the activations are used as stored.
+    ///
+    /// # Safety
+    /// `R` rows of `nsb` blocks at `w`, `nsb` Q8_K blocks at `a`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows<const Q6: bool, const R: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        nsb: usize,
+        a: *const u8,
+    ) -> [f32; R] {
+        let mut accf = [_mm256_setzero_ps(); R];
+        let mut accm = [_mm_setzero_ps(); R];
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x30);
+        for sb in 0..nsb {
+            // SAFETY: block sb of the activation row and of each of the R weight rows.
+            unsafe {
+                let ab = a.add(sb * Q8K_BYTES);
+                let da = _mm_set1_ps(rd_f32(ab));
+                let q = ab.add(4);
+                let bsums = _mm256_loadu_si256(ab.add(BSUMS).cast());
+                if Q6 {
+                    for (i, f) in accf.iter_mut().enumerate() {
+                        let wb = w.add(i * row_bytes + sb * Q6K_BYTES);
+                        let sc = _mm_loadu_si128(wb.add(192).cast());
+                        let scb = _mm256_broadcastsi128_si256(sc);
+                        let mut acc = _mm256_setzero_si256();
+                        for h in 0..2 {
+                            let qa = _mm256_loadu_si256(wb.add(64 * h).cast());
+                            let qb = _mm256_loadu_si256(wb.add(64 * h + 32).cast());
+                            let qh = _mm256_loadu_si256(wb.add(128 + 32 * h).cast());
+                            let v = [
+                                _mm256_or_si256(
+                                    _mm256_and_si256(qa, m4),
+                                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(qb, m4),
+                                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(qa), m4),
+                                    _mm256_and_si256(qh, m2),
+                                ),
+                                _mm256_or_si256(
+                                    _mm256_and_si256(_mm256_srli_epi16::<4>(qb), m4),
+                                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+                                ),
+                            ];
+                            for (j, &vj) in v.iter().enumerate() {
+                                let c = 4 * h + j;
+                                let p = _mm256_maddubs_epi16(vj, _mm256_loadu_si256(q.add(32 * c).cast()));
+                                // Scales 2c (low lane) and 2c + 1 (high lane) in every
+                                // word: shuffled into the high byte, shifted down signed.
+                                let ctl = |s: usize| _mm_set1_epi16(((s as i16) << 8) | 0x80);
+                                let ctl = _mm256_set_m128i(ctl(2 * c + 1), ctl(2 * c));
+                                let s = _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(scb, ctl));
+                                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, s));
+                            }
+                        }
+                        // The stored quants are q + 32: subtract 32 · Σ scale · bsum.
+                        let offs = _mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), bsums);
+                        acc = _mm256_sub_epi32(acc, _mm256_slli_epi32::<5>(offs));
+                        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.add(208).cast::<u16>().read_unaligned() as i32));
+                        let dd = _mm256_broadcastss_ps(_mm_mul_ps(d, da));
+                        *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), dd, *f);
+                    }
+                } else {
+                    let s2 = _mm256_madd_epi16(bsums, _mm256_set1_epi16(1));
+                    // Sums of the activations per 32, as words.
+                    let bs2 = _mm_packs_epi32(_mm256_castsi256_si128(s2), _mm256_extracti128_si256::<1>(s2));
+                    for (i, (f, m)) in accf.iter_mut().zip(accm.iter_mut()).enumerate() {
+                        let wb = w.add(i * row_bytes + sb * Q4K_BYTES);
+                        let (sc, mn) = q4k_scales_mins(wb.add(4));
+                        let scb = _mm256_set1_epi64x(sc as i64);
+                        // Scale j zero-extended into every word.
+                        let scale = |j: i16| _mm256_shuffle_epi8(scb, _mm256_set1_epi16(j | -0x8000));
+                        let mut acc = _mm256_setzero_si256();
+                        for c in 0..4 {
+                            let x = _mm256_loadu_si256(wb.add(16 + 32 * c).cast());
+                            let lo = _mm256_and_si256(x, m4);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), m4);
+                            let plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q.add(64 * c).cast()));
+                            let phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(q.add(64 * c + 32).cast()));
+                            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(plo, scale(2 * c as i16)));
+                            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(phi, scale(2 * c as i16 + 1)));
+                        }
+                        let mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)), bs2);
+                        // [d, dmin] · d_a.
+                        let dd = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(rd_u32(wb) as i32)), da);
+                        *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_broadcastss_ps(dd), *f);
+                        *m = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_permute_ps::<0x55>(dd), *m);
+                    }
+                }
+            }
+        }
+        let mut res = [0f32; R];
+        for (o, (f, m)) in res.iter_mut().zip(accf.iter().zip(&accm)) {
+            let s = _mm_add_ps(_mm256_castps256_ps128(*f), _mm256_extractf128_ps::<1>(*f));
+            let s = _mm_sub_ps(s, *m);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            *o = _mm_cvtss_f32(s);
+        }
+        res
+    }
 }

@@ -135,7 +135,9 @@ pub fn gemm_at(
     n_tokens: usize,
     out: OutMatrix,
 ) {
-    let row_bytes = ty.row_bytes(cols).expect("gemm: cols is a whole number of weight blocks");
+    let row_bytes = ty
+        .row_bytes(cols)
+        .expect("gemm: cols is a whole number of weight blocks");
     let act_bytes = qdot::activation_format(ty)
         .row_bytes(cols)
         .expect("gemm: cols is a whole number of activation blocks");

@@ -1,0 +1,112 @@
+//! Attention on one thread, the scalar reference path (the [`ops`] kernels per query and
+//! head, as before work items) against the SIMD kernels, for prefill and decode shapes of
+//! Gemma 3 1B and SmolLM2:
+//! `cargo run --release -p kiln-kernels --example attention_bench [-- NAME-SUBSTRING...]`.
+//!
+//! GFLOP/s count 4 · head_dim flops per visible (query, key) pair and head; GB/s count
+//! the keys and values visible to the first query, read once (f32): the bound for decode.
+
+use std::time::Instant;
+
+use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, AttnPrecision};
+use kiln_kernels::gemm::{simd_level, OutMatrix, SimdLevel};
+
+fn main() {
+    let wanted: Vec<String> = std::env::args().skip(1).collect();
+    println!("SIMD level: {:?}", simd_level());
+    let gemma = |n_tokens, start_pos| AttnGeometry {
+        n_tokens,
+        start_pos,
+        n_head: 4,
+        n_kv_head: 1,
+        head_dim: 256,
+        kv_stride: 256,
+        scale: 1.0 / 16.0,
+        window: Some(512),
+        precision: AttnPrecision::Ggml,
+    };
+    let smol = |n_tokens, start_pos| AttnGeometry {
+        n_tokens,
+        start_pos,
+        n_head: 9,
+        n_kv_head: 3,
+        head_dim: 64,
+        kv_stride: 3 * 64,
+        scale: 1.0 / 8.0,
+        window: None,
+        precision: AttnPrecision::Ggml,
+    };
+    let shapes = [
+        ("gemma3  prefill 512", gemma(512, 0)),
+        ("smollm2 prefill 512", smol(512, 0)),
+        ("gemma3  decode  ctx 512", gemma(1, 511)),
+        ("gemma3  decode  ctx 4096", gemma(1, 4095)),
+        // Gemma 3's global layers (one in six) have no window.
+        (
+            "gemma3  decode  ctx 4096 global",
+            AttnGeometry {
+                window: None,
+                ..gemma(1, 4095)
+            },
+        ),
+        ("smollm2 decode  ctx 512", smol(1, 511)),
+        ("smollm2 decode  ctx 4096", smol(1, 4095)),
+    ];
+    for (name, g) in shapes {
+        if !wanted.is_empty() && !wanted.iter().any(|w| name.contains(w.as_str())) {
+            continue;
+        }
+        let rows = g.start_pos + g.n_tokens;
+        let d = g.head_dim;
+        let fill = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| half::f16::from_f32(((i * k % 1009) as f32 / 1009.0 - 0.5) * 2.0).to_f32())
+                .collect()
+        };
+        let q = fill(g.n_tokens * g.n_head * d, 7);
+        let (keys, values) = (fill(rows * g.kv_stride, 13), fill(rows * g.kv_stride, 17));
+        let mut out = vec![0f32; g.n_tokens * g.n_head * d];
+        let pairs: usize = (0..g.n_tokens)
+            .map(|t| {
+                let pos = g.start_pos + t;
+                pos + 1 - g.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+            })
+            .sum();
+        let flops = (4 * d * pairs * g.n_head) as f64;
+        let first_row = g.window.map_or(0, |w| (g.start_pos + 1).saturating_sub(w));
+        let bytes = (2 * (rows - first_row) * g.n_kv_head * d * 4) as f64;
+        let mut time = |level: SimdLevel| -> f64 {
+            // SAFETY: out holds n_tokens rows of n_head × head_dim; items run one at a time.
+            let o = unsafe { OutMatrix::new(out.as_mut_ptr(), g.n_head * d) };
+            let run = || {
+                for item in 0..work_items(&g) {
+                    run_item_at(level, &g, &q, &keys, &values, item, o);
+                }
+            };
+            run();
+            // The best of several batches of ~0.1 s: the machine is shared and noisy.
+            let reps = ((0.1 / (flops * 1e-9)).max(1.0) as usize).min(10_000);
+            (0..5)
+                .map(|_| {
+                    let start = Instant::now();
+                    for _ in 0..reps {
+                        run();
+                    }
+                    start.elapsed().as_secs_f64() / reps as f64
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let old = time(SimdLevel::Scalar);
+        let new = time(simd_level());
+        println!(
+            "{name:26} old {:9.1} µs {:6.2} GFLOP/s {:6.1} GB/s | new {:9.1} µs {:6.2} GFLOP/s {:6.1} GB/s | x{:.1}",
+            old * 1e6,
+            flops / old * 1e-9,
+            bytes / old * 1e-9,
+            new * 1e6,
+            flops / new * 1e-9,
+            bytes / new * 1e-9,
+            old / new
+        );
+    }
+}
