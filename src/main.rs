@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use kiln::{registry, Engine, EngineOptions, GenerateOptions, Sampling, SessionOptions};
 
 #[derive(Parser)]
@@ -51,10 +51,45 @@ enum Command {
         #[arg(short, long)]
         threads: Option<usize>,
     },
+    /// Measure prefill (ppN) and decode (tgN) speed as llama-bench does; prints its table or JSON.
+    Bench {
+        #[arg(short, long)]
+        model: String,
+        /// Prompt lengths to prefill, comma-separated; 0 skips.
+        #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
+        n_prompt: Vec<usize>,
+        /// Numbers of single-token decode steps, comma-separated; 0 skips.
+        #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
+        n_gen: Vec<usize>,
+        /// Timed runs of each test (after one warm-up run).
+        #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+        repetitions: usize,
+        #[arg(short, long)]
+        threads: Option<usize>,
+        /// cpu, gpu or auto (kiln has no GPU backend yet: auto is the CPU).
+        #[arg(long, default_value = "auto")]
+        backend: kiln_bench::Backend,
+        /// Most tokens per forward pass (default: the engine's).
+        #[arg(short = 'b', long = "batch-size")]
+        batch: Option<usize>,
+        /// Prompt length of the time-to-first-token measurement; 0 skips it.
+        #[arg(long, default_value_t = 512)]
+        ttft: usize,
+        #[arg(short, long, value_enum, default_value_t = Output::Md)]
+        output: Output,
+    },
     /// Fetch a known model into the cache.
     Pull { name: String },
     /// List the models in the cache and those kiln can pull.
     Models,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    /// llama-bench's markdown table, then kiln's extras.
+    Md,
+    /// llama-bench's JSON rows, with kiln's extras as extra fields.
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -148,6 +183,36 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             eprintln!(
                 "{} chunks of {} tokens, {} tokens scored",
                 report.n_chunks, report.n_ctx, report.scored
+            );
+        }
+        Command::Bench {
+            model,
+            n_prompt,
+            n_gen,
+            repetitions,
+            threads,
+            backend,
+            batch,
+            ttft,
+            output,
+        } => {
+            let options = kiln_bench::Options {
+                n_prompt,
+                n_gen,
+                repetitions,
+                threads,
+                backend,
+                batch,
+                ttft_prompt: ttft,
+            };
+            let engine = load(&model, options.engine_options()?)?;
+            let report = kiln_bench::run(&engine, &model, &options)?;
+            print!(
+                "{}",
+                match output {
+                    Output::Md => report.markdown(),
+                    Output::Json => report.json(),
+                }
             );
         }
         Command::Pull { name } => {

@@ -1,4 +1,4 @@
-//! The `kiln` command line as a user runs it: pull, models, generate, perplexity.
+//! The `kiln` command line as a user runs it: pull, models, generate, perplexity, bench.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -94,4 +94,40 @@ fn generate_prints_only_the_generated_text() {
         "7",
     ];
     assert_eq!(kiln(&sampled, None).stdout, kiln(&sampled, None).stdout);
+}
+
+#[test]
+fn bench_prints_llama_bench_json_rows() {
+    let model = registry::cached_path("smollm2-135m-instruct");
+    assert!(model.exists(), "run `kiln pull smollm2-135m-instruct`");
+    // A short time-to-first-token prompt: the default 512 tokens would dominate the test's time.
+    let model_arg = model.to_str().unwrap();
+    let args = [
+        "bench", "-m", model_arg, "-p", "8", "-n", "4", "-r", "1", "--ttft", "8", "-o", "json",
+    ];
+    let out = kiln(&args, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let tests: Vec<_> = rows
+        .iter()
+        .map(|r| (r["n_prompt"].as_u64(), r["n_gen"].as_u64()))
+        .collect();
+    assert_eq!(tests, [(Some(8), Some(0)), (Some(0), Some(4))]);
+    for row in &rows {
+        assert!(row["avg_ts"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["samples_ns"].as_array().unwrap().len(), 1, "{row}");
+        assert_eq!(row["samples_ts"].as_array().unwrap().len(), 1, "{row}");
+        assert_eq!(row["model_filename"], model.to_str().unwrap());
+        for extra in ["load_ns", "ttft_avg_ns", "peak_rss_bytes"] {
+            assert!(row[extra].as_u64().unwrap() > 0, "{extra}: {row}");
+        }
+    }
+}
+
+#[test]
+fn bench_on_gpu_is_a_clear_error() {
+    let out = kiln(&["bench", "-m", "smollm2-135m-instruct", "--backend", "gpu"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no GPU backend"), "{err}");
 }

@@ -120,17 +120,8 @@ impl Session {
             return Err(EngineError::InvalidOption("the prompt is empty".into()));
         }
         // One position stays free for the first generated token.
-        let needed = self.tokens.len() + prompt.len() + 1;
-        if needed > n_ctx {
-            return Err(EngineError::ContextOverflow { needed, n_ctx });
-        }
-        let vocab = self.logits.len();
-        if let Some(bad) = prompt.iter().find(|t| **t as usize >= vocab) {
-            return Err(EngineError::InvalidOption(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
-        self.feed(prompt);
+        self.check(prompt, 1)?;
+        self.run(prompt);
         let prefill = started.elapsed();
 
         let decode_started = Instant::now();
@@ -160,7 +151,7 @@ impl Session {
                 break;
             }
             if generated.len() < options.max_tokens {
-                self.feed(&[token]);
+                self.run(&[token]);
             } else {
                 // In the context, but run only when the session continues.
                 self.tokens.push(token);
@@ -183,9 +174,38 @@ impl Session {
         })
     }
 
+    /// Appends `tokens` to the context and runs them through the model, with no
+    /// tokenization or sampling, returning the last token's logits (`vocab` floats). For
+    /// tools that drive the forward pass directly, such as benchmarks; `generate` is this
+    /// plus tokenization, sampling and stopping.
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidOption("no tokens to feed".into()));
+        }
+        self.check(tokens, 0)?;
+        self.run(tokens);
+        Ok(&self.logits)
+    }
+
+    /// Checks that `tokens` are in the vocabulary and fit the context with `spare`
+    /// positions left over.
+    fn check(&self, tokens: &[u32], spare: usize) -> Result<()> {
+        let (needed, n_ctx) = (self.tokens.len() + tokens.len() + spare, self.engine.n_ctx());
+        if needed > n_ctx {
+            return Err(EngineError::ContextOverflow { needed, n_ctx });
+        }
+        let vocab = self.logits.len();
+        match tokens.iter().find(|t| **t as usize >= vocab) {
+            Some(bad) => Err(EngineError::InvalidOption(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Appends tokens to the context and runs every token not yet run, leaving the last
-    /// one's logits in `self.logits`.
-    fn feed(&mut self, new: &[u32]) {
+    /// one's logits in `self.logits`. The caller has checked the tokens.
+    fn run(&mut self, new: &[u32]) {
         self.tokens.extend_from_slice(new);
         let cache = self.cache.as_mut().expect("a live session has a cache");
         let model = self.engine.shared.model.as_ref();
