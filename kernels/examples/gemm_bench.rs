@@ -1,6 +1,9 @@
 //! Throughput of the matrix kernels on one thread, per weight type, for a decode shape
 //! (one token) and a prefill shape (many tokens):
 //! `cargo run --release -p kiln-kernels --example gemm_bench [-- TYPE...]`.
+//!
+//! With `--dram`, decode only, over a 256 MiB matrix (far beyond the caches) on two
+//! threads, each taking half the rows: the memory-bound case of real models' decode.
 
 use std::time::Instant;
 
@@ -9,7 +12,9 @@ use kiln_kernels::qdot::{activation_format, quantize_activations};
 use kiln_kernels::GgmlType;
 
 fn main() {
-    let wanted: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dram = args.iter().any(|a| a == "--dram");
+    let wanted: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     println!("SIMD level: {:?}", simd_level());
     for ty in [
         GgmlType::Q4_0,
@@ -24,7 +29,13 @@ fn main() {
         }
         // Decode: a 2048 × 1024 matrix (a few MiB, L2/L3) and one token; prefill: 256
         // rows × 1024 cols against 512 tokens.
-        for (rows, cols, tokens) in [(2048, 1024, 1), (256, 1024, 512)] {
+        let shapes: Vec<(usize, usize, usize)> = if dram {
+            let cols = if ty.block_size() == 256 { 1024 } else { 896 };
+            vec![((256 << 20) / ty.row_bytes(cols).unwrap(), cols, 1)]
+        } else {
+            vec![(2048, 1024, 1), (256, 1024, 512)]
+        };
+        for (rows, cols, tokens) in shapes {
             let rb = ty.row_bytes(cols).unwrap();
             let weights: Vec<u8> = (0..rows * rb).map(|i| ((i * 2654435761usize) >> 7) as u8).collect();
             let mut weights = weights;
@@ -43,10 +54,18 @@ fn main() {
                 acts.extend_from_slice(&one);
             }
             let mut out = vec![0f32; rows * tokens];
+            let threads = if dram { 2 } else { 1 };
             let run = |out: &mut Vec<f32>| {
-                // SAFETY: out holds tokens × rows, one writer.
+                // SAFETY: out holds tokens × rows; each thread writes its own rows.
                 let o = unsafe { OutMatrix::new(out.as_mut_ptr(), rows) };
-                gemm(ty, &weights, rows, cols, &acts, tokens, o);
+                let per = rows.div_ceil(threads);
+                std::thread::scope(|s| {
+                    for i in 0..threads {
+                        let (r0, r1) = (i * per, rows.min((i + 1) * per));
+                        let (w, acts) = (&weights[r0 * rb..r1 * rb], &acts);
+                        s.spawn(move || gemm(ty, w, r1 - r0, cols, acts, tokens, o.offset_cols(r0)));
+                    }
+                });
             };
             run(&mut out);
             let reps = (2e9 / (rows * cols * tokens) as f64).clamp(3.0, 2000.0) as usize;

@@ -1,6 +1,14 @@
-//! Tokenizers: a [`tokenizers::Tokenizer`] built from a GGUF file's `tokenizer.ggml.*`
-//! metadata (so a GGUF model needs no side files), or loaded from a Hugging Face
-//! `tokenizer.json`.
+//! Tokenizers for a GGUF file's `tokenizer.ggml.*` metadata (so a GGUF model needs no
+//! side files), or loaded from a Hugging Face `tokenizer.json`.
+//!
+//! A GGUF vocabulary is encoded by kiln's own BPE ([`GgufEncoder`]), which needs only a
+//! text-to-id index and, for merge-list vocabularies, a pair-to-rank map: building a
+//! Hugging Face BPE model instead (and, for SentencePiece, a merge list of every split
+//! of every piece) took seconds for a 262k-token vocabulary and dominated model load.
+//! Its results are by construction those of the [`tokenizers::Tokenizer`] that
+//! [`TokenizerInfo::tokenizer`] gives, which is built from the same vocabulary on first
+//! use (tests compare the two; Hugging Face tokenizers also writes it as
+//! `tokenizer.json`).
 //!
 //! GGUF vocabulary kinds, mirroring llama.cpp:
 //!
@@ -13,9 +21,10 @@
 //!   `▁` is prepended to every piece of text when `add_space_prefix` (the default; Gemma
 //!   turns it off), the adjacent pair whose union has the highest score merges first, and
 //!   characters outside the vocabulary fall back to `<0xNN>` byte pieces. Merging by
-//!   score is expressed as a BPE merge list: every split of a piece into two pieces of
-//!   the vocabulary is a merge, ranked by the piece's score (as Hugging Face's
-//!   SentencePiece converters do).
+//!   score is BPE whose merges are every split of a piece into two pieces of the
+//!   vocabulary, ranked by the piece's score (as Hugging Face's SentencePiece converters
+//!   make the merge list; kiln ranks a pair when it meets it, by looking up the joined
+//!   text).
 //! * `gemma4`: BPE with merges over SentencePiece-style text (spaces as `▁`, merges within
 //!   a line, `<0xNN>` byte fallback).
 //!
@@ -38,8 +47,12 @@
 //! of a UTF-8 sequence (byte-level BPE bytes, `<0xNN>` pieces), which streaming output
 //! needs.
 
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::fuse::Fuse;
@@ -183,8 +196,10 @@ impl GgufVocab {
 /// A tokenizer with what generation needs to know about it.
 #[derive(Clone)]
 pub struct TokenizerInfo {
-    /// Encodes with special tokens in the text parsed as single tokens; adds no BOS.
-    pub tokenizer: Tokenizer,
+    /// The Hugging Face tokenizer: encodes with special tokens in the text parsed as
+    /// single tokens; adds no BOS. For a GGUF vocabulary it is built on first use and
+    /// encodes as [`TokenizerInfo::encode`] does.
+    pub tokenizer: HfTokenizer,
     pub bos: Option<u32>,
     /// Every end-of-generation id (eos, eot, eom, and the tokens llama.cpp marks as EOG,
     /// such as `<|im_end|>` or `<end_of_turn>`); the model's own eos first, the rest
@@ -199,7 +214,81 @@ pub struct TokenizerInfo {
     /// drops the first token's leading space.
     pub add_space_prefix: bool,
     /// Exact bytes of each token id (special tokens as their text).
-    pieces: Vec<Vec<u8>>,
+    pieces: Pieces,
+    /// kiln's encoder of a GGUF vocabulary; `None` for a `tokenizer.json`, which
+    /// [`TokenizerInfo::tokenizer`] encodes.
+    encoder: Option<Arc<GgufEncoder>>,
+}
+
+/// A [`TokenizerInfo`]'s Hugging Face [`Tokenizer`], used through `Deref`/`DerefMut`.
+/// One for a GGUF vocabulary is built from it when first dereferenced: kiln encodes
+/// GGUF vocabularies itself and would otherwise pay for building a BPE model at load.
+#[derive(Clone)]
+pub struct HfTokenizer {
+    tokenizer: OnceLock<Tokenizer>,
+    /// What to build the tokenizer from when it is not there yet.
+    source: Option<Arc<GgufEncoder>>,
+}
+
+impl HfTokenizer {
+    fn ready(tokenizer: Tokenizer) -> HfTokenizer {
+        HfTokenizer {
+            tokenizer: OnceLock::from(tokenizer),
+            source: None,
+        }
+    }
+}
+
+impl Deref for HfTokenizer {
+    type Target = Tokenizer;
+    fn deref(&self) -> &Tokenizer {
+        self.tokenizer.get_or_init(|| {
+            self.source
+                .as_ref()
+                .expect("an HfTokenizer without a tokenizer has a source")
+                .hf_tokenizer()
+        })
+    }
+}
+
+impl DerefMut for HfTokenizer {
+    fn deref_mut(&mut self) -> &mut Tokenizer {
+        self.deref();
+        self.tokenizer.get_mut().expect("deref built the tokenizer")
+    }
+}
+
+/// The bytes of every token, in one buffer (a vocabulary has up to hundreds of
+/// thousands of tokens; one allocation each was a measurable part of load).
+#[derive(Clone, Default)]
+struct Pieces {
+    bytes: Vec<u8>,
+    /// Where each token's bytes end in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Pieces {
+    fn with_capacity(n: usize) -> Pieces {
+        Pieces {
+            bytes: Vec::with_capacity(n * 8),
+            ends: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, piece: &[u8]) {
+        self.bytes.extend_from_slice(piece);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn get(&self, id: usize) -> Option<&[u8]> {
+        let end = *self.ends.get(id)?;
+        let start = if id == 0 { 0 } else { self.ends[id - 1] };
+        Some(&self.bytes[start..end])
+    }
 }
 
 impl std::fmt::Debug for TokenizerInfo {
@@ -223,15 +312,23 @@ impl TokenizerInfo {
 
     /// Encodes text, special tokens in it included, without BOS.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        Ok(self.tokenizer.encode_fast(text, false)?.get_ids().to_vec())
+        match &self.encoder {
+            Some(e) => e.encode(text, true),
+            None => Ok(self.tokenizer.encode_fast(text, false)?.get_ids().to_vec()),
+        }
     }
 
     /// Encodes text whose special-token spellings are plain text (llama.cpp's
     /// `parse_special = false`, as llama-perplexity tokenizes), without BOS.
     pub fn encode_literal(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let mut literal = self.tokenizer.clone();
-        literal.set_encode_special_tokens(true);
-        Ok(literal.encode_fast(text, false)?.get_ids().to_vec())
+        match &self.encoder {
+            Some(e) => e.encode(text, false),
+            None => {
+                let mut literal = (*self.tokenizer).clone();
+                literal.set_encode_special_tokens(true);
+                Ok(literal.encode_fast(text, false)?.get_ids().to_vec())
+            }
+        }
     }
 
     /// Encodes a prompt: BOS first when the model wants it, then [`TokenizerInfo::encode`].
@@ -252,7 +349,7 @@ impl TokenizerInfo {
     /// The exact bytes a token stands for (a special token's text); empty for an
     /// unknown id or an unused token.
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.pieces.get(id as usize).map_or(&[][..], |p| &p[..])
+        self.pieces.get(id as usize).unwrap_or_default()
     }
 
     /// The bytes of a token sequence: the tokens' bytes joined, less the prefix space
@@ -342,14 +439,14 @@ struct EogSpec<'a> {
     fim_pad: Option<u32>,
     fim_rep: Option<u32>,
     fim_sep: Option<u32>,
-    /// (id, text) of the tokens to look at by text.
-    by_text: &'a HashMap<&'a str, u32>,
+    /// The id of a token text.
+    by_text: &'a dyn Fn(&str) -> Option<u32>,
 }
 
 fn eog_ids(spec: &EogSpec<'_>, attrs: &mut [u8]) -> Vec<u32> {
     let n = attrs.len() as u32;
     let in_range = |id: Option<u32>| id.filter(|&i| i < n);
-    let find = |texts: &[&str]| texts.iter().find_map(|t| spec.by_text.get(t).copied());
+    let find = |texts: &[&str]| texts.iter().find_map(|t| (spec.by_text)(t));
     let mut set = BTreeSet::new();
     for id in [
         in_range(spec.fim_pad).or_else(|| find(FIM_PAD_TEXTS)),
@@ -362,7 +459,7 @@ fn eog_ids(spec: &EogSpec<'_>, attrs: &mut [u8]) -> Vec<u32> {
         set.insert(id);
     }
     for t in EOG_TEXTS {
-        if let Some(&id) = spec.by_text.get(t) {
+        if let Some(id) = (spec.by_text)(t) {
             set.insert(id);
             attrs[id as usize] |= ATTR_CONTROL;
         }
@@ -375,8 +472,8 @@ fn eog_ids(spec: &EogSpec<'_>, attrs: &mut [u8]) -> Vec<u32> {
     }
     // `<|end|>` is not an end of generation next to `<|return|>` and `<|call|>`
     // (o200k_harmony) or `<|calls|>` and `<|flush|>` (solar-open).
-    let has = |set: &BTreeSet<u32>, t: &str| spec.by_text.get(t).is_some_and(|id| set.contains(id));
-    if let Some(&end) = spec.by_text.get("<|end|>") {
+    let has = |set: &BTreeSet<u32>, t: &str| (spec.by_text)(t).is_some_and(|id| set.contains(&id));
+    if let Some(end) = (spec.by_text)("<|end|>") {
         if set.contains(&end)
             && ((has(&set, "<|return|>") && has(&set, "<|call|>"))
                 || (has(&set, "<|calls|>") && has(&set, "<|flush|>")))
@@ -386,7 +483,7 @@ fn eog_ids(spec: &EogSpec<'_>, attrs: &mut [u8]) -> Vec<u32> {
         }
     }
     // `</s>` is an ordinary token next to `<|tool_response>` (gemma4) or `<|plamo:eos|>`.
-    if let Some(&s) = spec.by_text.get("</s>") {
+    if let Some(s) = (spec.by_text)("</s>") {
         if set.contains(&s) && (has(&set, "<|tool_response>") || has(&set, "<|plamo:eos|>")) {
             set.remove(&s);
             attrs[s as usize] = ATTR_NORMAL;
@@ -902,7 +999,7 @@ pub fn from_tokenizer_json(
             fim_pad: None,
             fim_rep: None,
             fim_sep: None,
-            by_text: &by_text,
+            by_text: &|t| by_text.get(t).copied(),
         },
         &mut attrs,
     );
@@ -953,9 +1050,9 @@ pub fn from_tokenizer_json(
     // Each token's bytes as the decoder makes them (added tokens included: Gemma's
     // tokenizer.json spells its whitespace-run tokens with `▁`).
     let table = byte_decoder();
-    let mut pieces = vec![Vec::new(); n];
+    let mut by_id = vec![Vec::new(); n];
     for (text, &id) in &vocab {
-        pieces[id as usize] = match style {
+        by_id[id as usize] = match style {
             PieceStyle::ByteLevel => byte_level_decode(text, &table),
             PieceStyle::SentencePiece => match byte_piece(text) {
                 Some(b) => vec![b],
@@ -964,15 +1061,20 @@ pub fn from_tokenizer_json(
             PieceStyle::Decoder => tokenizer.decode(&[id], false)?.into_bytes(),
         };
     }
+    let mut pieces = Pieces::with_capacity(n);
+    for p in &by_id {
+        pieces.push(p);
+    }
 
     Ok(TokenizerInfo {
-        tokenizer,
+        tokenizer: HfTokenizer::ready(tokenizer),
         bos,
         eos: eos_ids,
         add_bos,
         add_eos: add_eos && eos.is_some(),
         add_space_prefix,
         pieces,
+        encoder: None,
     })
 }
 
