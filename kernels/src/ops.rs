@@ -63,7 +63,36 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// RMS normalization of one row in place: `x = x / rms(x) * weight`, rounded as ggml
 /// rounds it (f32 squares summed in f64, then the scale, then the weight).
 pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
-    let mean_square = x.iter().map(|v| (v * v) as f64).sum::<f64>() / x.len() as f64;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { rms_norm_avx2(x, weight, eps) };
+        }
+    }
+    rms_norm_portable(x, weight, eps)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rms_norm_avx2(x: &mut [f32], weight: &[f32], eps: f32) {
+    rms_norm_portable(x, weight, eps)
+}
+
+#[inline(always)]
+fn rms_norm_portable(x: &mut [f32], weight: &[f32], eps: f32) {
+    // Squares in f32 (as ggml), summed in f64 over four lanes so the loop vectorizes;
+    // the f64 sum of a few thousand f32 squares rounds to the same f32 either way
+    // except in the rarest ties.
+    let mut lanes = [0f64; 4];
+    let chunks = x.chunks_exact(4);
+    let tail: f64 = chunks.remainder().iter().map(|v| (v * v) as f64).sum();
+    for c in chunks {
+        for l in 0..4 {
+            lanes[l] += (c[l] * c[l]) as f64;
+        }
+    }
+    let mean_square = (lanes.iter().sum::<f64>() + tail) / x.len() as f64;
     let inv = 1.0 / ((mean_square as f32) + eps).sqrt();
     for (v, w) in x.iter_mut().zip(weight) {
         *v = (*v * inv) * w;
@@ -83,16 +112,16 @@ pub enum RopeStyle {
 /// dimensions rotate.
 pub fn rope(head: &mut [f32], pos: u32, rope_dims: usize, theta: f32, style: RopeStyle) {
     let table: Vec<(f32, f32)> = (0..rope_dims / 2)
-        .map(|i| rope_angle(pos, i, rope_dims, theta).sin_cos())
+        .map(|i| (pos as f32 * rope_freq(i, rope_dims, theta)).sin_cos())
         .collect();
     rope_with(head, &table, style);
 }
 
-/// The angle by which pair `i` of a `rope_dims`-dimensional head turns at `pos`.
+/// The angular frequency of pair `i` of a `rope_dims`-dimensional head: at position
+/// `pos` the pair turns by `pos as f32 * rope_freq(..)`.
 #[inline]
-pub fn rope_angle(pos: u32, i: usize, rope_dims: usize, theta: f32) -> f32 {
-    let freq = 1.0 / theta.powf(2.0 * i as f32 / rope_dims as f32);
-    pos as f32 * freq
+pub fn rope_freq(i: usize, rope_dims: usize, theta: f32) -> f32 {
+    1.0 / theta.powf(2.0 * i as f32 / rope_dims as f32)
 }
 
 /// Rotates one head by precomputed `(sin, cos)` per pair (`table.len()` pairs rotate);
@@ -198,24 +227,68 @@ pub fn gelu_tanh_ggml(x: f32) -> f32 {
     } else if x >= 10.0 {
         x
     } else {
-        gelu_f16_table()[half::f16::from_f32(x).to_bits() as usize].to_f32()
+        gelu_f16_table()[half::f16::from_f32(x).to_bits() as usize]
     }
 }
 
-/// GELU-tanh of every f16 value, rounded to f16 (ggml's `table_gelu_f16`), built once.
-fn gelu_f16_table() -> &'static [half::f16] {
+/// GELU-tanh of every f16 value, rounded to f16 (ggml's `table_gelu_f16`) and held as
+/// f32, indexed by the input's f16 bits; built once.
+fn gelu_f16_table() -> &'static [f32] {
     use std::sync::OnceLock;
-    static TABLE: OnceLock<Vec<half::f16>> = OnceLock::new();
+    static TABLE: OnceLock<Vec<f32>> = OnceLock::new();
     TABLE.get_or_init(|| {
         (0..=u16::MAX)
             .map(|bits| {
                 let x = half::f16::from_bits(bits).to_f32();
                 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
                 const COEF_A: f32 = 0.044_715;
-                half::f16::from_f32(0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh()))
+                round_to_f16(0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh()))
             })
             .collect()
     })
+}
+
+/// `gate[i] = gelu_tanh_ggml(gate[i]) * up[i]`: GeGLU as llama.cpp computes it.
+pub fn geglu_ggml(gate: &mut [f32], up: &[f32]) {
+    let table = gelu_f16_table();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::gemm::simd_level() >= crate::gemm::SimdLevel::Avx512Vnni {
+            // SAFETY: the CPU supports AVX-512 F and F16C (detected by `simd_level`).
+            return unsafe { geglu_ggml_avx512(gate, up, table) };
+        }
+    }
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = gelu_tanh_ggml(*g) * u;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,avx2,fma")]
+unsafe fn geglu_ggml_avx512(gate: &mut [f32], up: &[f32], table: &[f32]) {
+    use std::arch::x86_64::*;
+    assert!(up.len() >= gate.len() && table.len() == 1 << 16);
+    let n = gate.len();
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 ≤ n for both slices; gather indices are f16 bit patterns
+        // (< 65536), inside the table.
+        unsafe {
+            let x = _mm512_loadu_ps(gate.as_ptr().add(i));
+            let bits = _mm512_cvtepu16_epi32(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+            let looked_up = _mm512_i32gather_ps::<4>(bits, table.as_ptr().cast());
+            // Beyond ±10 the table is bypassed: x itself above, 0 below.
+            let high = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(10.0));
+            let low = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, _mm512_set1_ps(-10.0));
+            let y = _mm512_mask_mov_ps(looked_up, high, x);
+            let y = _mm512_mask_mov_ps(y, low, _mm512_setzero_ps());
+            _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(y, _mm512_loadu_ps(up.as_ptr().add(i))));
+        }
+        i += 16;
+    }
+    for j in i..n {
+        gate[j] = gelu_tanh_ggml(gate[j]) * up[j];
+    }
 }
 
 /// Softmax in place, stable against large inputs.
@@ -421,6 +494,18 @@ mod tests {
         assert_eq!(exp_ggml(-200.0), 0.0);
         assert_eq!(exp_ggml(200.0), f32::INFINITY);
         assert_eq!(gelu_tanh_ggml(12.0), 12.0);
+    }
+
+    #[test]
+    fn vector_geglu_matches_scalar() {
+        let n = 1000;
+        let x: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) * 0.027).collect();
+        let up: Vec<f32> = (0..n).map(|i| 1.0 + i as f32 * 0.001).collect();
+        let mut gate = x.clone();
+        geglu_ggml(&mut gate, &up);
+        for i in 0..n {
+            assert_eq!(gate[i], gelu_tanh_ggml(x[i]) * up[i], "x = {}", x[i]);
+        }
     }
 
     #[test]

@@ -131,12 +131,78 @@ pub fn quantize_activations_into(format: ActFormat, x: &[f32], out: &mut [u8]) {
     );
     #[cfg(target_arch = "x86_64")]
     {
+        let blocks = matches!(format, ActFormat::Q8_0 | ActFormat::Q8_1 | ActFormat::Q8_K);
+        if blocks && crate::gemm::simd_level() >= crate::gemm::SimdLevel::Avx512Vnni {
+            // SAFETY: the CPU supports AVX-512 F/BW (detected by `simd_level`).
+            return unsafe { quantize_avx512(format, x, out) };
+        }
         if crate::ops::has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
             return unsafe { quantize_avx2(format, x, out) };
         }
     }
     quantize_portable(format, x, out)
+}
+
+/// The 8-bit block formats with AVX-512: the same arithmetic as the portable code (the
+/// conversion instruction rounds half to even, as `round_half_even` does), sixteen
+/// lanes at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn quantize_avx512(format: ActFormat, x: &[f32], out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let (bs, ts) = (format.block_size(), format.type_size());
+    for (xb, yb) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
+        let halves = bs / 16;
+        // SAFETY: xb holds `bs` floats, a multiple of 16.
+        let load = |h: usize| unsafe { _mm512_loadu_ps(xb.as_ptr().add(16 * h)) };
+        let mut amax = _mm512_setzero_ps();
+        for h in 0..halves {
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(load(h)));
+        }
+        let amax = _mm512_reduce_max_ps(amax);
+        match format {
+            ActFormat::Q8_0 | ActFormat::Q8_1 => {
+                let d = amax / 127.0;
+                let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+                let head = if format == ActFormat::Q8_0 { 2 } else { 4 };
+                let mut sum = 0i32;
+                for h in 0..halves {
+                    let q = _mm512_cvtps_epi32(_mm512_mul_ps(load(h), id));
+                    sum += _mm512_reduce_add_epi32(q);
+                    // SAFETY: 16 bytes at head + 16h lie within the block's quants.
+                    unsafe { _mm_storeu_si128(yb.as_mut_ptr().add(head + 16 * h).cast(), _mm512_cvtepi32_epi8(q)) };
+                }
+                yb[..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                if format == ActFormat::Q8_1 {
+                    // ggml: s = fp16(d * Σq) with the f32 d (before rounding to f16).
+                    yb[2..4].copy_from_slice(&f16::from_f32(d * sum as f32).to_le_bytes());
+                }
+            }
+            _ => {
+                if amax == 0.0 {
+                    yb.fill(0);
+                    continue;
+                }
+                // The signed value of largest magnitude, the first one on ties.
+                let first = xb.iter().position(|v| v.abs() == amax).expect("amax is some |x|");
+                let iscale = -127.0f32 / xb[first];
+                let scale = _mm512_set1_ps(iscale);
+                for h in 0..halves {
+                    let q = _mm512_min_epi32(
+                        _mm512_cvtps_epi32(_mm512_mul_ps(load(h), scale)),
+                        _mm512_set1_epi32(127),
+                    );
+                    let sum = _mm512_reduce_add_epi32(q) as i16;
+                    // SAFETY: 16 bytes at 4 + 16h lie within the block's quants.
+                    unsafe { _mm_storeu_si128(yb.as_mut_ptr().add(4 + 16 * h).cast(), _mm512_cvtepi32_epi8(q)) };
+                    let at = 4 + QK_K + 2 * h;
+                    yb[at..at + 2].copy_from_slice(&sum.to_le_bytes());
+                }
+                yb[..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+            }
+        }
+    }
 }
 
 /// [`quantize_portable`] compiled for AVX2: the same operations, vectorized.
@@ -721,6 +787,47 @@ mod tests {
         assert_eq!(round_half_even(-0.5), 0);
         assert_eq!(round_half_even(126.5), 126);
         assert_eq!(round_half_even(-127.49999), -127);
+    }
+
+    /// The AVX-512 quantizer writes the same bytes as the portable one, ties, zero
+    /// blocks, repeated maxima of either sign and the Q8_K clamp included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_quantizer_matches_portable_bytes() {
+        if crate::gemm::simd_level() < crate::gemm::SimdLevel::Avx512Vnni {
+            return;
+        }
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..400 {
+            let n = 512;
+            let mut x: Vec<f32> = (0..n)
+                .map(|_| ((next() % 2001) as f32 - 1000.0) * 10f32.powi((next() % 5) as i32 - 3))
+                .collect();
+            match round % 4 {
+                0 => x[..256].fill(0.0),
+                1 => {
+                    // Equal magnitudes of both signs: the first one sets Q8_K's sign.
+                    x[7] = -5000.0;
+                    x[9] = 5000.0;
+                }
+                2 => x.iter_mut().for_each(|v| *v = v.round()), // exact ties at scale 1
+                _ => {}
+            }
+            for format in [ActFormat::Q8_0, ActFormat::Q8_1, ActFormat::Q8_K] {
+                let bytes = format.row_bytes(n).unwrap();
+                let (mut fast, mut plain) = (vec![0u8; bytes], vec![1u8; bytes]);
+                // SAFETY: the level check above.
+                unsafe { quantize_avx512(format, &x, &mut fast) };
+                quantize_portable(format, &x, &mut plain);
+                assert_eq!(fast, plain, "{format:?} round {round}");
+            }
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub struct CpuBackend {
     acts: Vec<u8>,
     /// (sin, cos) per position and rotated pair of the current rope call.
     rope_table: Vec<(f32, f32)>,
+    rope_freqs: Vec<f32>,
     weights: Vec<WeightSource>,
     /// Vectors (norm weights, biases) dequantized once at upload, by weight index.
     vectors: Vec<Option<Vec<f32>>>,
@@ -49,6 +50,7 @@ impl CpuBackend {
             numerics,
             acts: Vec::new(),
             rope_table: Vec::new(),
+            rope_freqs: Vec::new(),
             weights: Vec::new(),
             vectors: Vec::new(),
             buffers: Vec::new(),
@@ -326,10 +328,11 @@ impl Backend for CpuBackend {
     fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle) {
         // Every head of a position turns by the same angles: compute them once.
         let half = head_dim / 2;
+        self.rope_freqs.clear();
+        self.rope_freqs.extend((0..half).map(|i| ops::rope_freq(i, head_dim, theta)));
         self.rope_table.clear();
         for &pos in positions {
-            self.rope_table
-                .extend((0..half).map(|i| ops::rope_angle(pos, i, head_dim, theta).sin_cos()));
+            self.rope_table.extend(self.rope_freqs.iter().map(|f| (pos as f32 * f).sin_cos()));
         }
         let table = &self.rope_table;
         let row = n_heads * head_dim;
@@ -394,7 +397,7 @@ impl Backend for CpuBackend {
             let f = match (act, numerics) {
                 (Activation::Silu, Numerics::Quantized) => return ops::swiglu_ggml(g, u),
                 (Activation::Silu, Numerics::Reference) => ops::silu,
-                (Activation::GeluTanh, Numerics::Quantized) => ops::gelu_tanh_ggml,
+                (Activation::GeluTanh, Numerics::Quantized) => return ops::geglu_ggml(g, u),
                 (Activation::GeluTanh, Numerics::Reference) => ops::gelu_tanh,
             };
             for (g, u) in g.iter_mut().zip(u) {
