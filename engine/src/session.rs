@@ -88,7 +88,8 @@ impl Session {
             logits: vec![0.0; hyper.vocab],
             engine,
             cache: Some(cache),
-            tokens: Vec::new(),
+            // The context never outgrows n_ctx: one allocation, none while decoding.
+            tokens: Vec::with_capacity(n_ctx),
         }
     }
 

@@ -21,7 +21,8 @@
 //! The weights are repacked in row blocks sized for L2 (prefill) or L1 (few tokens); the
 //! token tile sweeps a whole row block while its activations stay in L1. At AVX-512 with
 //! at most `STREAM_MAX_TOKENS` tokens (decode), the weights skip the repacking: they are
-//! unpacked in registers straight from their blocks (`stream512`).
+//! unpacked in registers straight from their blocks (`stream512`), with software
+//! prefetch running `PREFETCH_AHEAD` bytes in front.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -44,6 +45,10 @@ const NT256: usize = 3;
 /// token tile passes over it) and for few tokens (kept in L1 right after repacking).
 const PREFILL_BLOCK_BYTES: usize = 192 << 10;
 const DECODE_BLOCK_BYTES: usize = 16 << 10;
+/// Decode prefetches the weights this many bytes ahead of the rows being multiplied.
+/// The hardware prefetchers stop at 4 KiB pages (model weights are a file mapping with
+/// 4 KiB pages), which leaves a DRAM stream waiting at each page boundary.
+const PREFETCH_AHEAD: usize = 8 << 10;
 
 /// A zero block, standing in for the missing second block of a row with an odd number
 /// of blocks: its values and scales are zero, so the pair's second half adds nothing.
@@ -115,23 +120,29 @@ impl Kind {
     }
 }
 
+/// Bytes per pair in a repacked row: its 64 values, then (weights) the 32-byte scale
+/// pattern twice (a whole zmm, so the AVX-512 tile reads it as a memory operand), or (activations) the 32-byte offset correction (i32
+/// lanes 0 and 4) and the 32-byte scale pattern. Keeping a pair's parts together lets a
+/// tile address every row and token from one base pointer each with a shared index.
+const PAIR: usize = 128;
+const W_DW: usize = 64;
+const A_NZ: usize = 64;
+const A_DA: usize = 96;
+
 /// Where things live in the repacked rows (all offsets multiples of 64).
 ///
-/// Weight row: `u` (np × 64 B) | `dw` patterns (np × 32 B) | `m` (nb16 f32, Q4_1) |
-/// signed bytes (np × 64 B, AVX2 Q8_0).
-/// Activation row: `a` (np × 64 B) | `nz` (np × 32 B: i32 lanes 0 and 4) | `da` patterns
-/// (np × 32 B) | `s` (nb16 f32, Q4_1) | `da` per block (nb16 f32, for the decode kernel).
+/// Weight row: pairs (np × `PAIR`) | `m` (nb16 f32, Q4_1) | signed bytes (np × 64 B,
+/// AVX2 Q8_0).
+/// Activation row: pairs (np × `PAIR`) | `s` (nb16 f32, Q4_1) | `da` per block (nb16
+/// f32, for the decode kernel).
 #[derive(Clone, Copy)]
 struct Geo {
     nb: usize,
     np: usize,
     nb16: usize,
-    w_dw: usize,
     w_m: usize,
     w_sg: usize,
     w_stride: usize,
-    a_nz: usize,
-    a_da: usize,
     a_s: usize,
     a_db: usize,
     a_stride: usize,
@@ -142,27 +153,20 @@ impl Geo {
         let nb = cols / 32;
         let np = nb.div_ceil(2);
         let nb16 = nb.div_ceil(16) * 16;
-        let half = (np * 32).div_ceil(64) * 64;
         let mins = if k.min { nb16 * 4 } else { 0 };
-        let w_dw = np * 64;
-        let w_m = w_dw + half;
+        let w_m = np * PAIR;
         let w_sg = w_m + mins;
         let w_stride = w_sg + if k.signed { np * 64 } else { 0 };
-        let a_nz = np * 64;
-        let a_da = a_nz + half;
-        let a_s = a_da + half;
+        let a_s = np * PAIR;
         let a_db = a_s + mins;
         let a_stride = a_db + nb16 * 4;
         Geo {
             nb,
             np,
             nb16,
-            w_dw,
             w_m,
             w_sg,
             w_stride,
-            a_nz,
-            a_da,
             a_s,
             a_db,
             a_stride,
@@ -206,7 +210,7 @@ pub(super) unsafe fn gemm(
         return true;
     }
     let g = Geo::new(&k, cols);
-    if avx512 && n_tokens <= STREAM_MAX_TOKENS {
+    if avx512 && n_tokens <= STREAM_MAX_TOKENS && is_x86_feature_detected!("bmi2") {
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             let a = lines(&mut s.acts, n_tokens * g.a_stride);
@@ -217,7 +221,17 @@ pub(super) unsafe fn gemm(
             let (f4, f1) = pick_stream(ty, n_tokens);
             let row_bytes = g.nb * k.wb;
             let mut r = 0;
+            let end = weights.as_ptr_range().end;
             while r < n_rows {
+                // The 4 rows about to be multiplied, PREFETCH_AHEAD further on.
+                let base = weights.as_ptr().wrapping_add(r * row_bytes + PREFETCH_AHEAD);
+                let stop = base.wrapping_add(4 * row_bytes).min(end);
+                let mut p = base;
+                while p < stop {
+                    // SAFETY: a prefetch only hints the cache, and p is inside `weights`.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+                    p = p.wrapping_add(64);
+                }
                 let f = if n_rows - r >= 4 { f4 } else { f1 };
                 // SAFETY: rows r.. are in `weights` (f4 only runs with 4 rows left), the
                 // tokens are repacked at `a`, the outputs are the caller's; AVX-512 VNNI.
@@ -411,7 +425,7 @@ unsafe fn prep_weights(k: &Kind, g: &Geo, src: *const u8, dst: *mut u8) {
                     }
                 }
             };
-            let u = dst.add(64 * j);
+            let u = dst.add(PAIR * j);
             if k.signed {
                 let sg = dst.add(g.w_sg + 64 * j);
                 _mm256_storeu_si256(sg.cast(), lo);
@@ -423,7 +437,9 @@ unsafe fn prep_weights(k: &Kind, g: &Geo, src: *const u8, dst: *mut u8) {
                 _mm256_storeu_si256(u.cast(), _mm256_xor_si256(lo, flip));
                 _mm256_storeu_si256(u.add(32).cast(), _mm256_xor_si256(hi, flip));
             }
-            _mm256_storeu_ps(dst.add(g.w_dw + 32 * j).cast(), scale_pair(rd_u16(p0), rd_u16(p1)));
+            let dw = scale_pair(rd_u16(p0), rd_u16(p1));
+            _mm256_storeu_ps(dst.add(PAIR * j + W_DW).cast(), dw);
+            _mm256_storeu_ps(dst.add(PAIR * j + W_DW + 32).cast(), dw);
             if k.min {
                 let m = dst.add(g.w_m).cast::<f32>();
                 m.add(2 * j).write(half::f16::from_bits(rd_u16(p0.add(2))).to_f32());
@@ -458,8 +474,8 @@ unsafe fn prep_acts(k: &Kind, g: &Geo, src: *const u8, dst: *mut u8) {
             let (q0, q1) = (p0.add(k.aqs), p1.add(k.aqs));
             let lo = lanes(q0, q1);
             let hi = lanes(q0.add(16), q1.add(16));
-            _mm256_storeu_si256(dst.add(64 * j).cast(), lo);
-            _mm256_storeu_si256(dst.add(64 * j + 32).cast(), hi);
+            _mm256_storeu_si256(dst.add(PAIR * j).cast(), lo);
+            _mm256_storeu_si256(dst.add(PAIR * j + 32).cast(), hi);
             if k.off != 0 {
                 // Σ a per block: byte sums of a + 128 (psadbw), less 32 · 128.
                 let z = _mm256_setzero_si256();
@@ -472,9 +488,9 @@ unsafe fn prep_acts(k: &Kind, g: &Geo, src: *const u8, dst: *mut u8) {
                 let sum0 = (q[0] + q[1]) as i32 - 32 * 128;
                 let sum1 = (q[2] + q[3]) as i32 - 32 * 128;
                 let nz = _mm256_setr_epi32(-k.off * sum0, 0, 0, 0, -k.off * sum1, 0, 0, 0);
-                _mm256_storeu_si256(dst.add(g.a_nz + 32 * j).cast(), nz);
+                _mm256_storeu_si256(dst.add(PAIR * j + A_NZ).cast(), nz);
             }
-            _mm256_storeu_ps(dst.add(g.a_da + 32 * j).cast(), scale_pair(rd_u16(p0), rd_u16(p1)));
+            _mm256_storeu_ps(dst.add(PAIR * j + A_DA).cast(), scale_pair(rd_u16(p0), rd_u16(p1)));
             let db = dst.add(g.a_db).cast::<f32>();
             db.add(2 * j).write(half::f16::from_bits(rd_u16(p0)).to_f32());
             db.add(2 * j + 1).write(half::f16::from_bits(rd_u16(p1)).to_f32());
@@ -547,26 +563,28 @@ unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
         let mut wv = [_mm512_setzero_si512(); MR];
         for (r, v) in wv.iter_mut().enumerate() {
             // SAFETY: pair j of row r is repacked.
-            *v = unsafe { _mm512_loadu_si512(w.add(r * g.w_stride + 64 * j).cast()) };
+            *v = unsafe { _mm512_loadu_si512(w.add(r * g.w_stride + PAIR * j).cast()) };
         }
         for t in 0..T {
             // SAFETY: pair j of token t is repacked.
             let (av, da, nz) = unsafe {
                 let at = a.add(t * g.a_stride);
                 let nz = if NZ {
-                    _mm512_zextsi256_si512(_mm256_loadu_si256(at.add(g.a_nz + 32 * j).cast()))
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(at.add(PAIR * j + A_NZ).cast()))
                 } else {
                     _mm512_setzero_si512()
                 };
                 (
-                    _mm512_loadu_si512(at.add(64 * j).cast()),
-                    bcast32(at.add(g.a_da + 32 * j)),
+                    _mm512_loadu_si512(at.add(PAIR * j).cast()),
+                    bcast32(at.add(PAIR * j + A_DA)),
                     nz,
                 )
             };
             for (r, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: pair j of row r is repacked.
-                let dw = unsafe { bcast32(w.add(r * g.w_stride + g.w_dw + 32 * j)) };
+                // (A memory operand of the product: the tile's accumulators need the
+                // registers.)
+                let dw = unsafe { _mm512_loadu_ps(w.add(r * g.w_stride + PAIR * j + W_DW).cast()) };
                 let p = _mm512_dpbusd_epi32(nz, wv[r], av);
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, da), acc[t]);
             }
@@ -630,7 +648,7 @@ unsafe fn tile256<const T: usize, const NZ: bool, const MIN: bool, const SG: boo
         for (r, v) in wv.iter_mut().enumerate() {
             // SAFETY: pair j of row r is repacked.
             unsafe {
-                let p = w.add(r * g.w_stride + 64 * j);
+                let p = w.add(r * g.w_stride + PAIR * j);
                 *v = [_mm256_loadu_si256(p.cast()), _mm256_loadu_si256(p.add(32).cast())];
             }
         }
@@ -639,9 +657,9 @@ unsafe fn tile256<const T: usize, const NZ: bool, const MIN: bool, const SG: boo
             let (alo, ahi, da) = unsafe {
                 let at = a.add(t * g.a_stride);
                 (
-                    _mm256_loadu_si256(at.add(64 * j).cast()),
-                    _mm256_loadu_si256(at.add(64 * j + 32).cast()),
-                    _mm256_loadu_ps(at.add(g.a_da + 32 * j).cast()),
+                    _mm256_loadu_si256(at.add(PAIR * j).cast()),
+                    _mm256_loadu_si256(at.add(PAIR * j + 32).cast()),
+                    _mm256_loadu_ps(at.add(PAIR * j + A_DA).cast()),
                 )
             };
             for (r, acc) in acc.iter_mut().enumerate() {
@@ -666,11 +684,11 @@ unsafe fn tile256<const T: usize, const NZ: bool, const MIN: bool, const SG: boo
                 let (p, dw) = unsafe {
                     let at = a.add(t * g.a_stride);
                     let p = if NZ {
-                        _mm256_add_epi32(p, _mm256_loadu_si256(at.add(g.a_nz + 32 * j).cast()))
+                        _mm256_add_epi32(p, _mm256_loadu_si256(at.add(PAIR * j + A_NZ).cast()))
                     } else {
                         p
                     };
-                    (p, _mm256_loadu_ps(wr.add(g.w_dw + 32 * j).cast()))
+                    (p, _mm256_loadu_ps(wr.add(PAIR * j + W_DW).cast()))
                 };
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, da), acc[t]);
             }
@@ -727,52 +745,62 @@ const Q50: u8 = 2;
 const Q80: u8 = 3;
 
 /// The pair of weight blocks at `p0`, `p1` as a zmm of unsigned bytes in the repacked
-/// order (Q8_0 shifted by 128).
+/// order (Q8_0 shifted by 128). Q4_0 and Q4_1 keep their high nibbles in place, so the
+/// upper 32 bytes are 16 times the values (see [`stream512`]).
 ///
 /// # Safety
-/// Both point at a whole block of type `TY`.
+/// Both point at a whole block of type `TY` (or at least 64 readable bytes).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
 unsafe fn unpack512<const TY: u8>(p0: *const u8, p1: *const u8) -> __m512i {
     // SAFETY: every read is inside one of the two blocks.
     unsafe {
         if TY == Q80 {
-            let lo = lanes(p0.add(2), p1.add(2));
-            let hi = lanes(p0.add(18), p1.add(18));
-            return _mm512_xor_si512(
-                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
-                _mm512_set1_epi8(-128),
-            );
+            // Two whole blocks, then their 16-byte halves interleaved: one shuffle.
+            let x = _mm512_castsi256_si512(_mm256_loadu_si256(p0.add(2).cast()));
+            let y = _mm512_castsi256_si512(_mm256_loadu_si256(p1.add(2).cast()));
+            let v = _mm512_permutex2var_epi64(x, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), y);
+            return _mm512_xor_si512(v, _mm512_set1_epi8(-128));
         }
         let qs = match TY {
             Q40 => 2,
             Q41 => 4,
             _ => 6,
         };
-        // Both halves hold the 32 packed bytes; the high one takes the high nibbles.
-        let x = _mm512_broadcast_i64x4(lanes(p0.add(qs), p1.add(qs)));
+        // The 16 packed bytes of block 0 in lanes 0 and 2, those of block 1 in 1 and 3.
+        let x = _mm512_broadcast_i32x4(_mm_loadu_si128(p0.add(qs).cast()));
+        let x = _mm512_mask_broadcast_i32x4(x, 0xF0F0, _mm_loadu_si128(p1.add(qs).cast()));
+        if TY != Q50 {
+            return _mm512_and_si512(x, _mm512_setr_epi64(M0F, M0F, M0F, M0F, MF0, MF0, MF0, MF0));
+        }
         let x = _mm512_mask_srli_epi16::<4>(x, 0xFFFF_0000, x);
         let v = _mm512_and_si512(x, _mm512_set1_epi8(0x0F));
-        if TY == Q50 {
-            let (h0, h1) = (rd_u32(p0.add(2)) as u64, rd_u32(p1.add(2)) as u64);
-            let m = (h0 & 0xFFFF) | (h1 & 0xFFFF) << 16 | (h0 >> 16) << 32 | (h1 >> 16) << 48;
-            _mm512_mask_add_epi8(v, m, v, _mm512_set1_epi8(0x10))
-        } else {
-            v
-        }
+        // Bit i of qh is the fifth bit of element i: block 0's low 16 bits go to mask bits
+        // 0..16 and its high 16 to 32..48, block 1's to 16..32 and 48..64.
+        let (h0, h1) = (rd_u32(p0.add(2)) as u64, rd_u32(p1.add(2)) as u64);
+        let m = _pdep_u64(h0, 0x0000_FFFF_0000_FFFF) | _pdep_u64(h1, 0xFFFF_0000_FFFF_0000);
+        _mm512_mask_add_epi8(v, m, v, _mm512_set1_epi8(0x10))
     }
 }
+
+/// Byte masks for the low and the (unshifted) high nibbles.
+const M0F: i64 = 0x0F0F_0F0F_0F0F_0F0F;
+const MF0: i64 = 0xF0F0_F0F0_F0F0_F0F0u64 as i64;
 
 /// The AVX-512 decode kernel: `R` weight rows at `w`, read straight from their blocks,
 /// against `T` repacked tokens at `a`; writes `(t, r0 + r)`. Per 16 blocks and row, one
 /// gather fetches the f16 scales (and Q4_1 minimums); with one token the scales are
 /// premultiplied by the activation scales there, so a pair costs its unpack plus one
-/// permute, `vpdpbusd`, conversion and FMA per token.
+/// permute, `vpdpbusd`, conversion and FMA per token. Q4_0 and Q4_1 leave the high
+/// nibbles unshifted (16 times the value, still exact in i32 and f32) and take
+/// `d / 16` for those lanes from a second scale table in the same permute; their
+/// offset correction sits in lanes 0 and 4, which are low-nibble lanes.
 ///
 /// # Safety
 /// `R` rows of `g.nb` blocks of `TY` at `w`; `T` tokens repacked with geometry `g` at
-/// `a`; those outputs are the caller's to write; the CPU has AVX-512 F/BW/VL/VNNI.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+/// `a`; those outputs are the caller's to write; the CPU has AVX-512 F/BW/VL/VNNI and
+/// BMI2 (`pdep` places Q5_0's fifth bits).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
 unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     k: &Kind,
     g: &Geo,
@@ -781,19 +809,26 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     out: OutMatrix,
     r0: usize,
 ) {
+    let nib16 = TY == Q40 || TY == Q41;
     let row_bytes = g.nb * k.wb;
     let offs = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(k.wb as i32),
     );
-    // Lane i of pair jj (of 16 blocks) belongs to block 2jj + (i / 4) % 2.
-    let pattern = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    // Lane i of pair jj (of 16 blocks) belongs to block 2jj + (i / 4) % 2; with `nib16`
+    // lanes 8..16 read the second table (index + 16).
+    let pattern = if nib16 {
+        _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 16, 16, 16, 16, 17, 17, 17, 17)
+    } else {
+        _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1)
+    };
     let mut acc = [[_mm512_setzero_ps(); T]; R];
     for b0 in (0..g.nb).step_by(16) {
         let nbc = (g.nb - b0).min(16);
         let mask = ((1u32 << nbc) - 1) as __mmask16;
         let mut dw = [_mm512_setzero_ps(); R];
-        for (r, dw) in dw.iter_mut().enumerate() {
+        let mut dw16 = [_mm512_setzero_ps(); R];
+        for r in 0..R {
             // SAFETY: the gathered lanes are the first 4 bytes of blocks b0.. b0 + nbc of
             // row r; masked-off lanes read nothing.
             let ds = unsafe {
@@ -804,7 +839,7 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                     w.add(r * row_bytes + b0 * k.wb).cast(),
                 )
             };
-            *dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(ds));
+            dw[r] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(ds));
             if TY == Q41 {
                 let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(ds)));
                 for (t, acc) in acc[r].iter_mut().enumerate() {
@@ -815,10 +850,14 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
             }
             if T == 1 {
                 // SAFETY: the per-block `da` area holds nb16 f32.
-                *dw = _mm512_mul_ps(*dw, unsafe { _mm512_loadu_ps(a.add(g.a_db + 4 * b0).cast()) });
+                dw[r] = _mm512_mul_ps(dw[r], unsafe { _mm512_loadu_ps(a.add(g.a_db + 4 * b0).cast()) });
+            }
+            if nib16 {
+                dw16[r] = _mm512_mul_ps(dw[r], _mm512_set1_ps(1.0 / 16.0));
             }
         }
-        for jj in 0..nbc.div_ceil(2) {
+        let pairs = nbc.div_ceil(2);
+        for jj in 0..pairs {
             let j = b0 / 2 + jj;
             let idx = _mm512_add_epi32(pattern, _mm512_set1_epi32(2 * jj as i32));
             let mut av = [_mm512_setzero_si512(); T];
@@ -828,28 +867,32 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                 // SAFETY: pair j of token t is repacked.
                 unsafe {
                     let at = a.add(t * g.a_stride);
-                    av[t] = _mm512_loadu_si512(at.add(64 * j).cast());
+                    av[t] = _mm512_loadu_si512(at.add(PAIR * j).cast());
                     if TY != Q41 {
-                        nz[t] = _mm512_zextsi256_si512(_mm256_loadu_si256(at.add(g.a_nz + 32 * j).cast()));
+                        nz[t] = _mm512_zextsi256_si512(_mm256_loadu_si256(at.add(PAIR * j + A_NZ).cast()));
                     }
                     if T > 1 {
-                        da[t] = bcast32(at.add(g.a_da + 32 * j));
+                        da[t] = bcast32(at.add(PAIR * j + A_DA));
                     }
                 }
             }
+            // The last pair of an odd row has no second block: the zero block stands in.
+            let odd = jj + 1 == pairs && nbc % 2 == 1;
             for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: block 2j is in row r, and so is 2j + 1 unless the zero block
-                // stands in for it.
+                // SAFETY: block 2j is in row r, and so is 2j + 1 unless `odd`.
                 let u = unsafe {
                     let p0 = w.add(r * row_bytes + 2 * j * k.wb);
-                    let p1 = if 2 * j + 1 < g.nb {
-                        p0.add(k.wb)
+                    if odd {
+                        unpack512::<TY>(p0, ZERO_BLOCK.as_ptr())
                     } else {
-                        ZERO_BLOCK.as_ptr()
-                    };
-                    unpack512::<TY>(p0, p1)
+                        unpack512::<TY>(p0, p0.add(k.wb))
+                    }
                 };
-                let s = _mm512_permutexvar_ps(idx, dw[r]);
+                let s = if nib16 {
+                    _mm512_permutex2var_ps(dw[r], idx, dw16[r])
+                } else {
+                    _mm512_permutexvar_ps(idx, dw[r])
+                };
                 for t in 0..T {
                     let sc = if T == 1 { s } else { _mm512_mul_ps(s, da[t]) };
                     let p = _mm512_dpbusd_epi32(nz[t], u, av[t]);
