@@ -4,6 +4,8 @@
 //!
 //! With `--dram`, decode only, over a 256 MiB matrix (far beyond the caches) on two
 //! threads, each taking half the rows: the memory-bound case of real models' decode.
+//! With `--model-prefill`, prefill only, at the shapes of the small models' matrices
+//! (rows × cols × 512 tokens).
 
 use std::time::Instant;
 
@@ -14,6 +16,7 @@ use kiln_kernels::GgmlType;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dram = args.iter().any(|a| a == "--dram");
+    let model_prefill = args.iter().any(|a| a == "--model-prefill");
     let wanted: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     println!("SIMD level: {:?}", simd_level());
     for ty in [
@@ -32,6 +35,9 @@ fn main() {
         let shapes: Vec<(usize, usize, usize)> = if dram {
             let cols = if ty.block_size() == 256 { 1024 } else { 896 };
             vec![((256 << 20) / ty.row_bytes(cols).unwrap(), cols, 1)]
+        } else if model_prefill {
+            // Gemma-3-270M attn_output and ffn_down, Qwen2.5-0.5B ffn_down.
+            vec![(640, 1024, 512), (640, 2048, 512), (896, 4864, 512)]
         } else {
             vec![(2048, 1024, 1), (256, 1024, 512)]
         };
