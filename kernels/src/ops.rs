@@ -196,6 +196,10 @@ pub fn silu_ggml(x: f32) -> f32 {
 pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
+        if crate::gemm::simd_level() >= crate::gemm::SimdLevel::Avx512Vnni {
+            // SAFETY: the CPU supports AVX-512 F (detected by `simd_level`).
+            return unsafe { swiglu_ggml_avx512(gate, up) };
+        }
         if has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above. (Without FMA
             // enabled, `mul_add` in `exp_ggml` is a libm call per element.)
@@ -203,6 +207,47 @@ pub fn swiglu_ggml(gate: &mut [f32], up: &[f32]) {
         }
     }
     swiglu_portable(gate, up)
+}
+
+/// [`swiglu_ggml`] sixteen lanes at a time: [`exp_ggml`]'s operations one for one, its
+/// final `j · 2^n` as one `scalef` (which rounds once, as the scalar code does).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn swiglu_ggml_avx512(gate: &mut [f32], up: &[f32]) {
+    use std::arch::x86_64::*;
+    assert!(up.len() >= gate.len());
+    let f = |bits: u32| _mm512_set1_ps(f32::from_bits(bits));
+    let (round, log2e, ln2_hi, ln2_lo) = (f(0x4b40_0000), f(0x3fb8_aa3b), f(0x3f31_7200), f(0x35bf_be8e));
+    let c = [0x3c07_2010, 0x3d2b_9f17, 0x3e2a_af33, 0x3eff_fedb, 0x3f7f_fff6].map(f);
+    let one = _mm512_set1_ps(1.0);
+    let n_len = gate.len();
+    let mut i = 0;
+    while i + 16 <= n_len {
+        // SAFETY: i + 16 ≤ len for both slices.
+        unsafe {
+            let x = _mm512_loadu_ps(gate.as_ptr().add(i));
+            let neg = _mm512_sub_ps(_mm512_setzero_ps(), x);
+            let n = _mm512_sub_ps(_mm512_fmadd_ps(neg, log2e, round), round);
+            let b = _mm512_fnmadd_ps(n, ln2_lo, _mm512_fnmadd_ps(n, ln2_hi, neg));
+            let u = _mm512_mul_ps(b, b);
+            let j = _mm512_fmadd_ps(
+                _mm512_fmadd_ps(_mm512_fmadd_ps(c[0], b, c[1]), u, _mm512_fmadd_ps(c[2], b, c[3])),
+                u,
+                _mm512_fmadd_ps(c[4], b, one),
+            );
+            let e = _mm512_scalef_ps(j, n);
+            // |n| > 192: exactly 0 or infinity, as the scalar code returns.
+            let abs_n = _mm512_abs_ps(n);
+            let far = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(abs_n, _mm512_set1_ps(192.0));
+            let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(n, _mm512_setzero_ps());
+            let e = _mm512_mask_mov_ps(e, far & !positive, _mm512_setzero_ps());
+            let e = _mm512_mask_mov_ps(e, far & positive, _mm512_set1_ps(f32::INFINITY));
+            let silu = _mm512_div_ps(x, _mm512_add_ps(one, e));
+            _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(silu, _mm512_loadu_ps(up.as_ptr().add(i))));
+        }
+        i += 16;
+    }
+    swiglu_portable(&mut gate[i..], &up[i..n_len]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -494,6 +539,24 @@ mod tests {
         assert_eq!(exp_ggml(-200.0), 0.0);
         assert_eq!(exp_ggml(200.0), f32::INFINITY);
         assert_eq!(gelu_tanh_ggml(12.0), 12.0);
+    }
+
+    #[test]
+    fn vector_swiglu_matches_scalar() {
+        let mut x: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.0731).collect();
+        x.extend([-1e4, -200.0, -150.0, -100.0, -88.0, 88.0, 100.0, 150.0, 1e4, 0.0, -0.0]);
+        x.extend((0..16).map(|i| -87.0 - i as f32 * 0.7)); // subnormal exp(-x) range
+        let up: Vec<f32> = (0..x.len()).map(|i| 0.5 + i as f32 * 0.001).collect();
+        let mut gate = x.clone();
+        swiglu_ggml(&mut gate, &up);
+        for i in 0..x.len() {
+            assert_eq!(
+                gate[i].to_bits(),
+                (silu_ggml(x[i]) * up[i]).to_bits(),
+                "x = {}",
+                x[i]
+            );
+        }
     }
 
     #[test]
