@@ -243,7 +243,10 @@ unsafe fn swiglu_ggml_avx512(gate: &mut [f32], up: &[f32]) {
             let e = _mm512_mask_mov_ps(e, far & !positive, _mm512_setzero_ps());
             let e = _mm512_mask_mov_ps(e, far & positive, _mm512_set1_ps(f32::INFINITY));
             let silu = _mm512_div_ps(x, _mm512_add_ps(one, e));
-            _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(silu, _mm512_loadu_ps(up.as_ptr().add(i))));
+            _mm512_storeu_ps(
+                gate.as_mut_ptr().add(i),
+                _mm512_mul_ps(silu, _mm512_loadu_ps(up.as_ptr().add(i))),
+            );
         }
         i += 16;
     }
@@ -327,7 +330,10 @@ unsafe fn geglu_ggml_avx512(gate: &mut [f32], up: &[f32], table: &[f32]) {
             let low = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, _mm512_set1_ps(-10.0));
             let y = _mm512_mask_mov_ps(looked_up, high, x);
             let y = _mm512_mask_mov_ps(y, low, _mm512_setzero_ps());
-            _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(y, _mm512_loadu_ps(up.as_ptr().add(i))));
+            _mm512_storeu_ps(
+                gate.as_mut_ptr().add(i),
+                _mm512_mul_ps(y, _mm512_loadu_ps(up.as_ptr().add(i))),
+            );
         }
         i += 16;
     }
@@ -550,12 +556,7 @@ mod tests {
         let mut gate = x.clone();
         swiglu_ggml(&mut gate, &up);
         for i in 0..x.len() {
-            assert_eq!(
-                gate[i].to_bits(),
-                (silu_ggml(x[i]) * up[i]).to_bits(),
-                "x = {}",
-                x[i]
-            );
+            assert_eq!(gate[i].to_bits(), (silu_ggml(x[i]) * up[i]).to_bits(), "x = {}", x[i]);
         }
     }
 

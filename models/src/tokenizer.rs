@@ -1,7 +1,7 @@
 //! Tokenizers for a GGUF file's `tokenizer.ggml.*` metadata (so a GGUF model needs no
 //! side files), or loaded from a Hugging Face `tokenizer.json`.
 //!
-//! A GGUF vocabulary is encoded by kiln's own BPE ([`GgufEncoder`]), which needs only a
+//! A GGUF vocabulary is encoded by kiln's own BPE (`GgufEncoder`), which needs only a
 //! text-to-id index and, for merge-list vocabularies, a pair-to-rank map: building a
 //! Hugging Face BPE model instead (and, for SentencePiece, a merge list of every split
 //! of every piece) took seconds for a 262k-token vocabulary and dominated model load.
@@ -64,7 +64,8 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+    AddedToken, DecoderWrapper, NormalizerWrapper, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer,
+    PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
 };
 
 use crate::gguf::GgufFile;
@@ -133,16 +134,24 @@ pub struct GgufVocab {
 impl GgufVocab {
     /// Reads the `tokenizer.ggml.*` metadata of a GGUF file.
     pub fn from_gguf(f: &GgufFile) -> Result<GgufVocab, TokenizerError> {
+        let v = GgufVocab::from_gguf_but_texts(f)?;
+        let (tokens, merges) = gguf_texts(f)?;
+        Ok(GgufVocab {
+            tokens: tokens.to_vec(),
+            merges: merges.map(<[String]>::to_vec),
+            ..v
+        })
+    }
+
+    /// [`GgufVocab::from_gguf`] less `tokens` and `merges` (left empty), which
+    /// [`gguf_texts`] borrows instead of copying.
+    fn from_gguf_but_texts(f: &GgufFile) -> Result<GgufVocab, TokenizerError> {
         const P: &str = "tokenizer.ggml.";
         let key = |k: &str| format!("{P}{k}");
         let model = f
             .get_str(&key("model"))
             .ok_or_else(|| TokenizerError::Invalid("GGUF has no string `tokenizer.ggml.model`".into()))?
             .to_string();
-        let tokens = f
-            .get_str_array(&key("tokens"))
-            .ok_or_else(|| TokenizerError::Invalid("GGUF has no string array `tokenizer.ggml.tokens`".into()))?
-            .to_vec();
         let array_of = |k: &str, what: &str| -> Result<(), TokenizerError> {
             match f.get(&key(k)) {
                 None => Ok(()),
@@ -163,21 +172,14 @@ impl GgufVocab {
                 None
             }
         };
-        let merges = match f.get_str_array(&key("merges")) {
-            Some(m) => Some(m.to_vec()),
-            None => {
-                array_of("merges", "a string array")?;
-                None
-            }
-        };
         let id = |k: &str| f.get_u32(&key(k));
         Ok(GgufVocab {
             model,
             pre: f.get_str(&key("pre")).map(str::to_string),
-            tokens,
+            tokens: Vec::new(),
             scores,
             token_types,
-            merges,
+            merges: None,
             bos: id("bos_token_id"),
             eos: id("eos_token_id"),
             eot: id("eot_token_id"),
@@ -191,6 +193,23 @@ impl GgufVocab {
             add_space_prefix: f.get_bool(&key("add_space_prefix")),
         })
     }
+}
+
+/// A GGUF file's `tokenizer.ggml.tokens` and `tokenizer.ggml.merges`, borrowed.
+fn gguf_texts(f: &GgufFile) -> Result<(&[String], Option<&[String]>), TokenizerError> {
+    let tokens = f
+        .get_str_array("tokenizer.ggml.tokens")
+        .ok_or_else(|| TokenizerError::Invalid("GGUF has no string array `tokenizer.ggml.tokens`".into()))?;
+    let merges = match f.get_str_array("tokenizer.ggml.merges") {
+        Some(m) => Some(m),
+        None if f.get("tokenizer.ggml.merges").is_some() => {
+            return Err(TokenizerError::Invalid(
+                "`tokenizer.ggml.merges` is not a string array".into(),
+            ))
+        }
+        None => None,
+    };
+    Ok((tokens, merges))
 }
 
 /// A tokenizer with what generation needs to know about it.
@@ -253,7 +272,8 @@ impl Deref for HfTokenizer {
 
 impl DerefMut for HfTokenizer {
     fn deref_mut(&mut self) -> &mut Tokenizer {
-        self.deref();
+        // Builds the tokenizer if it is not there yet.
+        let _ = Deref::deref(self);
         self.tokenizer.get_mut().expect("deref built the tokenizer")
     }
 }
@@ -307,7 +327,9 @@ impl std::fmt::Debug for TokenizerInfo {
 impl TokenizerInfo {
     /// Builds the tokenizer of a GGUF file.
     pub fn from_gguf(f: &GgufFile) -> Result<TokenizerInfo, TokenizerError> {
-        from_gguf_vocab(&GgufVocab::from_gguf(f)?)
+        let v = GgufVocab::from_gguf_but_texts(f)?;
+        let (tokens, merges) = gguf_texts(f)?;
+        build(&v, tokens, merges)
     }
 
     /// Encodes text, special tokens in it included, without BOS.
@@ -613,7 +635,13 @@ fn bpe_pre(pre: Option<&str>) -> Result<BpePre, TokenizerError> {
 
 /// Builds the tokenizer that a GGUF vocabulary describes.
 pub fn from_gguf_vocab(v: &GgufVocab) -> Result<TokenizerInfo, TokenizerError> {
-    let n = v.tokens.len();
+    build(v, &v.tokens, v.merges.as_deref())
+}
+
+/// [`from_gguf_vocab`] with the vocabulary's `tokens` and `merges` given apart (those of
+/// `v` are not read), so that they can be borrowed from a [`GgufFile`].
+fn build(v: &GgufVocab, tokens: &[String], merges: Option<&[String]>) -> Result<TokenizerInfo, TokenizerError> {
+    let n = tokens.len();
     if n == 0 {
         return Err(TokenizerError::Invalid("tokenizer.ggml.tokens is empty".into()));
     }
@@ -642,25 +670,11 @@ pub fn from_gguf_vocab(v: &GgufVocab) -> Result<TokenizerInfo, TokenizerError> {
     // Token text is SentencePiece-style (`▁` for a space, `<0xNN>` byte pieces).
     let spm_text = !matches!(kind, Kind::ByteBpe(_));
 
-    // Token texts; llama.cpp names empty ones so that every id has a distinct text.
-    let texts: Vec<String> = v
-        .tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            if t.is_empty() {
-                format!("[EMPTY_{i}]")
-            } else {
-                t.clone()
-            }
-        })
-        .collect();
+    let texts = Texts::new(tokens);
     let mut attrs: Vec<u8> = match &v.token_types {
         Some(t) => t[..n].iter().map(|&t| attr_of_type(t)).collect(),
         None => vec![ATTR_NORMAL; n],
     };
-    // Text to id; the last of equal texts wins, as in llama.cpp.
-    let by_text: HashMap<&str, u32> = texts.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
 
     let in_vocab = |id: Option<u32>| id.filter(|&i| (i as usize) < n);
     // llama.cpp's defaults when the metadata names no token.
@@ -689,143 +703,89 @@ pub fn from_gguf_vocab(v: &GgufVocab) -> Result<TokenizerInfo, TokenizerError> {
             fim_pad: v.fim_pad,
             fim_rep: v.fim_rep,
             fim_sep: v.fim_sep,
-            by_text: &by_text,
+            by_text: &|t| texts.id(t),
         },
         &mut attrs,
     );
     // gpt-oss: these are always rendered, never control tokens.
     for t in ["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"] {
-        if let Some(&id) = by_text.get(t) {
+        if let Some(id) = texts.id(t) {
             attrs[id as usize] = ATTR_USER_DEFINED;
         }
     }
 
-    let vocab: Vocab = by_text.iter().map(|(t, &i)| (t.to_string(), i)).collect();
     let add_space_prefix = matches!(kind, Kind::Spm) && v.add_space_prefix.unwrap_or(true);
-    let gguf_merges = || -> Result<Vec<(String, String)>, TokenizerError> {
-        let m = v.merges.as_ref().ok_or_else(|| {
-            TokenizerError::Invalid(format!("a `{}` vocabulary needs tokenizer.ggml.merges", v.model))
-        })?;
-        bpe_merges(m, &by_text)
+    let scores = match kind {
+        Kind::Spm => {
+            let s = v
+                .scores
+                .as_ref()
+                .ok_or_else(|| TokenizerError::Invalid("a `llama` vocabulary needs tokenizer.ggml.scores".into()))?;
+            s[..n].to_vec()
+        }
+        _ => Vec::new(),
     };
-    let mut tokenizer = match kind {
-        Kind::Spm | Kind::SpmBpe => {
-            let merges = if matches!(kind, Kind::Spm) {
-                let scores = v.scores.as_ref().ok_or_else(|| {
-                    TokenizerError::Invalid("a `llama` vocabulary needs tokenizer.ggml.scores".into())
-                })?;
-                spm_merges(&texts, &scores[..n], &by_text)
-            } else {
-                gguf_merges()?
-            };
-            let mut model = BPE::builder()
-                .vocab_and_merges(vocab, merges)
-                .byte_fallback(true)
-                .fuse_unk(true);
-            if let Some(u) = unk {
-                model = model.unk_token(texts[u as usize].clone());
-            }
-            let mut tok = Tokenizer::new(model.build()?);
-            let replace = Replace::new(" ", SPM_SPACE)?;
-            let normalizer: NormalizerWrapper = if add_space_prefix {
-                NormalizerSequence::new(vec![Prepend::new(SPM_SPACE.to_string()).into(), replace.into()]).into()
-            } else {
-                replace.into()
-            };
-            tok.with_normalizer(Some(normalizer));
-            if matches!(kind, Kind::SpmBpe) {
-                // Merges run over whole lines; newlines only split.
-                let split = Split::new(
-                    SplitPattern::Regex("[^\n]+|[\n]+".into()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )?;
-                tok.with_pre_tokenizer(Some(split));
-            }
-            let mut decoders: Vec<DecoderWrapper> = vec![
-                Replace::new(SPM_SPACE, " ")?.into(),
-                ByteFallback::new().into(),
-                Fuse::new().into(),
-            ];
-            if add_space_prefix {
-                decoders.push(Strip::new(' ', 1, 0).into());
-            }
-            tok.with_decoder(Some(DecoderSequence::new(decoders)));
-            tok
+    let merges = match kind {
+        Kind::Spm => PairMap::default(),
+        _ => {
+            let m = merges.ok_or_else(|| {
+                TokenizerError::Invalid(format!("a `{}` vocabulary needs tokenizer.ggml.merges", v.model))
+            })?;
+            bpe_merges(m, &texts)?
         }
-        Kind::ByteBpe(pre) => {
-            let model = BPE::builder()
-                .vocab_and_merges(vocab, gguf_merges()?)
-                .ignore_merges(pre.ignore_merges)
-                .build()?;
-            let mut tok = Tokenizer::new(model);
-            let split = |re: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-                Ok(Split::new(
-                    SplitPattern::Regex(re.to_string()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )?
-                .into())
-            };
-            let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
-            for re in pre.regexes {
-                steps.push(split(re)?);
-            }
-            steps.push(ByteLevel::new(false, false, false).into());
-            for re in pre.after_bytes {
-                steps.push(split(re)?);
-            }
-            tok.with_pre_tokenizer(Some(PreTokenizerSequence::new(steps)));
-            tok.with_decoder(Some(ByteLevel::new(false, false, false)));
-            tok
-        }
+    };
+    let pre_tokenizer = match kind {
+        Kind::ByteBpe(pre) => Some(byte_level_pre_tokenizer(pre)?),
+        _ => None,
     };
 
-    // Control, unknown and user-defined tokens are matched on the raw text first.
-    let mut added: Vec<AddedToken> = (0..n)
-        .filter(|&i| attrs[i] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0)
-        .map(|i| {
-            let special = attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN) != 0;
-            AddedToken::from(texts[i].clone(), special).normalized(false)
-        })
-        .collect();
-    if matches!(kind, Kind::SpmBpe) {
-        // llama.cpp takes a run of newlines that is a token whole, without merging.
-        added.extend(
-            texts
-                .iter()
-                .filter(|t| t.bytes().all(|b| b == b'\n'))
-                .map(|t| AddedToken::from(t.clone(), false).normalized(false)),
-        );
+    let mut pieces = Pieces::with_capacity(n);
+    let byte_decoder = ByteDecoder::new();
+    for (i, &a) in attrs.iter().enumerate() {
+        let t = texts.get(i as u32);
+        let out = &mut pieces.bytes;
+        if a & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED) != 0 {
+            out.extend_from_slice(t.as_bytes());
+        } else if spm_text && a & ATTR_NORMAL != 0 {
+            for (j, part) in t.split(SPM_SPACE).enumerate() {
+                if j > 0 {
+                    out.push(b' ');
+                }
+                out.extend_from_slice(part.as_bytes());
+            }
+        } else if spm_text && a & ATTR_BYTE != 0 {
+            match byte_piece(t) {
+                Some(b) => out.push(b),
+                None => out.extend_from_slice(t.as_bytes()),
+            }
+        } else if !spm_text && a & (ATTR_NORMAL | ATTR_BYTE) != 0 {
+            byte_level_decode(t, &byte_decoder, out);
+        }
+        pieces.ends.push(out.len());
     }
-    tokenizer.add_tokens(&added);
 
-    let byte_decoder = byte_decoder();
-    let pieces = (0..n)
-        .map(|i| {
-            let (a, t) = (attrs[i], texts[i].as_str());
-            if a & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED) != 0 {
-                t.as_bytes().to_vec()
-            } else if spm_text && a & ATTR_NORMAL != 0 {
-                t.replace(SPM_SPACE, " ").into_bytes()
-            } else if spm_text && a & ATTR_BYTE != 0 {
-                byte_piece(t).map_or_else(|| t.as_bytes().to_vec(), |b| vec![b])
-            } else if !spm_text && a & (ATTR_NORMAL | ATTR_BYTE) != 0 {
-                byte_level_decode(t, &byte_decoder)
-            } else {
-                Vec::new()
-            }
-        })
-        .collect();
-
+    let encoder = Arc::new(GgufEncoder::new(
+        kind,
+        texts,
+        attrs,
+        scores,
+        merges,
+        unk,
+        add_space_prefix,
+        pre_tokenizer,
+    ));
     Ok(TokenizerInfo {
-        tokenizer,
+        tokenizer: HfTokenizer {
+            tokenizer: OnceLock::new(),
+            source: Some(encoder.clone()),
+        },
         bos,
         eos: eos_ids,
         add_bos: add_bos && bos.is_some(),
         add_eos: v.add_eos.unwrap_or(false) && eos.is_some(),
         add_space_prefix,
         pieces,
+        encoder: Some(encoder),
     })
 }
 
@@ -840,14 +800,67 @@ enum Kind {
     SpmBpe,
 }
 
+/// A byte-level BPE vocabulary's pre-tokenizer: its split regexes, the byte-to-unicode
+/// mapping, and the regexes that apply after it.
+fn byte_level_pre_tokenizer(pre: BpePre) -> Result<PreTokenizerWrapper, TokenizerError> {
+    let split = |re: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
+        Ok(Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )?
+        .into())
+    };
+    let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
+    for re in pre.regexes {
+        steps.push(split(re)?);
+    }
+    steps.push(ByteLevel::new(false, false, false).into());
+    for re in pre.after_bytes {
+        steps.push(split(re)?);
+    }
+    Ok(PreTokenizerSequence::new(steps).into())
+}
+
 /// Parses GGUF merges (`"left right"`, split at the first space after the first byte as
-/// llama.cpp does). The first of repeated pairs keeps its rank; a merge of or into a text
-/// that is not a token (which no real vocabulary has) is left out, since the BPE model
-/// cannot express it.
-fn bpe_merges(merges: &[String], by_text: &HashMap<&str, u32>) -> Result<Vec<(String, String)>, TokenizerError> {
-    let mut seen = std::collections::HashSet::with_capacity(merges.len());
+/// llama.cpp does) into (left id, right id) → (rank, merged id); the rank is the merge's
+/// index, so the order is the file's. The first of repeated pairs keeps its rank; a merge
+/// of or into a text that is not a token (which no real vocabulary has) is left out,
+/// since BPE over token ids cannot express it.
+fn bpe_merges(merges: &[String], texts: &Texts) -> Result<PairMap, TokenizerError> {
+    // The three lookups per merge are cache misses in a large index (151k merges for
+    // Qwen2): chunks are looked up on all cores, then inserted in order.
+    const MIN_CHUNK: usize = 16 * 1024;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let chunk = merges.len().div_ceil(threads).max(MIN_CHUNK);
+    let resolved: Vec<Result<Vec<ResolvedMerge>, TokenizerError>> = std::thread::scope(|scope| {
+        let jobs: Vec<_> = merges
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, part)| scope.spawn(move || resolve_merges(part, i * chunk, texts)))
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().expect("merge lookup does not panic"))
+            .collect()
+    });
+    let mut out = PairMap::with_capacity_and_hasher(merges.len(), Default::default());
+    for part in resolved {
+        for (pair, rank, merged) in part? {
+            out.entry(pair).or_insert((rank, merged));
+        }
+    }
+    Ok(out)
+}
+
+/// A merge as ids: ([`pair_key`], rank, merged id).
+type ResolvedMerge = (u64, u32, u32);
+
+/// The merges of `merges` (whose first has rank `first`) whose texts are all tokens.
+fn resolve_merges(merges: &[String], first: usize, texts: &Texts) -> Result<Vec<ResolvedMerge>, TokenizerError> {
     let mut out = Vec::with_capacity(merges.len());
-    for (rank, m) in merges.iter().enumerate() {
+    let mut joined = String::new();
+    for (i, m) in merges.iter().enumerate() {
+        let rank = first + i;
         let pos = m
             .char_indices()
             .skip(1)
@@ -855,37 +868,616 @@ fn bpe_merges(merges: &[String], by_text: &HashMap<&str, u32>) -> Result<Vec<(St
             .map(|(i, _)| i)
             .ok_or_else(|| TokenizerError::Invalid(format!("merge {rank} `{m}` has no space")))?;
         let (l, r) = (&m[..pos], &m[pos + 1..]);
-        if !by_text.contains_key(l) || !by_text.contains_key(r) || !by_text.contains_key(format!("{l}{r}").as_str()) {
+        let (Some(a), Some(b)) = (texts.id(l), texts.id(r)) else {
             continue;
-        }
-        if seen.insert((l, r)) {
-            out.push((l.to_string(), r.to_string()));
-        }
+        };
+        joined.clear();
+        joined.push_str(l);
+        joined.push_str(r);
+        let Some(merged) = texts.id(&joined) else {
+            continue;
+        };
+        out.push((pair_key(a, b), rank as u32, merged));
     }
     Ok(out)
 }
 
-/// SentencePiece BPE as a merge list: every split of a piece into two pieces of the
-/// vocabulary merges into it, the highest-scoring piece first (ties: lower id, then
-/// lower left id).
-fn spm_merges(texts: &[String], scores: &[f32], by_text: &HashMap<&str, u32>) -> Vec<(String, String)> {
-    let mut merges: Vec<(f32, u32, u32, u32)> = Vec::new();
-    for (id, piece) in texts.iter().enumerate() {
-        if by_text.get(piece.as_str()) != Some(&(id as u32)) {
-            continue;
-        }
-        for (i, _) in piece.char_indices().skip(1) {
-            let (l, r) = piece.split_at(i);
-            if let (Some(&li), Some(&ri)) = (by_text.get(l), by_text.get(r)) {
-                merges.push((scores[id], id as u32, li, ri));
+// ---------------------------------------------------------------------------------------
+// Token texts and their index.
+
+/// A hash of a token text. The multiply leaves its entropy in the high bits, which is
+/// where [`Texts`] takes its slot index from.
+fn text_hash(t: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = t.len() as u64;
+    let mut chunks = t.chunks_exact(8);
+    for c in &mut chunks {
+        h = (h.rotate_left(26) ^ u64::from_le_bytes(c.try_into().expect("8 bytes"))).wrapping_mul(K);
+    }
+    let rest = chunks.remainder();
+    let mut last = [0u8; 8];
+    last[..rest.len()].copy_from_slice(rest);
+    (h.rotate_left(26) ^ u64::from_le_bytes(last)).wrapping_mul(K)
+}
+
+/// The bits of a [`text_hash`] that a [`Texts`] slot keeps: both halves, since the slot
+/// index is the top bits.
+fn tag(h: u64) -> u32 {
+    (h ^ (h >> 32)) as u32
+}
+
+/// Every token's text in one buffer, with an open-addressing index from text to id (the
+/// last of equal texts, as in llama.cpp). Two allocations for a whole vocabulary: a
+/// `HashMap<String, u32>` costs one per token and a slower hash.
+struct Texts {
+    buf: String,
+    /// Where each token's text ends in `buf`.
+    ends: Vec<usize>,
+    /// By hash slot: a token id in the low half, 32 more bits of its text's hash in the
+    /// high half (so that a probe rarely reads a text that is not the one looked for);
+    /// `u64::MAX` is empty.
+    slots: Vec<u64>,
+    /// Right shift that turns a [`text_hash`] into a slot.
+    shift: u32,
+}
+
+impl Texts {
+    /// The texts of `tokens`; llama.cpp names empty ones so that every id has a
+    /// distinct text.
+    fn new(tokens: &[String]) -> Texts {
+        let mut buf = String::with_capacity(tokens.iter().map(String::len).sum());
+        let mut ends = Vec::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            if t.is_empty() {
+                buf.push_str(&format!("[EMPTY_{i}]"));
+            } else {
+                buf.push_str(t);
             }
+            ends.push(buf.len());
+        }
+        // At most half full, so that probe runs stay short.
+        let bits = (tokens.len() * 2).next_power_of_two().max(16).trailing_zeros();
+        let mut texts = Texts {
+            buf,
+            ends,
+            slots: vec![u64::MAX; 1 << bits],
+            shift: 64 - bits,
+        };
+        for id in 0..tokens.len() as u32 {
+            let h = text_hash(texts.get(id).as_bytes());
+            let slot = texts.slot(texts.get(id), h);
+            texts.slots[slot] = (u64::from(tag(h)) << 32) | u64::from(id);
+        }
+        texts
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn get(&self, id: u32) -> &str {
+        let id = id as usize;
+        let start = if id == 0 { 0 } else { self.ends[id - 1] };
+        &self.buf[start..self.ends[id]]
+    }
+
+    /// The slot that holds `t` (whose [`text_hash`] is `h`), or the empty slot where it
+    /// would go.
+    fn slot(&self, t: &str, h: u64) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut i = (h >> self.shift) as usize;
+        loop {
+            let e = self.slots[i];
+            if e == u64::MAX || ((e >> 32) as u32 == tag(h) && self.get(e as u32) == t) {
+                return i;
+            }
+            i = (i + 1) & mask;
         }
     }
-    merges.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    merges
-        .into_iter()
-        .map(|(_, _, l, r)| (texts[l as usize].clone(), texts[r as usize].clone()))
-        .collect()
+
+    /// The id of a token text.
+    fn id(&self, t: &str) -> Option<u32> {
+        let e = self.slots[self.slot(t, text_hash(t.as_bytes()))];
+        (e != u64::MAX).then_some(e as u32)
+    }
+}
+
+/// (left id, right id) as one key of a [`PairMap`].
+fn pair_key(a: u32, b: u32) -> u64 {
+    (u64::from(a) << 32) | u64::from(b)
+}
+
+/// Hashes a [`pair_key`]: a multiply, then the high bits folded down, since the table
+/// indexes by the low bits and the left id is in the high half of the key.
+#[derive(Default)]
+struct PairHasher(u64);
+
+impl Hasher for PairHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.0 = x.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 32)
+    }
+}
+
+/// BPE merges: (left id, right id) → (rank, merged id).
+type PairMap = HashMap<u64, (u32, u32), BuildHasherDefault<PairHasher>>;
+
+// ---------------------------------------------------------------------------------------
+// Added tokens: control, unknown and user-defined tokens, matched on the raw text before
+// anything else.
+
+/// A byte trie of the added tokens' texts.
+struct AddedTokens {
+    nodes: Vec<TrieNode>,
+    /// Bytes that start some token: other positions are skipped without a trie walk.
+    first: [bool; 256],
+}
+
+#[derive(Default)]
+struct TrieNode {
+    children: Vec<(u8, u32)>,
+    /// The token that ends here: its id, and whether it is special (not matched when
+    /// special tokens are plain text).
+    token: Option<(u32, bool)>,
+}
+
+impl AddedTokens {
+    fn new() -> AddedTokens {
+        AddedTokens {
+            nodes: vec![TrieNode::default()],
+            first: [false; 256],
+        }
+    }
+
+    /// Adds a token text; a text added twice is special when either was.
+    fn insert(&mut self, text: &str, id: u32, special: bool) {
+        let Some(&first) = text.as_bytes().first() else {
+            return;
+        };
+        self.first[first as usize] = true;
+        let mut node = 0;
+        for &b in text.as_bytes() {
+            node = match self.nodes[node].children.iter().find(|c| c.0 == b) {
+                Some(&(_, next)) => next as usize,
+                None => {
+                    let next = self.nodes.len();
+                    self.nodes.push(TrieNode::default());
+                    self.nodes[node].children.push((b, next as u32));
+                    next
+                }
+            };
+        }
+        let was_special = self.nodes[node].token.is_some_and(|t| t.1);
+        self.nodes[node].token = Some((id, special || was_special));
+    }
+
+    /// The leftmost token in `text` at or after `from`, the longest of those starting
+    /// there (Hugging Face's leftmost-longest matching): (start, end, id, special).
+    fn find(&self, text: &[u8], from: usize) -> Option<(usize, usize, u32, bool)> {
+        for start in from..text.len() {
+            if !self.first[text[start] as usize] {
+                continue;
+            }
+            let mut node = 0;
+            let mut best = None;
+            for (i, &b) in text[start..].iter().enumerate() {
+                match self.nodes[node].children.iter().find(|c| c.0 == b) {
+                    Some(&(_, next)) => node = next as usize,
+                    None => break,
+                }
+                if let Some((id, special)) = self.nodes[node].token {
+                    best = Some((start, start + i + 1, id, special));
+                }
+            }
+            if best.is_some() {
+                return best;
+            }
+        }
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding a GGUF vocabulary.
+
+/// When a pair of adjacent symbols merges: the lowest first. A merge-list vocabulary
+/// ranks by the merge's index (`(rank, 0, 0)`); SentencePiece by the merged piece's score,
+/// highest first, then its id, then the left piece's id, the order of the merge list that
+/// Hugging Face's converters (and [`GgufEncoder::hf_tokenizer`]) make.
+type Rank = (u32, u32, u32);
+
+/// A score as a [`Rank`] key: higher scores give lower keys, in `f32::total_cmp` order.
+fn score_key(s: f32) -> u32 {
+    let bits = s.to_bits();
+    let ascending = if bits >> 31 == 1 { !bits } else { bits | 1 << 31 };
+    !ascending
+}
+
+/// A symbol of a word being merged (Hugging Face's BPE `Word` symbols).
+#[derive(Clone, Copy)]
+struct Symbol {
+    id: u32,
+    /// Byte length; 0 once merged into the symbol on its left.
+    len: usize,
+    prev: usize,
+    next: usize,
+}
+
+/// No neighbour.
+const NONE: usize = usize::MAX;
+
+/// kiln's encoder of a GGUF vocabulary: Hugging Face tokenizers' algorithm over token
+/// ids (added-token split, normalization, pre-tokenization, BPE with byte fallback),
+/// without building its BPE model.
+struct GgufEncoder {
+    kind: Kind,
+    texts: Texts,
+    attrs: Vec<u8>,
+    /// Piece scores (`llama`).
+    scores: Vec<f32>,
+    /// Merges (`gpt2`, `gemma4`).
+    merges: PairMap,
+    /// The unknown token (not for `gpt2`, whose BPE drops what is not in the vocabulary).
+    unk: Option<u32>,
+    add_space_prefix: bool,
+    /// `<0xNN>` piece ids, for byte fallback (not for `gpt2`).
+    bytes: [Option<u32>; 256],
+    added: AddedTokens,
+    pre_tokenizer: Option<PreTokenizerWrapper>,
+}
+
+impl GgufEncoder {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        kind: Kind,
+        texts: Texts,
+        attrs: Vec<u8>,
+        scores: Vec<f32>,
+        merges: PairMap,
+        unk: Option<u32>,
+        add_space_prefix: bool,
+        pre_tokenizer: Option<PreTokenizerWrapper>,
+    ) -> GgufEncoder {
+        let spm_text = !matches!(kind, Kind::ByteBpe(_));
+        let mut bytes = [None; 256];
+        if spm_text {
+            for (b, id) in bytes.iter_mut().enumerate() {
+                *id = texts.id(&format!("<0x{b:02X}>"));
+            }
+        }
+        // The BPE model knows a token by its text: a duplicate text is the last id.
+        let unk = unk.filter(|_| spm_text).and_then(|u| texts.id(texts.get(u)));
+        let mut added = AddedTokens::new();
+        for (i, &a) in attrs.iter().enumerate() {
+            if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0 {
+                let t = texts.get(i as u32);
+                let id = texts.id(t).expect("a token's text is in the index");
+                added.insert(t, id, a & (ATTR_CONTROL | ATTR_UNKNOWN) != 0);
+            }
+        }
+        if matches!(kind, Kind::SpmBpe) {
+            // llama.cpp takes a run of newlines that is a token whole, without merging.
+            for i in 0..texts.len() as u32 {
+                let t = texts.get(i);
+                if t.bytes().all(|b| b == b'\n') {
+                    added.insert(t, texts.id(t).expect("a token's text is in the index"), false);
+                }
+            }
+        }
+        GgufEncoder {
+            kind,
+            texts,
+            attrs,
+            scores,
+            merges,
+            unk,
+            add_space_prefix,
+            bytes,
+            added,
+            pre_tokenizer,
+        }
+    }
+
+    /// Encodes text without BOS; `parse_special`: special tokens written in the text are
+    /// single tokens (user-defined ones always are).
+    fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        let mut out = Vec::new();
+        let mut scratch = String::new();
+        let mut start = 0;
+        let mut from = 0;
+        while let Some((s, e, id, special)) = self.added.find(text.as_bytes(), from) {
+            // A special token that is plain text is still matched, so that no shorter
+            // token inside it matches instead.
+            from = e;
+            if special && !parse_special {
+                continue;
+            }
+            if start < s {
+                self.encode_fragment(&text[start..s], &mut scratch, &mut out)?;
+            }
+            out.push(id);
+            start = e;
+        }
+        if start < text.len() {
+            self.encode_fragment(&text[start..], &mut scratch, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Encodes text between added tokens.
+    fn encode_fragment(&self, text: &str, scratch: &mut String, out: &mut Vec<u32>) -> Result<(), TokenizerError> {
+        match self.kind {
+            Kind::Spm => {
+                let mut s = String::with_capacity(text.len() + 3 * (text.len() / 4 + 1));
+                if self.add_space_prefix {
+                    s.push_str(SPM_SPACE);
+                }
+                s.push_str(&text.replace(' ', SPM_SPACE));
+                self.bpe(&s, scratch, out);
+            }
+            Kind::SpmBpe => {
+                // Merges run over whole lines; newlines only split.
+                let s = text.replace(' ', SPM_SPACE);
+                let mut rest = s.as_str();
+                while let Some(c) = rest.chars().next() {
+                    let newline = c == '\n';
+                    let end = rest.find(|c: char| (c == '\n') != newline).unwrap_or(rest.len());
+                    self.bpe(&rest[..end], scratch, out);
+                    rest = &rest[end..];
+                }
+            }
+            Kind::ByteBpe(_) => {
+                let pre = self
+                    .pre_tokenizer
+                    .as_ref()
+                    .expect("a gpt2 vocabulary has a pre-tokenizer");
+                let mut words = PreTokenizedString::from(text);
+                pre.pre_tokenize(&mut words)?;
+                for (word, _, _) in words.get_splits(OffsetReferential::Original, OffsetType::None) {
+                    self.bpe(word, scratch, out);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The merge of two adjacent symbols, if any: its rank and the merged id.
+    fn merge(&self, a: u32, b: u32, scratch: &mut String) -> Option<(Rank, u32)> {
+        match self.kind {
+            Kind::Spm => {
+                scratch.clear();
+                scratch.push_str(self.texts.get(a));
+                scratch.push_str(self.texts.get(b));
+                let merged = self.texts.id(scratch)?;
+                Some(((score_key(self.scores[merged as usize]), merged, a), merged))
+            }
+            _ => self
+                .merges
+                .get(&pair_key(a, b))
+                .map(|&(rank, merged)| ((rank, 0, 0), merged)),
+        }
+    }
+
+    /// BPE of one word, as Hugging Face's `BPE::merge_word` does it: characters (or their
+    /// `<0xNN>` bytes, or a fused unknown token), then the lowest-ranked adjacent pair
+    /// merges first, the leftmost of equal ranks.
+    fn bpe(&self, word: &str, scratch: &mut String, out: &mut Vec<u32>) {
+        if word.is_empty() {
+            return;
+        }
+        if let Kind::ByteBpe(pre) = self.kind {
+            if pre.ignore_merges {
+                if let Some(id) = self.texts.id(word) {
+                    out.push(id);
+                    return;
+                }
+            }
+        }
+        let mut symbols: Vec<Symbol> = Vec::with_capacity(word.len());
+        let push = |symbols: &mut Vec<Symbol>, id: u32, len: usize| {
+            let n = symbols.len();
+            if let Some(last) = symbols.last_mut() {
+                last.next = n;
+            }
+            symbols.push(Symbol {
+                id,
+                len,
+                prev: if n == 0 { NONE } else { n - 1 },
+                next: NONE,
+            });
+        };
+        let mut unk: Option<(u32, usize)> = None;
+        for (i, c) in word.char_indices() {
+            let s = &word[i..i + c.len_utf8()];
+            if let Some(id) = self.texts.id(s) {
+                if let Some((u, len)) = unk.take() {
+                    push(&mut symbols, u, len);
+                }
+                push(&mut symbols, id, s.len());
+                continue;
+            }
+            // Byte fallback comes before a pending unknown token is written out, as in
+            // Hugging Face's BPE.
+            if s.bytes().all(|b| self.bytes[b as usize].is_some()) {
+                for b in s.bytes() {
+                    push(&mut symbols, self.bytes[b as usize].expect("checked"), 1);
+                }
+                continue;
+            }
+            if let Some(u) = self.unk {
+                unk = Some(match unk {
+                    Some((u, len)) => (u, len + s.len()),
+                    None => (u, s.len()),
+                });
+            }
+        }
+        if let Some((u, len)) = unk {
+            push(&mut symbols, u, len);
+        }
+
+        let mut queue = BinaryHeap::with_capacity(symbols.len());
+        for (pos, pair) in symbols.windows(2).enumerate() {
+            if let Some((rank, merged)) = self.merge(pair[0].id, pair[1].id, scratch) {
+                queue.push(Reverse((rank, pos, merged)));
+            }
+        }
+        while let Some(Reverse((_, pos, merged))) = queue.pop() {
+            let left = symbols[pos];
+            if left.len == 0 || left.next == NONE {
+                continue;
+            }
+            let right = symbols[left.next];
+            // A stale entry: the pair at `pos` has changed since.
+            if self.merge(left.id, right.id, scratch).is_none_or(|m| m.1 != merged) {
+                continue;
+            }
+            symbols[pos] = Symbol {
+                id: merged,
+                len: left.len + right.len,
+                prev: left.prev,
+                next: right.next,
+            };
+            symbols[left.next].len = 0;
+            if right.next != NONE {
+                symbols[right.next].prev = pos;
+            }
+            if left.prev != NONE {
+                if let Some((rank, m)) = self.merge(symbols[left.prev].id, merged, scratch) {
+                    queue.push(Reverse((rank, left.prev, m)));
+                }
+            }
+            if right.next != NONE {
+                if let Some((rank, m)) = self.merge(merged, symbols[right.next].id, scratch) {
+                    queue.push(Reverse((rank, pos, m)));
+                }
+            }
+        }
+        out.extend(symbols.iter().filter(|s| s.len != 0).map(|s| s.id));
+    }
+
+    /// The Hugging Face tokenizer that encodes as this one does.
+    fn hf_tokenizer(&self) -> Tokenizer {
+        let n = self.texts.len() as u32;
+        let canonical = |id: u32| self.texts.id(self.texts.get(id)) == Some(id);
+        let vocab: Vocab = (0..n)
+            .filter(|&i| canonical(i))
+            .map(|i| (self.texts.get(i).to_string(), i))
+            .collect();
+        let merges: Vec<(String, String)> = match self.kind {
+            Kind::Spm => self.spm_merges(),
+            _ => {
+                let mut ranked: Vec<(u32, u64)> = self.merges.iter().map(|(&pair, &(rank, _))| (rank, pair)).collect();
+                ranked.sort_unstable();
+                ranked
+                    .into_iter()
+                    .map(|(_, pair)| {
+                        let (a, b) = ((pair >> 32) as u32, pair as u32);
+                        (self.texts.get(a).to_string(), self.texts.get(b).to_string())
+                    })
+                    .collect()
+            }
+        };
+        const BUILT: &str = "the vocabulary was checked when loaded";
+        let mut tokenizer = match self.kind {
+            Kind::Spm | Kind::SpmBpe => {
+                let mut model = BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .byte_fallback(true)
+                    .fuse_unk(true);
+                if let Some(u) = self.unk {
+                    model = model.unk_token(self.texts.get(u).to_string());
+                }
+                let mut tok = Tokenizer::new(model.build().expect(BUILT));
+                let replace = Replace::new(" ", SPM_SPACE).expect(BUILT);
+                let normalizer: NormalizerWrapper = if self.add_space_prefix {
+                    NormalizerSequence::new(vec![Prepend::new(SPM_SPACE.to_string()).into(), replace.into()]).into()
+                } else {
+                    replace.into()
+                };
+                tok.with_normalizer(Some(normalizer));
+                if matches!(self.kind, Kind::SpmBpe) {
+                    let split = Split::new(
+                        SplitPattern::Regex("[^\n]+|[\n]+".into()),
+                        SplitDelimiterBehavior::Isolated,
+                        false,
+                    )
+                    .expect(BUILT);
+                    tok.with_pre_tokenizer(Some(split));
+                }
+                let mut decoders: Vec<DecoderWrapper> = vec![
+                    Replace::new(SPM_SPACE, " ").expect(BUILT).into(),
+                    ByteFallback::new().into(),
+                    Fuse::new().into(),
+                ];
+                if self.add_space_prefix {
+                    decoders.push(Strip::new(' ', 1, 0).into());
+                }
+                tok.with_decoder(Some(DecoderSequence::new(decoders)));
+                tok
+            }
+            Kind::ByteBpe(pre) => {
+                let model = BPE::builder()
+                    .vocab_and_merges(vocab, merges)
+                    .ignore_merges(pre.ignore_merges)
+                    .build()
+                    .expect(BUILT);
+                let mut tok = Tokenizer::new(model);
+                tok.with_pre_tokenizer(self.pre_tokenizer.clone());
+                tok.with_decoder(Some(ByteLevel::new(false, false, false)));
+                tok
+            }
+        };
+
+        let mut added: Vec<AddedToken> = (0..n)
+            .filter(|&i| self.attrs[i as usize] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0)
+            .map(|i| {
+                let special = self.attrs[i as usize] & (ATTR_CONTROL | ATTR_UNKNOWN) != 0;
+                AddedToken::from(self.texts.get(i).to_string(), special).normalized(false)
+            })
+            .collect();
+        if matches!(self.kind, Kind::SpmBpe) {
+            added.extend(
+                (0..n)
+                    .map(|i| self.texts.get(i))
+                    .filter(|t| t.bytes().all(|b| b == b'\n'))
+                    .map(|t| AddedToken::from(t.to_string(), false).normalized(false)),
+            );
+        }
+        tokenizer.add_tokens(&added);
+        tokenizer
+    }
+
+    /// SentencePiece BPE as a merge list: every split of a piece into two pieces of the
+    /// vocabulary merges into it, in [`Rank`] order.
+    fn spm_merges(&self) -> Vec<(String, String)> {
+        let mut merges: Vec<(Rank, u32, u32)> = Vec::new();
+        for id in 0..self.texts.len() as u32 {
+            let piece = self.texts.get(id);
+            if self.texts.id(piece) != Some(id) {
+                continue;
+            }
+            for (i, _) in piece.char_indices().skip(1) {
+                let (l, r) = piece.split_at(i);
+                if let (Some(li), Some(ri)) = (self.texts.id(l), self.texts.id(r)) {
+                    merges.push(((score_key(self.scores[id as usize]), id, li), li, ri));
+                }
+            }
+        }
+        merges.sort_unstable();
+        merges
+            .into_iter()
+            .map(|(_, l, r)| (self.texts.get(l).to_string(), self.texts.get(r).to_string()))
+            .collect()
+    }
 }
 
 /// `<0xNN>` → the byte.
@@ -897,31 +1489,45 @@ fn byte_piece(t: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
-/// GPT-2's byte-to-unicode table, inverted: the byte each printable stand-in means.
-fn byte_decoder() -> HashMap<char, u8> {
-    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
-    let mut map = HashMap::with_capacity(256);
-    let mut next = 256u32;
-    for b in 0..=255u8 {
-        let c = if printable(b) {
-            char::from(b)
-        } else {
-            let c = char::from_u32(next).expect("256..=323 are chars");
-            next += 1;
-            c
-        };
-        map.insert(c, b);
+/// GPT-2's byte-to-unicode table, inverted: the byte each printable stand-in means, by
+/// character (the stand-ins are U+0021..=U+0143).
+struct ByteDecoder([Option<u8>; 324]);
+
+impl ByteDecoder {
+    fn new() -> ByteDecoder {
+        let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+        let mut table = [None; 324];
+        let mut next = 256;
+        for b in 0..=255u8 {
+            if printable(b) {
+                table[b as usize] = Some(b);
+            } else {
+                table[next] = Some(b);
+                next += 1;
+            }
+        }
+        ByteDecoder(table)
     }
-    map
+
+    fn get(&self, c: char) -> Option<u8> {
+        *self.0.get(c as usize)?
+    }
 }
 
-/// A byte-level BPE token's bytes; a token with a character outside the table stands for
-/// its own text (as in Hugging Face's ByteLevel decoder).
-fn byte_level_decode(t: &str, table: &HashMap<char, u8>) -> Vec<u8> {
-    t.chars()
-        .map(|c| table.get(&c).copied())
-        .collect::<Option<Vec<u8>>>()
-        .unwrap_or_else(|| t.as_bytes().to_vec())
+/// Appends a byte-level BPE token's bytes; a token with a character outside the table
+/// stands for its own text (as in Hugging Face's ByteLevel decoder).
+fn byte_level_decode(t: &str, table: &ByteDecoder, out: &mut Vec<u8>) {
+    let start = out.len();
+    for c in t.chars() {
+        match table.get(c) {
+            Some(b) => out.push(b),
+            None => {
+                out.truncate(start);
+                out.extend_from_slice(t.as_bytes());
+                return;
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1049,11 +1655,15 @@ pub fn from_tokenizer_json(
     };
     // Each token's bytes as the decoder makes them (added tokens included: Gemma's
     // tokenizer.json spells its whitespace-run tokens with `▁`).
-    let table = byte_decoder();
+    let table = ByteDecoder::new();
     let mut by_id = vec![Vec::new(); n];
     for (text, &id) in &vocab {
         by_id[id as usize] = match style {
-            PieceStyle::ByteLevel => byte_level_decode(text, &table),
+            PieceStyle::ByteLevel => {
+                let mut bytes = Vec::new();
+                byte_level_decode(text, &table, &mut bytes);
+                bytes
+            }
             PieceStyle::SentencePiece => match byte_piece(text) {
                 Some(b) => vec![b],
                 None => text.replace(SPM_SPACE, " ").into_bytes(),
@@ -1242,12 +1852,101 @@ mod tests {
 
     #[test]
     fn byte_tables() {
-        let t = byte_decoder();
-        assert_eq!(t.len(), 256);
-        assert_eq!(t[&'Ġ'], b' ');
-        assert_eq!(t[&'Ċ'], b'\n');
-        assert_eq!(t[&'a'], b'a');
+        let t = ByteDecoder::new();
+        assert_eq!(t.0.iter().flatten().count(), 256);
+        assert_eq!(t.get('Ġ'), Some(b' '));
+        assert_eq!(t.get('Ċ'), Some(b'\n'));
+        assert_eq!(t.get('a'), Some(b'a'));
+        assert_eq!(t.get(' '), None);
+        let mut out = Vec::new();
+        byte_level_decode("aĠ", &t, &mut out);
+        byte_level_decode("a b", &t, &mut out);
+        assert_eq!(out, b"a a b");
         assert_eq!(byte_piece("<0x0A>"), Some(10));
         assert_eq!(byte_piece("<0x0A"), None);
+    }
+
+    /// kiln's encoding and the Hugging Face tokenizer's, with special tokens parsed and
+    /// as plain text.
+    fn assert_same_as_hf(info: &TokenizerInfo, text: &str) {
+        let hf = |literal: bool| {
+            let mut t = (*info.tokenizer).clone();
+            t.set_encode_special_tokens(literal);
+            t.encode_fast(text, false).unwrap().get_ids().to_vec()
+        };
+        assert_eq!(info.encode(text).unwrap(), hf(false), "{text:?}");
+        assert_eq!(info.encode_literal(text).unwrap(), hf(true), "{text:?} literal");
+    }
+
+    const ODD_TEXTS: &[&str] = &[
+        "",
+        " ",
+        "  hello  world ",
+        "hello<|turn|>world<|turn|>",
+        "<|im_end|><|im_end|>ab",
+        "<<|turn|>>",
+        "z€z",
+        "€zz€",
+        "\n\n ab \n",
+        "aabbab ab\u{e9}",
+    ];
+
+    #[test]
+    fn native_encoding_is_hugging_faces() {
+        let mut gemma4 = spm_vocab(None);
+        gemma4.model = "gemma4".into();
+        gemma4.merges = Some(
+            ["h e", "l l", "▁ he", "ll o", "▁he llo", "w o"]
+                .map(String::from)
+                .to_vec(),
+        );
+        gemma4.tokens.push("\n\n".into());
+        gemma4.token_types.as_mut().unwrap().push(1);
+        gemma4.scores.as_mut().unwrap().push(0.0);
+        let vocabs = [
+            spm_vocab(None),
+            spm_vocab(Some(false)),
+            gemma4,
+            bpe_vocab(Some("qwen2")),
+            bpe_vocab(Some("llama3")),
+        ];
+        for v in &vocabs {
+            let info = from_gguf_vocab(v).unwrap();
+            for text in ODD_TEXTS {
+                assert_same_as_hf(&info, text);
+            }
+        }
+    }
+
+    /// llama.cpp's test vectors, through kiln's encoder (the integration tests check the
+    /// Hugging Face tokenizer on them).
+    #[test]
+    fn native_encoding_of_llama_cpp_vectors() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../third_party/llama-cpp-python-0.3.36/vendor/llama.cpp/models");
+        let mut checked = 0;
+        for name in [
+            "llama-spm",
+            "gemma-4",
+            "qwen2",
+            "llama-bpe",
+            "gpt-2",
+            "falcon",
+            "deepseek-llm",
+        ] {
+            let gguf = dir.join(format!("ggml-vocab-{name}.gguf"));
+            let Ok(f) = GgufFile::open(&gguf) else {
+                panic!("{} is missing: run scripts/fetch-llama-cpp-src.sh", gguf.display());
+            };
+            let info = TokenizerInfo::from_gguf(&f).unwrap();
+            let inp = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp"))).unwrap();
+            let out = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out"))).unwrap();
+            for (text, want) in inp.split("\n__ggml_vocab_test__\n").zip(out.lines()) {
+                let want: Vec<u32> = want.split_whitespace().map(|t| t.parse().unwrap()).collect();
+                assert_eq!(info.encode_literal(text).unwrap(), want, "{name}: {text:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 200, "{checked} cases");
     }
 }

@@ -329,10 +329,12 @@ impl Backend for CpuBackend {
         // Every head of a position turns by the same angles: compute them once.
         let half = head_dim / 2;
         self.rope_freqs.clear();
-        self.rope_freqs.extend((0..half).map(|i| ops::rope_freq(i, head_dim, theta)));
+        self.rope_freqs
+            .extend((0..half).map(|i| ops::rope_freq(i, head_dim, theta)));
         self.rope_table.clear();
         for &pos in positions {
-            self.rope_table.extend(self.rope_freqs.iter().map(|f| (pos as f32 * f).sin_cos()));
+            self.rope_table
+                .extend(self.rope_freqs.iter().map(|f| (pos as f32 * f).sin_cos()));
         }
         let table = &self.rope_table;
         let row = n_heads * head_dim;
