@@ -3,6 +3,9 @@
 //! sizes: band heights and token counts that are not multiples of any tile, rows of one
 //! block and of many.
 
+mod common;
+
+use common::Rng;
 use kiln_kernels::gemm::{gemm_at, simd_level, OutMatrix, SimdLevel};
 use kiln_kernels::qdot::{activation_format, dot, quantize_activations};
 use kiln_kernels::GgmlType;
@@ -16,26 +19,6 @@ const TYPES: [GgmlType; 6] = [
     GgmlType::Q4_K,
     GgmlType::Q6_K,
 ];
-
-/// SplitMix64, seeded from the clock so every run tries new inputs (the seed is printed
-/// on failure).
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        ((0..4).map(|_| self.unit()).sum::<f32>() - 2.0) * 1.7
-    }
-}
 
 /// Random weight rows: random quant bytes, every f16 scale field set to a finite value
 /// of magnitude 1e-3..1 (random bytes there would give NaN and infinity).
@@ -51,7 +34,7 @@ fn random_weights(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<
     let mut raw: Vec<u8> = (0..blocks * ts).map(|_| rng.next_u64() as u8).collect();
     for b in 0..blocks {
         for &off in scale_fields {
-            let mag = 10f32.powf(-3.0 * rng.unit());
+            let mag = 10f32.powf(-3.0 * rng.unit() as f32);
             let v = if rng.unit() < 0.5 { mag } else { -mag };
             raw[b * ts + off..b * ts + off + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
         }

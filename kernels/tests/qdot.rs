@@ -5,33 +5,15 @@
 //!    from llama.cpp's libggml-cpu (commit 0c1e570): its activation quantizers, its
 //!    generic scalar `ggml_vec_dot_*` and the SIMD `vec_dot` it runs on this machine.
 
+mod common;
+
+use common::Rng;
 use kiln_kernels::dequant::dequantize_row;
 use kiln_kernels::qdot::{activation_format, dequantize_activations, dot, quantize_activations, ActFormat};
 use kiln_kernels::GgmlType;
 use serde_json::Value;
 
 const FIXTURE: &str = include_str!("fixtures/qdot.json");
-
-/// SplitMix64: a small deterministic generator for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Roughly normal (Irwin–Hall of 4).
-    fn normal(&mut self) -> f32 {
-        ((0..4).map(|_| self.unit()).sum::<f64>() - 2.0) as f32 * 1.7
-    }
-}
 
 /// Byte offsets of the f16 scale fields (d, m, dmin) in each quantized block.
 fn f16_fields(ty: GgmlType) -> &'static [usize] {
