@@ -5,8 +5,7 @@
 //! With `--dram`, decode only, over a 256 MiB matrix (far beyond the caches) on two
 //! threads, each taking half the rows: the memory-bound case of real models' decode.
 //! With `--model-prefill`, prefill only, at the shapes of the small models' matrices
-//! (rows × cols × 512 tokens). With `--gemma`, prefill only, at Gemma-3-270M's
-//! q/k/v and gate/up shapes.
+//! (rows × cols × 512 tokens).
 
 use std::time::Instant;
 
@@ -18,7 +17,6 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dram = args.iter().any(|a| a == "--dram");
     let model_prefill = args.iter().any(|a| a == "--model-prefill");
-    let gemma = args.iter().any(|a| a == "--gemma");
     let wanted: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
     println!("SIMD level: {:?}", simd_level());
     for ty in [
@@ -37,9 +35,6 @@ fn main() {
         let shapes: Vec<(usize, usize, usize)> = if dram {
             let cols = if ty.block_size() == 256 { 1024 } else { 896 };
             vec![((256 << 20) / ty.row_bytes(cols).unwrap(), cols, 1)]
-        } else if gemma {
-            // Gemma-3-270M q/k/v and gate/up: rows × 640 cols against 512 tokens.
-            vec![(1024, 640, 512), (256, 640, 512), (2048, 640, 512)]
         } else if model_prefill {
             // Gemma-3-270M attn_output and ffn_down, Qwen2.5-0.5B ffn_down.
             vec![(640, 1024, 512), (640, 2048, 512), (896, 4864, 512)]
@@ -69,11 +64,6 @@ fn main() {
             let run = |out: &mut Vec<f32>| {
                 // SAFETY: out holds tokens × rows; each thread writes its own rows.
                 let o = unsafe { OutMatrix::new(out.as_mut_ptr(), rows) };
-                if threads == 1 {
-                    // On this thread: its scratch buffers persist from call to call, as
-                    // in a thread pool, instead of being allocated and faulted in anew.
-                    return gemm(ty, &weights, rows, cols, &acts, tokens, o);
-                }
                 let per = rows.div_ceil(threads);
                 std::thread::scope(|s| {
                     for i in 0..threads {

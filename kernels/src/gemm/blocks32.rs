@@ -12,15 +12,11 @@
 //!    a 32-bit lane of a `vpdpbusd` (or `vpmaddubsw` + `vpmaddwd`) result belongs to
 //!    block 0 when its index mod 8 is below 4, and the scale patterns are
 //!    `[d0 ×4, d1 ×4]` repeated: a 32-byte broadcast load, no shuffle in the hot loop.
-//!    For the AVX-512 tile the weights are then transposed per group of `GR` rows
-//!    ([`prep_group`]): one zmm holds the same dword of a block for all 16 rows.
-//! 2. Multiply. AVX2: a register tile of rows × tokens walks the pairs: per (row, token,
+//! 2. Multiply. A register tile of rows × tokens walks the pairs: per (row, token,
 //!    pair) one integer dot (its accumulator starts at the offset correction, so the
-//!    zero point costs nothing), one conversion, one scale product and one FMA into 8
-//!    f32 lanes; lanes are summed once per output at the end. AVX-512 ([`tile512`]):
-//!    rows are the lanes, so 8 `vpdpbusd` against broadcast activation dwords leave 16
-//!    whole block products in one register, and the float work is paid once per 16 of
-//!    them. Q4_1's `m · s` terms are f32 products added to the same lanes.
+//!    zero point costs nothing), one conversion, one scale product and one FMA into
+//!    16 (8) f32 lanes; lanes are summed once per output at the end. Q4_1's `m · s`
+//!    terms are a dense f32 dot of per-block vectors added to the same lanes.
 //!
 //! The weights are repacked in row blocks sized for L2 (prefill) or L1 (few tokens); the
 //! token tile sweeps a whole row block while its activations stay in L1. At AVX-512 with
@@ -34,11 +30,10 @@ use std::cell::RefCell;
 use super::{OutMatrix, SimdLevel};
 use crate::quant::GgmlType;
 
-/// Rows per AVX-512 tile (one i32 / f32 lane each); row blocks are padded with zero
-/// rows to a multiple of it.
-const GR: usize = 16;
+/// Rows per AVX-512 tile; row blocks are padded with zero rows to a multiple of it.
+const MR: usize = 4;
 /// Tokens per AVX-512 tile.
-const NT512: usize = 8;
+const NT512: usize = 5;
 /// Up to this many tokens, AVX-512 streams the weights straight from their blocks
 /// (each unpacked once, in registers) instead of repacking them.
 const STREAM_MAX_TOKENS: usize = 4;
@@ -70,8 +65,6 @@ struct Line([u8; 64]);
 struct Scratch {
     acts: Vec<Line>,
     weights: Vec<Line>,
-    /// AVX-512 prefill: `GR` rows in the per-row layout, before [`prep_group`].
-    stage: Vec<Line>,
 }
 
 thread_local! {
@@ -136,12 +129,6 @@ const W_DW: usize = 64;
 const A_NZ: usize = 64;
 const A_DA: usize = 96;
 
-/// AVX-512 prefill weights, per group of `GR` rows and pair: for each of the two blocks
-/// its 8 dword positions (in the pair's element order) as 8 zmm of `GR` rows' dwords,
-/// then the f32 scales `d` of the `GR` rows per block, then (Q4_1) their `m` per block.
-const G_DW: usize = 1024;
-const G_M: usize = G_DW + 128;
-
 /// Where things live in the repacked rows (all offsets multiples of 64).
 ///
 /// Weight row: pairs (np × `PAIR`) | `m` (nb16 f32, Q4_1) | signed bytes (np × 64 B,
@@ -159,8 +146,6 @@ struct Geo {
     a_s: usize,
     a_db: usize,
     a_stride: usize,
-    /// Bytes per pair of a group of `GR` rows in the AVX-512 prefill layout.
-    gp: usize,
 }
 
 impl Geo {
@@ -175,7 +160,6 @@ impl Geo {
         let a_s = np * PAIR;
         let a_db = a_s + mins;
         let a_stride = a_db + nb16 * 4;
-        let gp = G_M + if k.min { 128 } else { 0 };
         Geo {
             nb,
             np,
@@ -186,7 +170,6 @@ impl Geo {
             a_s,
             a_db,
             a_stride,
-            gp,
         }
     }
 }
@@ -258,27 +241,17 @@ pub(super) unsafe fn gemm(
         });
         return true;
     }
-    let (tile_rows, tile_tokens) = if avx512 { (GR, NT512) } else { (MR256, NT256) };
-    // Repacked bytes per weight row (AVX-512: a group's share).
-    let rep_stride = if avx512 { g.np * g.gp / GR } else { g.w_stride };
+    let (tile_rows, tile_tokens) = if avx512 { (MR, NT512) } else { (MR256, NT256) };
     let budget = if n_tokens <= tile_tokens {
         DECODE_BLOCK_BYTES
     } else {
         PREFILL_BLOCK_BYTES
     };
-    let block_rows = (budget / rep_stride / tile_rows).max(1) * tile_rows;
+    let block_rows = (budget / g.w_stride / MR).max(1) * MR;
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
         let a = lines(&mut s.acts, n_tokens * g.a_stride);
-        let w = lines(
-            &mut s.weights,
-            block_rows.min(n_rows.next_multiple_of(tile_rows)) * rep_stride,
-        );
-        let stage = if avx512 {
-            lines(&mut s.stage, GR * g.w_stride)
-        } else {
-            std::ptr::null_mut()
-        };
+        let w = lines(&mut s.weights, block_rows.min(n_rows.next_multiple_of(MR)) * g.w_stride);
         for t in 0..n_tokens {
             // SAFETY: token t's activation row is in `acts` (sizes checked by the caller),
             // and `a` has room for n_tokens repacked rows.
@@ -286,26 +259,15 @@ pub(super) unsafe fn gemm(
         }
         for r0 in (0..n_rows).step_by(block_rows) {
             let rows = block_rows.min(n_rows - r0);
-            let padded = rows.next_multiple_of(tile_rows);
+            let padded = rows.next_multiple_of(MR);
             for r in 0..padded {
-                // AVX-512 repacks each group of rows in `stage`, then transposes it to `w`.
-                let dst = if avx512 {
-                    stage.wrapping_add(r % GR * g.w_stride)
-                } else {
-                    w.wrapping_add(r * g.w_stride)
-                };
+                let dst = w.wrapping_add(r * g.w_stride);
                 if r < rows {
-                    // SAFETY: row r0 + r is in `weights`; `w` has room for `padded` rows,
-                    // `stage` for `GR`.
+                    // SAFETY: row r0 + r is in `weights`; `w` has room for `padded` rows.
                     unsafe { prep_weights(&k, &g, weights.as_ptr().add((r0 + r) * g.nb * k.wb), dst) };
                 } else {
                     // SAFETY: as above; a zero row yields zero results, never written.
                     unsafe { dst.write_bytes(0, g.w_stride) };
-                }
-                if avx512 && r % GR == GR - 1 {
-                    // SAFETY: `stage` holds GR repacked rows; `w` has room for `padded`
-                    // rows at `rep_stride` each; AVX-512 is supported.
-                    unsafe { prep_group(&k, &g, stage, w.add((r + 1 - GR) * rep_stride)) };
                 }
             }
             for t0 in (0..n_tokens).step_by(tile_tokens) {
@@ -319,7 +281,7 @@ pub(super) unsafe fn gemm(
                     unsafe {
                         f(
                             &g,
-                            w.add(rr * rep_stride),
+                            w.add(rr * g.w_stride),
                             a.add(t0 * g.a_stride),
                             out,
                             t0,
@@ -343,9 +305,6 @@ fn pick512(k: &Kind, tn: usize) -> TileFn {
                 2 => tile512::<2, $nz, $min>,
                 3 => tile512::<3, $nz, $min>,
                 4 => tile512::<4, $nz, $min>,
-                5 => tile512::<5, $nz, $min>,
-                6 => tile512::<6, $nz, $min>,
-                7 => tile512::<7, $nz, $min>,
                 _ => tile512::<NT512, $nz, $min>,
             }
         };
@@ -583,53 +542,11 @@ fn hsum4(a0: __m512, a1: __m512, a2: __m512, a3: __m512) -> __m128 {
     _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
 }
 
-/// Transposes `GR` rows repacked at `stage` (row stride `g.w_stride`) into the group
-/// layout at `dst` (see [`G_DW`]), so that one zmm holds the same dword of a block for
-/// all `GR` rows.
+/// The AVX-512 tile: `MR` repacked weight rows at `w` × `T` repacked tokens at `a`;
+/// writes `(t0 + t, r0 + r)` for `t < T`, `r < rn`.
 ///
 /// # Safety
-/// `stage` holds `GR` repacked rows; `dst` has `g.np * g.gp` writable bytes; the CPU has
-/// AVX-512 F.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn prep_group(k: &Kind, g: &Geo, stage: *const u8, dst: *mut u8) {
-    let rows = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(g.w_stride as i32),
-    );
-    for j in 0..g.np {
-        // SAFETY: every gathered dword is inside one of the GR staged rows (pair j, or
-        // the `m` area), every store inside pair j of the group.
-        unsafe {
-            let src = stage.add(PAIR * j);
-            let out = dst.add(g.gp * j);
-            for q in 0..16 {
-                // Dword q of the pair belongs to block (q / 4) % 2, as its dword
-                // (q / 8) * 4 + q % 4.
-                let v = _mm512_i32gather_epi32::<1>(rows, src.add(4 * q).cast());
-                let (h, i) = ((q / 4) % 2, (q / 8) * 4 + q % 4);
-                _mm512_storeu_si512(out.add(64 * (8 * h + i)).cast(), v);
-            }
-            for h in 0..2 {
-                let d = _mm512_i32gather_epi32::<1>(rows, src.add(W_DW + 16 * h).cast());
-                _mm512_storeu_si512(out.add(G_DW + 64 * h).cast(), d);
-                if k.min {
-                    let m = _mm512_i32gather_epi32::<1>(rows, stage.add(g.w_m + 4 * (2 * j + h)).cast());
-                    _mm512_storeu_si512(out.add(G_M + 64 * h).cast(), m);
-                }
-            }
-        }
-    }
-}
-
-/// The AVX-512 tile: a group of `GR` repacked weight rows at `w` × `T` repacked tokens
-/// at `a`; writes `(t0 + t, r0 + r)` for `t < T`, `r < rn`. Rows are the lanes: per
-/// block and token, 8 `vpdpbusd` (weights' dwords of all rows against one broadcast
-/// activation dword each, accumulator starting at the offset correction) leave the
-/// `GR` exact block products in one zmm, so the float work (a conversion, a scale
-/// product and an FMA) is shared by `GR` block products instead of paid per block.
-///
-/// # Safety
-/// A group and `T` tokens are repacked there with geometry `g`; those outputs are the
+/// `MR` rows and `T` tokens are repacked there with geometry `g`; those outputs are the
 /// caller's to write; the CPU has AVX-512 F/BW/VL/VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
@@ -641,62 +558,61 @@ unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
     r0: usize,
     rn: usize,
 ) {
-    let mut acc = [_mm512_setzero_ps(); T];
-    for b in 0..g.nb {
-        let (j, h) = (b / 2, b % 2);
-        // SAFETY: block b of the group is repacked (pair j, half h).
-        let (wv, dw, m) = unsafe {
-            let wb = w.add(g.gp * j);
-            let mut wv = [_mm512_setzero_si512(); 8];
-            for (i, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(wb.add(64 * (8 * h + i)).cast());
-            }
-            let m = if MIN {
-                _mm512_loadu_ps(wb.add(G_M + 64 * h).cast())
-            } else {
-                _mm512_setzero_ps()
+    let mut acc = [[_mm512_setzero_ps(); T]; MR];
+    for j in 0..g.np {
+        let mut wv = [_mm512_setzero_si512(); MR];
+        for (r, v) in wv.iter_mut().enumerate() {
+            // SAFETY: pair j of row r is repacked.
+            *v = unsafe { _mm512_loadu_si512(w.add(r * g.w_stride + PAIR * j).cast()) };
+        }
+        for t in 0..T {
+            // SAFETY: pair j of token t is repacked.
+            let (av, da, nz) = unsafe {
+                let at = a.add(t * g.a_stride);
+                let nz = if NZ {
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(at.add(PAIR * j + A_NZ).cast()))
+                } else {
+                    _mm512_setzero_si512()
+                };
+                (
+                    _mm512_loadu_si512(at.add(PAIR * j).cast()),
+                    bcast32(at.add(PAIR * j + A_DA)),
+                    nz,
+                )
             };
-            (wv, _mm512_loadu_ps(wb.add(G_DW + 64 * h).cast()), m)
-        };
-        // SAFETY: pair j of every token is repacked: block h's dwords are at 16h + 4i
-        // (i < 4) and 32 + 16h + 4(i - 4), its correction at A_NZ + 16h, its scale at
-        // A_DA + 16h, its `s` at a_s + 4b.
-        unsafe {
-            let at = |t: usize| a.add(t * g.a_stride + PAIR * j + 16 * h);
-            // Two chains per token (the block's first and last 16 elements), interleaved
-            // over the tokens: the `vpdpbusd` latency hides behind independent work.
-            let mut p = [_mm512_setzero_si512(); T];
-            let mut q = [_mm512_setzero_si512(); T];
-            if NZ {
-                for (t, p) in p.iter_mut().enumerate() {
-                    *p = _mm512_set1_epi32(rd_u32(at(t).add(A_NZ)) as i32);
-                }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: pair j of row r is repacked.
+                // (A memory operand of the product: the tile's accumulators need the
+                // registers.)
+                let dw = unsafe { _mm512_loadu_ps(w.add(r * g.w_stride + PAIR * j + W_DW).cast()) };
+                let p = _mm512_dpbusd_epi32(nz, wv[r], av);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, da), acc[t]);
             }
-            for i in 0..4 {
-                for t in 0..T {
-                    let x = _mm512_set1_epi32(rd_u32(at(t).add(4 * i)) as i32);
-                    p[t] = _mm512_dpbusd_epi32(p[t], wv[i], x);
-                    let y = _mm512_set1_epi32(rd_u32(at(t).add(32 + 4 * i)) as i32);
-                    q[t] = _mm512_dpbusd_epi32(q[t], wv[4 + i], y);
-                }
-            }
-            for (t, acc) in acc.iter_mut().enumerate() {
-                let p = _mm512_add_epi32(p[t], q[t]);
-                let da = _mm512_set1_ps(at(t).add(A_DA).cast::<f32>().read_unaligned());
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, da), *acc);
-                if MIN {
-                    let s = a.add(t * g.a_stride + g.a_s + 4 * b).cast::<f32>().read_unaligned();
-                    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(s), *acc);
+        }
+    }
+    if MIN {
+        for c in (0..g.nb16).step_by(16) {
+            for t in 0..T {
+                // SAFETY: the `s` and `m` areas hold nb16 f32 each.
+                let s = unsafe { _mm512_loadu_ps(a.add(t * g.a_stride + g.a_s + 4 * c).cast()) };
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: as above.
+                    let m = unsafe { _mm512_loadu_ps(w.add(r * g.w_stride + g.w_m + 4 * c).cast()) };
+                    acc[t] = _mm512_fmadd_ps(m, s, acc[t]);
                 }
             }
         }
     }
-    // One masked store per token: the valid rows are consecutive outputs.
-    let valid = ((1u32 << rn) - 1) as __mmask16;
-    for (t, acc) in acc.iter().enumerate() {
-        // SAFETY: the caller's contract covers outputs (t0 + t, r0 + r) for r < rn, which
-        // are `ptr + (t0 + t) * ld + r0 + r`; masked-off lanes are not accessed.
-        unsafe { _mm512_mask_storeu_ps(out.ptr.add((t0 + t) * out.ld + r0), valid, *acc) };
+    // t indexes the inner dimension of all four rows' accumulators at once.
+    #[allow(clippy::needless_range_loop)]
+    for t in 0..T {
+        let mut v = [0f32; MR];
+        // SAFETY: v has room for 4 f32.
+        unsafe { _mm_storeu_ps(v.as_mut_ptr(), hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t])) };
+        for (r, &x) in v.iter().enumerate().take(rn) {
+            // SAFETY: the caller's contract.
+            unsafe { out.write(t0 + t, r0 + r, x) };
+        }
     }
 }
 
