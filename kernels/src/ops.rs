@@ -108,15 +108,6 @@ pub enum RopeStyle {
     Neox,
 }
 
-/// Rotates one head's vector in place for position `pos`; only the first `rope_dims`
-/// dimensions rotate.
-pub fn rope(head: &mut [f32], pos: u32, rope_dims: usize, theta: f32, style: RopeStyle) {
-    let table: Vec<(f32, f32)> = (0..rope_dims / 2)
-        .map(|i| (pos as f32 * rope_freq(i, rope_dims, theta)).sin_cos())
-        .collect();
-    rope_with(head, &table, style);
-}
-
 /// The angular frequency of pair `i` of a `rope_dims`-dimensional head: at position
 /// `pos` the pair turns by `pos as f32 * rope_freq(..)`.
 #[inline]
@@ -397,7 +388,7 @@ pub fn round_to_f16(x: f32) -> f32 {
 pub fn round_to_f16_slice(src: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2_fma() && is_x86_feature_detected!("f16c") {
+        if crate::gemm::simd_level() >= crate::gemm::SimdLevel::Avx2 {
             // SAFETY: the CPU supports F16C, checked just above.
             return unsafe { round_to_f16_slice_f16c(src, dst) };
         }
@@ -497,12 +488,13 @@ mod tests {
         let d = 8;
         let x: Vec<f32> = (0..d).map(|i| i as f32 + 1.0).collect();
         let mut inter = x.clone();
-        rope(&mut inter, 5, d, 10000.0, RopeStyle::Interleaved);
+        let table: Vec<(f32, f32)> = (0..d / 2).map(|i| (5.0 * rope_freq(i, d, 10000.0)).sin_cos()).collect();
+        rope_with(&mut inter, &table, RopeStyle::Interleaved);
         let mut neox: Vec<f32> = (0..d / 2)
             .map(|i| x[2 * i])
             .chain((0..d / 2).map(|i| x[2 * i + 1]))
             .collect();
-        rope(&mut neox, 5, d, 10000.0, RopeStyle::Neox);
+        rope_with(&mut neox, &table, RopeStyle::Neox);
         for i in 0..d / 2 {
             assert!((inter[2 * i] - neox[i]).abs() < 1e-5);
             assert!((inter[2 * i + 1] - neox[i + d / 2]).abs() < 1e-5);

@@ -210,7 +210,7 @@ pub(super) unsafe fn gemm(
         return true;
     }
     let g = Geo::new(&k, cols);
-    if avx512 && n_tokens <= STREAM_MAX_TOKENS && is_x86_feature_detected!("bmi2") {
+    if avx512 && n_tokens <= STREAM_MAX_TOKENS {
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             let a = lines(&mut s.acts, n_tokens * g.a_stride);

@@ -70,7 +70,7 @@ pub enum SimdLevel {
     Scalar,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// AVX-512 F/BW/VL + VNNI (plus AVX2/FMA/F16C).
+    /// AVX-512 F/BW/VL + VNNI (plus AVX2/FMA/F16C and BMI2, which every such CPU has).
     Avx512Vnni,
 }
 
@@ -96,7 +96,8 @@ fn detect() -> SimdLevel {
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512vnni");
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("bmi2");
     if avx512 {
         SimdLevel::Avx512Vnni
     } else if avx2 {
