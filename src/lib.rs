@@ -13,7 +13,8 @@
 pub use kiln_engine::perplexity::PerplexityReport;
 pub use kiln_engine::registry;
 pub use kiln_engine::{
-    Engine, EngineError, EngineOptions, FinishReason, GenerateOptions, Generation, Sampling, Session, SessionOptions,
+    CancelToken, Engine, EngineError, EngineOptions, FinishReason, GenerateOptions, Generation, GenerationStream,
+    KvBudget, KvPolicy, KvStats, PoolCounts, Sampling, Session, SessionCheckpoint, SessionOptions, StreamEvent,
     Timings,
 };
 

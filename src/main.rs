@@ -75,6 +75,15 @@ enum Command {
         /// Prompt length of the time-to-first-token measurement; 0 skips it.
         #[arg(long, default_value_t = 512)]
         ttft: usize,
+        /// Run every test as N concurrent sessions through the engine's scheduler and
+        /// report their aggregate tokens/s.
+        #[arg(long)]
+        sessions: Option<usize>,
+        /// First-turn prompt length of a second-turn measurement: time to first token of
+        /// a conversation's second turn sent as a new session, with and without prefix
+        /// reuse; 0 skips it.
+        #[arg(long, default_value_t = 0)]
+        second_turn: usize,
         #[arg(short, long, value_enum, default_value_t = Output::Md)]
         output: Output,
     },
@@ -143,12 +152,16 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                     top_k,
                     top_p,
                     seed,
+                    ..Sampling::default()
                 },
-                stop: vec![],
+                ..Default::default()
             };
-            let generation = session.generate(&prompt, &options)?;
-            print!("{}", generation.text);
-            std::io::stdout().flush()?;
+            let mut stdout = std::io::stdout();
+            // Text appears as it is generated.
+            let generation = session.generate_with(&prompt, &options, |piece| {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            })?;
             let t = &generation.timings;
             eprintln!(
                 "\nload {:.2} s | prompt {} tokens, {:.1} t/s | generated {} tokens, {:.1} t/s | finish: {:?}",
@@ -194,6 +207,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             backend,
             batch,
             ttft,
+            sessions,
+            second_turn,
             output,
         } => {
             let options = kiln_bench::Options {
@@ -204,6 +219,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 backend,
                 batch,
                 ttft_prompt: ttft,
+                sessions,
+                second_turn,
             };
             let engine = load(&model, options.engine_options()?)?;
             let report = kiln_bench::run(&engine, &model, &options)?;

@@ -27,7 +27,7 @@ fn all_logits(model: &dyn Model, be: &mut dyn Backend, tokens: &[u32], chunk: us
     let mut scratch = Scratch::new(be, &h, chunk, chunk);
     let mut logits = vec![0f32; tokens.len() * h.vocab];
     for (i, part) in tokens.chunks(chunk).enumerate() {
-        let out = model.forward(be, &mut cache, &mut scratch, part, part.len());
+        let out = cache.forward(model, be, &mut scratch, part, part.len());
         let start = i * chunk * h.vocab;
         be.read(out, 0, &mut logits[start..start + part.len() * h.vocab]);
     }

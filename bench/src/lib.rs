@@ -5,7 +5,9 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kiln_engine::{registry, Engine, EngineError, EngineOptions, Session, SessionOptions};
+use kiln_engine::{
+    registry, Engine, EngineError, EngineOptions, GenerateOptions, KvBudget, Sampling, Session, SessionOptions,
+};
 use kiln_models::checkpoint::Format;
 use kiln_models::Checkpoint;
 use serde::Serialize;
@@ -60,6 +62,14 @@ pub struct Options {
     pub batch: Option<usize>,
     /// Prompt length of the time-to-first-token measurement; 0 skips it.
     pub ttft_prompt: usize,
+    /// Run each test as this many concurrent sessions through the engine's scheduler
+    /// (generation with greedy sampling), reporting their aggregate tokens/s; `None`
+    /// drives one session's forward passes directly, as llama-bench does.
+    pub sessions: Option<usize>,
+    /// First-turn prompt length of the second-turn measurement (time to first token of
+    /// a conversation's second turn sent as a new session, with and without prefix
+    /// reuse); 0 skips it.
+    pub second_turn: usize,
 }
 
 impl Options {
@@ -74,15 +84,31 @@ impl Options {
         if self.repetitions == 0 {
             return Err(BenchError::Invalid("repetitions must be at least 1".into()));
         }
-        if self.threads == Some(0) || self.batch == Some(0) {
-            return Err(BenchError::Invalid("threads and batch size must be positive".into()));
+        if self.threads == Some(0) || self.batch == Some(0) || self.sessions == Some(0) {
+            return Err(BenchError::Invalid(
+                "threads, batch size and sessions must be positive".into(),
+            ));
         }
+        let second_turn = (self.second_turn > 0).then(|| self.second_turn + 3 * TURN_TAIL);
         let longest = self.n_prompt.iter().chain(&self.n_gen).chain([&self.ttft_prompt]);
+        let longest = longest.copied().chain(second_turn);
+        // A generation needs one position more than its tokens.
+        let n_ctx = longest.max().unwrap_or(0).max(1) + 1;
+        // The second-turn measurement keeps the first turn's pages while the second runs.
+        let sessions = self
+            .sessions
+            .unwrap_or(1)
+            .max(if second_turn.is_some() { 2 } else { 1 });
         let defaults = EngineOptions::default();
         Ok(EngineOptions {
-            n_ctx: Some(longest.copied().max().unwrap_or(0).max(1)),
+            n_ctx: Some(n_ctx),
             threads: self.threads,
             max_batch: self.batch.unwrap_or(defaults.max_batch),
+            max_sessions_per_step: defaults.max_sessions_per_step.max(sessions),
+            // Every session's whole context, in pages.
+            kv_budget: Some(KvBudget::Tokens(sessions * n_ctx.next_multiple_of(defaults.page_size))),
+            prefix_cache: second_turn.is_some(),
+            ..defaults
         })
     }
 }
@@ -111,6 +137,8 @@ impl Samples {
 pub struct TestResult {
     pub n_prompt: usize,
     pub n_gen: usize,
+    /// Concurrent sessions (1 when driving one session directly).
+    pub n_sessions: usize,
     /// When the test started, UTC, RFC 3339 as llama-bench writes it.
     pub test_time: String,
     pub samples: Samples,
@@ -118,10 +146,15 @@ pub struct TestResult {
 
 impl TestResult {
     pub fn name(&self) -> String {
-        if self.n_prompt > 0 {
+        let test = if self.n_prompt > 0 {
             format!("pp{}", self.n_prompt)
         } else {
             format!("tg{}", self.n_gen)
+        };
+        if self.n_sessions > 1 {
+            format!("{test} x{}", self.n_sessions)
+        } else {
+            test
         }
     }
 }
@@ -227,6 +260,7 @@ pub struct Report {
     pub load_time: Duration,
     /// Prefill of a prompt (`n_tokens` long) plus picking the first token.
     pub ttft: Option<Samples>,
+    pub second_turn: Option<SecondTurn>,
     /// The process's peak resident memory (VmHWM) in bytes, where the OS reports it.
     pub peak_rss: Option<u64>,
     pub cpu_info: String,
@@ -258,6 +292,17 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
     for (n_prompt, n_gen) in cases.filter(|&(p, n)| p + n > 0) {
         let test_time = rfc3339(SystemTime::now());
         bench.session.reset();
+        if let Some(n_sessions) = options.sessions {
+            let samples = concurrent(engine, &mut bench, n_sessions, n_prompt, n_gen, options.repetitions)?;
+            tests.push(TestResult {
+                n_prompt,
+                n_gen,
+                n_sessions,
+                test_time,
+                samples,
+            });
+            continue;
+        }
         let samples = if n_prompt > 0 {
             bench.prompt(n_prompt)?;
             bench.repeat(options.repetitions, n_prompt, |b| b.prompt(n_prompt))?
@@ -269,10 +314,15 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
         tests.push(TestResult {
             n_prompt,
             n_gen,
+            n_sessions: 1,
             test_time,
             samples,
         });
     }
+    let second_turn = match options.second_turn {
+        0 => None,
+        n => Some(second_turn(engine, &mut bench, n, options.repetitions)?),
+    };
     let ttft = match options.ttft_prompt {
         0 => None,
         n => {
@@ -293,6 +343,7 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
         tests,
         load_time: engine.load_time(),
         ttft,
+        second_turn,
         peak_rss: peak_rss(),
         cpu_info: cpu_info(),
     })
@@ -376,6 +427,138 @@ impl Bench {
     }
 }
 
+/// One test run as `n_sessions` sessions generating at once through the engine loop,
+/// each on its own thread: a ppN test is N random prompt tokens and one generated token
+/// per session, a tgN test is a one-token prompt and N generated tokens (greedy, past
+/// any end-of-text). One warm-up run, then `reps` timed runs from empty contexts; a run
+/// lasts from the moment all sessions start until the last one finishes, and counts the
+/// tokens of all of them.
+fn concurrent(
+    engine: &Engine,
+    bench: &mut Bench,
+    n_sessions: usize,
+    n_prompt: usize,
+    n_gen: usize,
+    reps: usize,
+) -> Result<Samples> {
+    let mut sessions: Vec<Session> = (0..n_sessions)
+        .map(|_| engine.session(SessionOptions::default()))
+        .collect();
+    let options = GenerateOptions {
+        max_tokens: n_gen.max(1),
+        sampling: Sampling::greedy(),
+        stop_at_eog: false,
+        ..Default::default()
+    };
+    let mut ns = Vec::with_capacity(reps);
+    for rep in 0..=reps {
+        let prompts: Vec<Vec<u32>> = (0..n_sessions).map(|_| bench.prompt_tokens(n_prompt.max(1))).collect();
+        for s in &mut sessions {
+            s.reset();
+        }
+        let barrier = std::sync::Barrier::new(n_sessions + 1);
+        let elapsed = std::thread::scope(|scope| -> Result<Duration> {
+            let runs: Vec<_> = sessions
+                .iter_mut()
+                .zip(&prompts)
+                .map(|(session, prompt)| {
+                    let (barrier, options) = (&barrier, &options);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        session.generate_from_tokens(prompt, options)
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let started = Instant::now();
+            for run in runs {
+                run.join().expect("a bench session panicked")?;
+            }
+            Ok(started.elapsed())
+        })?;
+        if rep > 0 {
+            ns.push(elapsed.as_nanos() as u64);
+        }
+    }
+    Ok(Samples {
+        n_tokens: n_sessions * if n_prompt > 0 { n_prompt } else { n_gen },
+        ns,
+    })
+}
+
+/// Tokens the first turn generates, the second turn adds, and the second turn generates
+/// in the second-turn measurement.
+const TURN_TAIL: usize = 16;
+
+/// Time to first token of a conversation's second turn, sent as a new session with the
+/// whole history (as a stateless chat server does), with and without prefix reuse.
+#[derive(Clone, Debug)]
+pub struct SecondTurn {
+    /// First-turn prompt tokens.
+    pub n_first: usize,
+    /// Second-turn prompt tokens: the first turn's prompt and reply and the new message.
+    pub n_prompt: usize,
+    /// Of those, the tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
+    /// Time to first token with the first turn's pages in the prefix cache.
+    pub reused: Samples,
+    /// The same with the prefix cache emptied: every token prefilled.
+    pub cold: Samples,
+}
+
+/// Per repetition: a first turn of `n_first` random tokens and 16 greedy ones in one
+/// session, which then ends (its pages stay in the prefix cache); a new session sends
+/// that history plus 16 new tokens and its time to first token is taken; then the prefix
+/// cache is emptied and the same second turn runs again. Both replies must be the same.
+fn second_turn(engine: &Engine, bench: &mut Bench, n_first: usize, reps: usize) -> Result<SecondTurn> {
+    let options = GenerateOptions {
+        max_tokens: TURN_TAIL,
+        sampling: Sampling::greedy(),
+        stop_at_eog: false,
+        ..Default::default()
+    };
+    let (mut reused, mut cold, mut n_prompt, mut cached_tokens) = (Vec::new(), Vec::new(), 0, 0);
+    for rep in 0..=reps {
+        engine.clear_prefix_cache();
+        let first = bench.prompt_tokens(n_first);
+        let mut session = engine.session(SessionOptions::default());
+        session.generate_from_tokens(&first, &options)?;
+        let mut prompt = session.tokens();
+        drop(session);
+        prompt.extend(bench.random_tokens(TURN_TAIL));
+        let warm = engine
+            .session(SessionOptions::default())
+            .generate_from_tokens(&prompt, &options)?;
+        engine.clear_prefix_cache();
+        let fresh = engine
+            .session(SessionOptions::default())
+            .generate_from_tokens(&prompt, &options)?;
+        if warm.tokens != fresh.tokens {
+            return Err(BenchError::Invalid(
+                "the second turn's reply differs with prefix reuse".into(),
+            ));
+        }
+        if rep > 0 {
+            reused.push(warm.timings.prefill.as_nanos() as u64);
+            cold.push(fresh.timings.prefill.as_nanos() as u64);
+        }
+        (n_prompt, cached_tokens) = (prompt.len(), warm.timings.cached_tokens);
+    }
+    Ok(SecondTurn {
+        n_first,
+        n_prompt,
+        cached_tokens,
+        reused: Samples {
+            n_tokens: n_prompt,
+            ns: reused,
+        },
+        cold: Samples {
+            n_tokens: n_prompt,
+            ns: cold,
+        },
+    })
+}
+
 /// Mean and sample standard deviation (n - 1), 0 for one sample, as llama-bench computes them.
 fn mean_sd(values: &[f64]) -> (f64, f64) {
     let n = values.len() as f64;
@@ -385,6 +568,10 @@ fn mean_sd(values: &[f64]) -> (f64, f64) {
     }
     let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
     (mean, var.sqrt())
+}
+
+fn mean_ns(samples: &Samples) -> f64 {
+    mean_sd(&samples.ns.iter().map(|&ns| ns as f64).collect::<Vec<_>>()).0
 }
 
 /// VmHWM from /proc/self/status: the most resident memory the process has had.
@@ -482,6 +669,13 @@ struct JsonRow<'a> {
     ttft_avg_ns: Option<u64>,
     ttft_stddev_ns: Option<u64>,
     peak_rss_bytes: Option<u64>,
+    /// Second-turn time to first token with and without prefix reuse (see `SecondTurn`).
+    second_turn_n_prompt: Option<usize>,
+    second_turn_cached_tokens: Option<usize>,
+    second_turn_ttft_avg_ns: Option<u64>,
+    second_turn_cold_ttft_avg_ns: Option<u64>,
+    /// Sessions generating at once; `avg_ts` is their aggregate.
+    n_sessions: usize,
 }
 
 impl Report {
@@ -494,6 +688,7 @@ impl Report {
     pub fn json(&self) -> String {
         let build = format!("kiln {}", env!("CARGO_PKG_VERSION"));
         let ttft = self.ttft_stats();
+        let second = self.second_turn.as_ref();
         let rows: Vec<JsonRow> = self
             .tests
             .iter()
@@ -552,6 +747,11 @@ impl Report {
                     ttft_avg_ns: ttft.map(|(avg, _)| avg.round() as u64),
                     ttft_stddev_ns: ttft.map(|(_, sd)| sd.round() as u64),
                     peak_rss_bytes: self.peak_rss,
+                    second_turn_n_prompt: second.map(|s| s.n_prompt),
+                    second_turn_cached_tokens: second.map(|s| s.cached_tokens),
+                    second_turn_ttft_avg_ns: second.map(|s| mean_ns(&s.reused).round() as u64),
+                    second_turn_cold_ttft_avg_ns: second.map(|s| mean_ns(&s.cold).round() as u64),
+                    n_sessions: t.n_sessions,
                 }
             })
             .collect();
@@ -611,6 +811,21 @@ impl Report {
                 ttft.n_tokens,
                 avg / 1e6,
                 sd / 1e6
+            );
+        }
+        if let Some(s) = &self.second_turn {
+            let (reused, cold) = (mean_ns(&s.reused), mean_ns(&s.cold));
+            let _ = writeln!(
+                out,
+                "second turn, first-turn prompt {} (+{} new, {} of {} tokens cached): time to first token {:.1} ms, \
+                 {:.1} ms without prefix reuse ({:.1}x)",
+                s.n_first,
+                s.n_prompt - s.n_first,
+                s.cached_tokens,
+                s.n_prompt,
+                reused / 1e6,
+                cold / 1e6,
+                cold / reused.max(1.0)
             );
         }
         if let Some(rss) = self.peak_rss {

@@ -1,22 +1,35 @@
-//! kiln-engine: loads a model once (weights, tokenizer, chat template) and runs
-//! lightweight sessions on it: tokenization, prefill, decode, sampling and stopping.
+//! kiln-engine: loads a model once (weights, tokenizer, chat template) and serves many
+//! lightweight sessions on it: tokenization, a paged key/value cache with prefix reuse,
+//! one engine loop that batches every session's work, sampling, stopping and streaming.
 //! The engine drives models through the runtime's backend and knows no kernel.
 
+mod kv;
 pub mod perplexity;
 pub mod registry;
 pub mod sampling;
+mod scheduler;
 mod session;
+mod state_file;
+pub mod text;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_models::tokenizer::TokenizerInfo;
-use kiln_models::{Checkpoint, Model, ModelError, Scratch};
+use kiln_models::{Checkpoint, KvStore, Model, ModelError, Scratch};
 use kiln_runtime::{Backend, CpuBackend};
 
+pub use kv::PoolCounts;
 pub use sampling::Sampling;
-pub use session::{FinishReason, GenerateOptions, Generation, Session, SessionOptions, Timings};
+pub use scheduler::CancelToken;
+pub use session::{
+    Checkpoint as SessionCheckpoint, FinishReason, GenerateOptions, Generation, GenerationStream, Session,
+    SessionOptions, StreamEvent, Timings,
+};
+
+use scheduler::{Core, Device, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -34,9 +47,26 @@ pub enum EngineError {
     ContextOverflow { needed: usize, n_ctx: usize },
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    #[error("the key/value cache budget is used up by other sessions (raise `kv_budget`, or end sessions)")]
+    KvExhausted,
+    #[error("the session is busy with another generation")]
+    Busy,
+    #[error("the engine loop stopped")]
+    Stopped,
+    #[error("session file {path}: {reason}")]
+    SessionFile { path: String, reason: String },
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// What a request does when the key/value cache has no free page for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvPolicy {
+    /// Fail it with [`EngineError::KvExhausted`]; other sessions go on.
+    Fail,
+    /// Hold it until other sessions release pages.
+    Wait,
+}
 
 /// How to load a model.
 #[derive(Clone, Debug)]
@@ -45,8 +75,18 @@ pub struct EngineOptions {
     pub n_ctx: Option<usize>,
     /// CPU threads; default: all cores.
     pub threads: Option<usize>,
-    /// Most tokens run in one forward pass; longer prompts are prefilled in chunks.
+    /// Most prompt tokens run in one forward pass; longer prompts are prefilled in chunks
+    /// of this many, interleaved with other sessions' decode steps.
     pub max_batch: usize,
+    /// Most sessions decoding in one forward pass.
+    pub max_sessions_per_step: usize,
+    /// Size of the key/value cache, allocated once as pages; default: two full contexts.
+    pub kv_budget: Option<KvBudget>,
+    /// Tokens per cache page.
+    pub page_size: usize,
+    /// Keep full pages of finished sessions to reuse for prompts that start the same way.
+    pub prefix_cache: bool,
+    pub when_kv_full: KvPolicy,
 }
 
 impl Default for EngineOptions {
@@ -55,8 +95,32 @@ impl Default for EngineOptions {
             n_ctx: None,
             threads: None,
             max_batch: 256,
+            max_sessions_per_step: 16,
+            kv_budget: None,
+            page_size: 64,
+            prefix_cache: true,
+            when_kv_full: KvPolicy::Fail,
         }
     }
+}
+
+/// How much key/value cache to allocate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvBudget {
+    /// At most this many bytes.
+    Bytes(usize),
+    /// Room for this many tokens (rounded up to whole pages).
+    Tokens(usize),
+}
+
+/// The key/value cache's size and use.
+#[derive(Clone, Copy, Debug)]
+pub struct KvStats {
+    pub page_size: usize,
+    pub page_bytes: usize,
+    /// Bytes allocated for the pool: `pages.total * page_bytes`, within the budget.
+    pub pool_bytes: usize,
+    pub pages: PoolCounts,
 }
 
 /// A loaded model, shared by every session made from it. Cloning is cheap.
@@ -67,19 +131,23 @@ pub struct Engine {
 
 struct Shared {
     name: String,
-    model: Box<dyn Model>,
-    tokenizer: TokenizerInfo,
     chat_template: Option<String>,
-    n_ctx: usize,
-    max_batch: usize,
     load_time: Duration,
-    device: Mutex<Device>,
+    page_size: usize,
+    /// What saved session files are checked against, computed on first use.
+    fingerprint: OnceLock<u64>,
+    core: Arc<Core>,
+    worker: Option<JoinHandle<()>>,
 }
 
-/// The backend and the scratch buffers of its forward passes; one pass runs at a time.
-pub(crate) struct Device {
-    pub be: Box<dyn Backend>,
-    pub scratch: Scratch,
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.core.lock_state().shutdown = true;
+        self.core.work.notify_all();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
 }
 
 impl Engine {
@@ -94,23 +162,58 @@ impl Engine {
         let chat_template = kiln_models::chat_template(&checkpoint);
         let hyper = model.hyper();
         let n_ctx = options.n_ctx.unwrap_or(hyper.n_ctx_train.min(4096));
-        if n_ctx == 0 || options.max_batch == 0 {
-            return Err(EngineError::InvalidOption(
-                "context length and batch size must be positive".into(),
-            ));
+        let invalid = |m: &str| Err(EngineError::InvalidOption(m.into()));
+        if n_ctx == 0 || options.max_batch == 0 || options.max_sessions_per_step == 0 {
+            return invalid("context length, batch size and sessions per step must be positive");
         }
-        let max_batch = options.max_batch.min(n_ctx);
-        let scratch = Scratch::new(be.as_mut(), hyper, max_batch, 1);
+        if options.page_size == 0 || options.page_size > 4096 {
+            return invalid("page size must be 1..=4096 tokens");
+        }
+        let page_bytes = KvStore::page_bytes(hyper, options.page_size);
+        let n_pages = match options.kv_budget.unwrap_or(KvBudget::Tokens(2 * n_ctx)) {
+            KvBudget::Bytes(bytes) => bytes / page_bytes,
+            KvBudget::Tokens(tokens) => tokens.div_ceil(options.page_size),
+        };
+        if n_pages == 0 {
+            return Err(EngineError::InvalidOption(format!(
+                "the key/value budget holds no page ({page_bytes} bytes of {} tokens)",
+                options.page_size
+            )));
+        }
+        let chunk = options.max_batch.min(n_ctx);
+        let max_seqs = options.max_sessions_per_step;
+        // A step holds one prompt chunk and one decode token per other session; each
+        // sequence wants one row of logits.
+        let scratch = Scratch::new(be.as_mut(), hyper, chunk + max_seqs, max_seqs + 1);
+        let store = KvStore::new(be.as_mut(), hyper, n_pages, options.page_size);
+        let pool = kv::PagePool::new(n_pages, options.page_size, options.prefix_cache);
+        let core = Arc::new(Core {
+            model,
+            tokenizer,
+            n_ctx,
+            chunk,
+            max_seqs,
+            policy: options.when_kv_full,
+            device: Mutex::new(Device { be, scratch, store }),
+            state: Mutex::new(State::new(pool)),
+            work: Default::default(),
+        });
+        let worker = {
+            let core = core.clone();
+            std::thread::Builder::new()
+                .name("kiln-engine".into())
+                .spawn(move || scheduler::run_worker(core))
+                .map_err(|e| EngineError::InvalidOption(format!("cannot start the engine thread: {e}")))?
+        };
         Ok(Engine {
             shared: Arc::new(Shared {
                 name: model_name(&path),
-                model,
-                tokenizer,
                 chat_template,
-                n_ctx,
-                max_batch,
                 load_time: started.elapsed(),
-                device: Mutex::new(Device { be, scratch }),
+                page_size: options.page_size,
+                fingerprint: OnceLock::new(),
+                core,
+                worker: Some(worker),
             }),
         })
     }
@@ -125,7 +228,7 @@ impl Engine {
     }
 
     pub fn n_ctx(&self) -> usize {
-        self.shared.n_ctx
+        self.shared.core.n_ctx
     }
 
     pub fn load_time(&self) -> Duration {
@@ -139,33 +242,55 @@ impl Engine {
 
     /// Token ids of `text`, special tokens in it parsed, without BOS.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.shared
-            .tokenizer
+        self.tokenizer()
             .encode(text)
             .map_err(|e| EngineError::Tokenize(e.to_string()))
     }
 
     /// The exact bytes that token ids stand for.
     pub fn decode_bytes(&self, tokens: &[u32]) -> Vec<u8> {
-        self.shared.tokenizer.decode_bytes(tokens)
+        self.tokenizer().decode_bytes(tokens)
     }
 
     pub fn tokenizer(&self) -> &TokenizerInfo {
-        &self.shared.tokenizer
+        &self.shared.core.tokenizer
     }
 
     pub fn model(&self) -> &dyn Model {
-        self.shared.model.as_ref()
+        self.shared.core.model.as_ref()
     }
 
-    pub(crate) fn max_batch(&self) -> usize {
-        self.shared.max_batch
+    /// The key/value cache's geometry and how many pages are used, cached and free.
+    pub fn kv_stats(&self) -> KvStats {
+        let core = &self.shared.core;
+        let page_bytes = KvStore::page_bytes(core.model.hyper(), self.shared.page_size);
+        let pages = core.lock_state().pool.counts();
+        KvStats {
+            page_size: self.shared.page_size,
+            page_bytes,
+            pool_bytes: pages.total * page_bytes,
+            pages,
+        }
     }
 
-    pub(crate) fn device(&self) -> MutexGuard<'_, Device> {
-        // A panic mid-forward leaves only scratch contents behind, which the next pass
-        // overwrites, so a poisoned lock is safe to take over.
-        self.shared.device.lock().unwrap_or_else(|e| e.into_inner())
+    /// Drops the cached prefixes no session holds (their pages become free).
+    pub fn clear_prefix_cache(&self) {
+        self.shared.core.lock_state().pool.clear_cache();
+    }
+
+    pub(crate) fn core(&self) -> &Core {
+        &self.shared.core
+    }
+
+    pub(crate) fn page_size(&self) -> usize {
+        self.shared.page_size
+    }
+
+    pub(crate) fn fingerprint(&self) -> u64 {
+        *self
+            .shared
+            .fingerprint
+            .get_or_init(|| state_file::fingerprint(&self.shared.core))
     }
 }
 

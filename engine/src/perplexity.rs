@@ -57,7 +57,7 @@ impl Engine {
         let first = n_ctx / 2;
         let batch = SCORE_BATCH.min(n_ctx);
 
-        let mut device = self.device();
+        let mut device = self.core().lock_device();
         let device = &mut *device;
         let be = device.be.as_mut();
         let mut scratch = Scratch::new(be, &hyper, batch, batch);
@@ -71,7 +71,7 @@ impl Engine {
             }
             cache.len = 0;
             for (b, part) in input.chunks(batch).enumerate() {
-                let out = self.model().forward(be, &mut cache, &mut scratch, part, part.len());
+                let out = cache.forward(self.model(), be, &mut scratch, part, part.len());
                 let rows = &mut logits[..part.len() * vocab];
                 be.read(out, 0, rows);
                 for (i, row) in rows.chunks(vocab).enumerate() {

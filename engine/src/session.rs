@@ -1,11 +1,16 @@
-//! A session: one sequence's context (its key/value cache and tokens) on a shared engine,
-//! and generation from it.
+//! A session: one sequence's context (its tokens and its pages of the key/value cache)
+//! on a shared engine, and generation from it — blocking, with a callback, or as an
+//! async stream — plus forking, checkpoints and direct forward passes.
 
+use std::pin::Pin;
+use std::sync::mpsc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use kiln_models::KvCache;
-
+use crate::kv::PageCopy;
 use crate::sampling::{Sampler, Sampling};
+use crate::scheduler::{CancelToken, Job, Seq, Sink};
+use crate::text::{StopMatcher, Utf8Stream};
 use crate::{Engine, EngineError, Result};
 
 /// Options of a new session.
@@ -19,6 +24,10 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Generation stops when the text contains one of these; it is not included.
     pub stop: Vec<String>,
+    /// Stop at the model's end-of-generation tokens (true unless benchmarking).
+    pub stop_at_eog: bool,
+    /// Cancels the generation from elsewhere.
+    pub cancel: Option<CancelToken>,
 }
 
 impl Default for GenerateOptions {
@@ -27,6 +36,8 @@ impl Default for GenerateOptions {
             max_tokens: 256,
             sampling: Sampling::default(),
             stop: Vec::new(),
+            stop_at_eog: true,
+            cancel: None,
         }
     }
 }
@@ -41,13 +52,17 @@ pub enum FinishReason {
     MaxTokens,
     /// The context is full.
     ContextFull,
+    /// The generation was cancelled.
+    Cancelled,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct Timings {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache, not computed.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
-    /// From the call to the first generated token's logits (tokenize + prefill).
+    /// From the call to the first generated token's logits (tokenize, wait, prefill).
     pub prefill: Duration,
     pub decode: Duration,
 }
@@ -72,169 +87,406 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+/// An item of [`Session::stream`]: new text (always whole UTF-8 characters), then the
+/// finished generation.
+#[derive(Clone, Debug)]
+pub enum StreamEvent {
+    Text(String),
+    Done(Generation),
+}
+
+/// What the worker sends a blocking caller.
+pub(crate) enum Event {
+    Text(String),
+    Done(Result<Generation>),
+}
+
+/// A point in a session's context to come back to with [`Session::rewind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    session: u64,
+    len: usize,
+}
+
 pub struct Session {
-    engine: Engine,
-    cache: Option<KvCache>,
-    /// Every token in the context, prompt and generated.
-    tokens: Vec<u32>,
+    pub(crate) engine: Engine,
+    pub(crate) id: u64,
+    /// `feed`'s buffers, sized once: its last logits, the tokens it runs, its page table
+    /// and the page copies it asks for.
     logits: Vec<f32>,
+    pending: Vec<u32>,
+    table: Vec<u32>,
+    copies: Vec<PageCopy>,
 }
 
 impl Session {
     pub(crate) fn new(engine: Engine, _options: SessionOptions) -> Session {
-        let (hyper, n_ctx) = (engine.model().hyper().clone(), engine.n_ctx());
-        let cache = KvCache::new(engine.device().be.as_mut(), &hyper, n_ctx);
+        let core = engine.core();
+        let seq = Seq::new(core.n_ctx, engine.page_size());
+        let id = {
+            let mut state = core.lock_state();
+            let id = state.next_id;
+            state.next_id += 1;
+            state.seqs.insert(id, seq);
+            id
+        };
+        Self::with_id(engine, id)
+    }
+
+    fn with_id(engine: Engine, id: u64) -> Session {
+        let core = engine.core();
         Session {
-            logits: vec![0.0; hyper.vocab],
+            logits: vec![0.0; core.model.hyper().vocab],
+            pending: Vec::with_capacity(core.chunk),
+            table: Vec::with_capacity(core.n_ctx.div_ceil(engine.page_size()) + 1),
+            copies: Vec::with_capacity(4),
+            id,
             engine,
-            cache: Some(cache),
-            // The context never outgrows n_ctx: one allocation, none while decoding.
-            tokens: Vec::with_capacity(n_ctx),
         }
     }
 
+    /// Runs `f` on this session's sequence.
+    fn with_seq<T>(&self, f: impl FnOnce(&mut crate::kv::PagePool, &mut Seq) -> T) -> T {
+        let mut state = self.engine.core().lock_state();
+        let state = &mut *state;
+        let seq = state.seqs.get_mut(&self.id).expect("a live session has a sequence");
+        f(&mut state.pool, seq)
+    }
+
     /// The tokens in this session's context.
-    pub fn tokens(&self) -> &[u32] {
-        &self.tokens
+    pub fn tokens(&self) -> Vec<u32> {
+        self.with_seq(|_, seq| seq.tokens.clone())
+    }
+
+    /// Pages of the key/value cache this session's context holds (shared ones included).
+    pub fn kv_pages(&self) -> usize {
+        self.with_seq(|_, seq| seq.pages.pages.len())
     }
 
     /// Continues the context with `prompt` and generates a reply to it.
     pub fn generate(&mut self, prompt: &str, options: &GenerateOptions) -> Result<Generation> {
+        self.generate_with(prompt, options, |_| {})
+    }
+
+    /// [`Session::generate`], handing each piece of text to `on_text` as it is generated
+    /// (on this thread; pieces are whole UTF-8 characters).
+    pub fn generate_with(
+        &mut self,
+        prompt: &str,
+        options: &GenerateOptions,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
         let started = Instant::now();
-        let mut prompt_tokens = Vec::new();
-        let tok = self.engine.tokenizer();
-        if self.tokens.is_empty() && tok.add_bos {
-            prompt_tokens.extend(tok.bos);
-        }
-        prompt_tokens.extend(self.engine.encode(prompt)?);
-        self.generate_tokens(&prompt_tokens, options, started)
+        let tokens = self.prompt_tokens(prompt)?;
+        let (tx, rx) = mpsc::channel();
+        self.submit(&tokens, options, Sink::Blocking { tx, deltas: true }, started)?;
+        wait(rx, &mut on_text)
     }
 
     /// Continues the context with `prompt` token ids (BOS is not added) and generates.
     pub fn generate_from_tokens(&mut self, prompt: &[u32], options: &GenerateOptions) -> Result<Generation> {
-        self.generate_tokens(prompt, options, Instant::now())
+        let (tx, rx) = mpsc::channel();
+        self.submit(prompt, options, Sink::Blocking { tx, deltas: false }, Instant::now())?;
+        wait(rx, &mut |_| {})
     }
 
-    fn generate_tokens(&mut self, prompt: &[u32], options: &GenerateOptions, started: Instant) -> Result<Generation> {
-        let n_ctx = self.engine.n_ctx();
+    /// Starts generating a reply to `prompt` and returns its text as an async stream
+    /// (`futures::Stream`, usable from tokio): [`StreamEvent::Text`] pieces, then
+    /// [`StreamEvent::Done`] (or an error). Dropping the stream cancels the generation.
+    /// The session is busy until the stream ends.
+    pub fn stream(&mut self, prompt: &str, options: &GenerateOptions) -> Result<GenerationStream> {
+        let started = Instant::now();
+        let tokens = self.prompt_tokens(prompt)?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = options.cancel.clone().unwrap_or_default();
+        let options = GenerateOptions {
+            cancel: Some(cancel.clone()),
+            ..options.clone()
+        };
+        self.submit(&tokens, &options, Sink::Stream(tx), started)?;
+        Ok(GenerationStream { rx, cancel })
+    }
+
+    fn prompt_tokens(&self, prompt: &str) -> Result<Vec<u32>> {
+        let tok = self.engine.tokenizer();
+        let mut tokens = Vec::new();
+        if tok.add_bos && self.with_seq(|_, seq| seq.tokens.is_empty()) {
+            tokens.extend(tok.bos);
+        }
+        tokens.extend(self.engine.encode(prompt)?);
+        Ok(tokens)
+    }
+
+    /// Hands a generation to the engine loop.
+    fn submit(&mut self, prompt: &[u32], options: &GenerateOptions, sink: Sink, started: Instant) -> Result<()> {
+        let core = self.engine.core();
+        let vocab = core.model.hyper().vocab;
         if prompt.is_empty() {
             return Err(EngineError::InvalidOption("the prompt is empty".into()));
         }
+        if options.max_tokens == 0 {
+            return Err(EngineError::InvalidOption("max_tokens must be at least 1".into()));
+        }
+        options.sampling.validate().map_err(EngineError::InvalidOption)?;
+        if let Some((id, _)) = options.sampling.logit_bias.iter().find(|(id, _)| *id as usize >= vocab) {
+            return Err(EngineError::InvalidOption(format!(
+                "logit bias for token {id}, outside the vocabulary of {vocab}"
+            )));
+        }
+        check_ids(prompt, vocab)?;
+        let mut state = core.lock_state();
+        let state = &mut *state;
+        let seq = state.seqs.get_mut(&self.id).expect("a live session has a sequence");
+        if seq.busy() {
+            return Err(EngineError::Busy);
+        }
         // One position stays free for the first generated token.
-        self.check(prompt, 1)?;
-        self.run(prompt);
-        let prefill = started.elapsed();
-
-        let decode_started = Instant::now();
+        let needed = seq.tokens.len() + prompt.len() + 1;
+        if needed > core.n_ctx {
+            return Err(EngineError::ContextOverflow {
+                needed,
+                n_ctx: core.n_ctx,
+            });
+        }
+        let cached_tokens = if seq.tokens.is_empty() {
+            state.pool.attach_prefix(&mut seq.pages, prompt)
+        } else {
+            0
+        };
+        seq.tokens.extend_from_slice(prompt);
         let mut sampler = Sampler::new(options.sampling.clone());
-        let mut generated = Vec::new();
-        let mut finish = FinishReason::MaxTokens;
-        let mut stopped_at = None;
-        while generated.len() < options.max_tokens {
-            let token = sampler.sample(&self.logits);
-            if self.engine.tokenizer().is_eog(token) {
-                finish = FinishReason::EndOfText;
-                break;
-            }
-            generated.push(token);
-            if !options.stop.is_empty() {
-                let text = String::from_utf8_lossy(&self.engine.decode_bytes(&generated)).into_owned();
-                stopped_at = options.stop.iter().filter_map(|s| text.find(s.as_str())).min();
-                if stopped_at.is_some() {
-                    finish = FinishReason::StopString;
-                    self.tokens.push(token);
-                    break;
-                }
-            }
-            if self.tokens.len() + 1 >= n_ctx {
-                finish = FinishReason::ContextFull;
-                self.tokens.push(token);
-                break;
-            }
-            if generated.len() < options.max_tokens {
-                self.run(&[token]);
-            } else {
-                // In the context, but run only when the session continues.
-                self.tokens.push(token);
-            }
+        for &t in &seq.tokens {
+            sampler.accept(t);
         }
-        let mut text = String::from_utf8_lossy(&self.engine.decode_bytes(&generated)).into_owned();
-        if let Some(at) = stopped_at {
-            text.truncate(at);
-        }
-        Ok(Generation {
-            text,
-            finish_reason: finish,
-            timings: Timings {
-                prompt_tokens: prompt.len(),
-                generated_tokens: generated.len(),
-                prefill,
-                decode: decode_started.elapsed(),
-            },
-            tokens: generated,
-        })
+        seq.job = Some(Job {
+            sampler,
+            max_tokens: options.max_tokens,
+            stop_at_eog: options.stop_at_eog,
+            generated: Vec::with_capacity(options.max_tokens.min(core.n_ctx)),
+            text: String::new(),
+            utf8: Utf8Stream::default(),
+            stops: StopMatcher::new(&options.stop),
+            sink,
+            cancel: options.cancel.clone().unwrap_or_default(),
+            prompt_tokens: prompt.len(),
+            cached_tokens,
+            started,
+            first_token: None,
+            waiting: false,
+            delta: String::new(),
+        });
+        core.work.notify_all();
+        Ok(())
     }
 
     /// Appends `tokens` to the context and runs them through the model, with no
     /// tokenization or sampling, returning the last token's logits (`vocab` floats). For
     /// tools that drive the forward pass directly, such as benchmarks; `generate` is this
-    /// plus tokenization, sampling and stopping.
+    /// plus tokenization, sampling and stopping, scheduled with other sessions.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<&[f32]> {
         if tokens.is_empty() {
             return Err(EngineError::InvalidOption("no tokens to feed".into()));
         }
-        self.check(tokens, 0)?;
-        self.run(tokens);
+        let core = self.engine.core();
+        check_ids(tokens, self.logits.len())?;
+        {
+            let mut state = core.lock_state();
+            let seq = state.seqs.get_mut(&self.id).expect("a live session has a sequence");
+            if seq.busy() {
+                return Err(EngineError::Busy);
+            }
+            let needed = seq.tokens.len() + tokens.len();
+            if needed > core.n_ctx {
+                return Err(EngineError::ContextOverflow {
+                    needed,
+                    n_ctx: core.n_ctx,
+                });
+            }
+            seq.tokens.extend_from_slice(tokens);
+        }
+        let page_size = self.engine.page_size();
+        let page_floats = core.page_floats();
+        loop {
+            // Plan a chunk: the pending tokens up to the next chunk boundary.
+            let start = {
+                let mut state = core.lock_state();
+                let state = &mut *state;
+                let seq = state.seqs.get_mut(&self.id).expect("a live session has a sequence");
+                let start = seq.pages.len;
+                if start == seq.tokens.len() {
+                    break;
+                }
+                let end = seq.tokens.len().min(start - start % core.chunk + core.chunk);
+                self.copies.clear();
+                if state.pool.reserve(&mut seq.pages, end, &mut self.copies).is_err() {
+                    // The context keeps what was computed; the rest is not in it.
+                    seq.tokens.truncate(start);
+                    return Err(EngineError::KvExhausted);
+                }
+                seq.in_flight = true;
+                self.pending.clear();
+                self.pending.extend_from_slice(&seq.tokens[start..end]);
+                self.table.clear();
+                self.table
+                    .extend_from_slice(&seq.pages.pages[..end.div_ceil(page_size)]);
+                start
+            };
+            {
+                let mut device = core.lock_device();
+                let device = &mut *device;
+                device.copy_pages(&self.copies, page_floats);
+                let input = kiln_models::SeqInput {
+                    tokens: &self.pending,
+                    start,
+                    pages: &self.table,
+                    n_logits: 1,
+                };
+                let out = core
+                    .model
+                    .forward(device.be.as_mut(), &device.store, &mut device.scratch, &[input]);
+                device.be.read(out, 0, &mut self.logits);
+            }
+            let mut state = core.lock_state();
+            let state = &mut *state;
+            let seq = state.seqs.get_mut(&self.id).expect("a live session has a sequence");
+            seq.in_flight = false;
+            state
+                .pool
+                .commit(&mut seq.pages, start + self.pending.len(), &seq.tokens);
+        }
         Ok(&self.logits)
     }
 
-    /// Checks that `tokens` are in the vocabulary and fit the context with `spare`
-    /// positions left over.
-    fn check(&self, tokens: &[u32], spare: usize) -> Result<()> {
-        let (needed, n_ctx) = (self.tokens.len() + tokens.len() + spare, self.engine.n_ctx());
-        if needed > n_ctx {
-            return Err(EngineError::ContextOverflow { needed, n_ctx });
-        }
-        let vocab = self.logits.len();
-        match tokens.iter().find(|t| **t as usize >= vocab) {
-            Some(bad) => Err(EngineError::InvalidOption(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            ))),
-            None => Ok(()),
+    /// A new session with this one's context, sharing its cache pages until one of them
+    /// writes (copy-on-write): forking costs no pages and no computation.
+    pub fn fork(&self) -> Result<Session> {
+        let core = self.engine.core();
+        let id = {
+            let mut state = core.lock_state();
+            let state = &mut *state;
+            let seq = state.seqs.get(&self.id).expect("a live session has a sequence");
+            if seq.busy() {
+                return Err(EngineError::Busy);
+            }
+            let mut copy = Seq::new(core.n_ctx, self.engine.page_size());
+            copy.tokens.extend_from_slice(&seq.tokens);
+            copy.pages = state.pool.fork(&seq.pages);
+            let id = state.next_id;
+            state.next_id += 1;
+            state.seqs.insert(id, copy);
+            id
+        };
+        Ok(Self::with_id(self.engine.clone(), id))
+    }
+
+    /// The current end of the context, to [`Session::rewind`] to later.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            session: self.id,
+            len: self.with_seq(|_, seq| seq.tokens.len()),
         }
     }
 
-    /// Appends tokens to the context and runs every token not yet run, leaving the last
-    /// one's logits in `self.logits`. The caller has checked the tokens.
-    fn run(&mut self, new: &[u32]) {
-        self.tokens.extend_from_slice(new);
-        let cache = self.cache.as_mut().expect("a live session has a cache");
-        let model = self.engine.shared.model.as_ref();
-        let mut device = self.engine.device();
-        let device = &mut *device;
-        let pending = &self.tokens[cache.len..];
-        let mut logits = None;
-        for chunk in pending.chunks(self.engine.max_batch()) {
-            logits = Some(model.forward(device.be.as_mut(), cache, &mut device.scratch, chunk, 1));
-        }
-        if let Some(logits) = logits {
-            device.be.read(logits, 0, &mut self.logits);
-        }
+    /// Forgets everything after `checkpoint` (taken on this session, before the context
+    /// got shorter than it).
+    pub fn rewind(&mut self, checkpoint: &Checkpoint) -> Result<()> {
+        let id = self.id;
+        self.with_seq(|pool, seq| {
+            if checkpoint.session != id || checkpoint.len > seq.tokens.len() {
+                return Err(EngineError::InvalidOption(
+                    "the checkpoint is not of this session's current context".into(),
+                ));
+            }
+            if seq.busy() {
+                return Err(EngineError::Busy);
+            }
+            seq.tokens.truncate(checkpoint.len);
+            pool.truncate(&mut seq.pages, checkpoint.len);
+            Ok(())
+        })
     }
 
     /// Forgets the context.
     pub fn reset(&mut self) {
-        self.tokens.clear();
-        if let Some(cache) = self.cache.as_mut() {
-            cache.len = 0;
-        }
+        self.with_seq(|pool, seq| {
+            if let Some(job) = &seq.job {
+                job.cancel.cancel();
+            }
+            if !seq.busy() {
+                seq.tokens.clear();
+                pool.release(&mut seq.pages);
+            }
+        });
+        self.engine.core().work.notify_all();
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some(cache) = self.cache.take() {
-            cache.free(self.engine.device().be.as_mut());
+        let core = self.engine.core();
+        let mut state = core.lock_state();
+        let state = &mut *state;
+        let Some(seq) = state.seqs.get_mut(&self.id) else {
+            return;
+        };
+        if let Some(job) = &seq.job {
+            job.cancel.cancel();
         }
+        if seq.in_flight || seq.job.is_some() {
+            // The worker releases it when its pass is over.
+            seq.dropped = true;
+        } else {
+            state.pool.release(&mut seq.pages);
+            state.seqs.remove(&self.id);
+        }
+        core.work.notify_all();
+    }
+}
+
+fn check_ids(tokens: &[u32], vocab: usize) -> Result<()> {
+    match tokens.iter().find(|t| **t as usize >= vocab) {
+        Some(bad) => Err(EngineError::InvalidOption(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Waits for a blocking generation's events.
+fn wait(rx: mpsc::Receiver<Event>, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
+    loop {
+        match rx.recv() {
+            Ok(Event::Text(text)) => on_text(&text),
+            Ok(Event::Done(result)) => return result,
+            Err(_) => return Err(EngineError::Stopped),
+        }
+    }
+}
+
+/// The async stream of [`Session::stream`].
+pub struct GenerationStream {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Result<StreamEvent>>,
+    cancel: CancelToken,
+}
+
+impl GenerationStream {
+    /// Stops the generation before its next decode step; the stream then ends with
+    /// [`FinishReason::Cancelled`].
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl futures_core::Stream for GenerationStream {
+    type Item = Result<StreamEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for GenerationStream {
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, AttnPrecision};
+use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, AttnPrecision, KvPages};
 use kiln_kernels::gemm::{simd_level, OutMatrix, SimdLevel};
 
 fn main() {
@@ -51,6 +51,22 @@ fn main() {
         ),
         ("smollm2 decode  ctx 512", smol(1, 511)),
         ("smollm2 decode  ctx 4096", smol(1, 4095)),
+        // The f32 kernel at decode: what the engine runs (the same arithmetic in any batch).
+        (
+            "gemma3  decode  ctx 4096 global f32",
+            AttnGeometry {
+                window: None,
+                precision: AttnPrecision::F32,
+                ..gemma(1, 4095)
+            },
+        ),
+        (
+            "smollm2 decode  ctx 4096 f32",
+            AttnGeometry {
+                precision: AttnPrecision::F32,
+                ..smol(1, 4095)
+            },
+        ),
     ];
     for (name, g) in shapes {
         if !wanted.is_empty() && !wanted.iter().any(|w| name.contains(w.as_str())) {
@@ -80,7 +96,7 @@ fn main() {
             let o = unsafe { OutMatrix::new(out.as_mut_ptr(), g.n_head * d) };
             let run = || {
                 for item in 0..work_items(&g) {
-                    run_item_at(level, &g, &q, &keys, &values, item, o);
+                    run_item_at(level, &g, &q, &keys, &values, KvPages::contiguous(), item, o);
                 }
             };
             run();

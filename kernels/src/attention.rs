@@ -75,8 +75,70 @@ impl AttnGeometry {
     }
 }
 
+/// Where each position's key and value rows live in the cache: the cache is a pool of
+/// pages of `page_size` rows, and position `p` is row `p % page_size` of page
+/// `pages[p / page_size]`. A contiguous cache is one page as large as any context.
+#[derive(Clone, Copy, Debug)]
+pub struct KvPages<'a> {
+    pub pages: &'a [u32],
+    pub page_size: usize,
+}
+
+impl KvPages<'static> {
+    /// Position `p` at row `p`.
+    pub fn contiguous() -> Self {
+        KvPages {
+            pages: &[0],
+            page_size: usize::MAX,
+        }
+    }
+}
+
+impl KvPages<'_> {
+    /// The cache row of position `p`.
+    #[inline]
+    pub fn row(&self, p: usize) -> usize {
+        self.pages[p / self.page_size] as usize * self.page_size + p % self.page_size
+    }
+
+    /// The end of the run of consecutive rows that holds position `p`: the first position
+    /// of the next page.
+    #[inline]
+    fn run_end(&self, p: usize) -> usize {
+        (p - p % self.page_size).saturating_add(self.page_size)
+    }
+
+    /// Whether the rows of positions `0..n` lie in `0..rows`.
+    fn fits(&self, n: usize, rows: usize) -> bool {
+        let needed = n.div_ceil(self.page_size);
+        needed <= self.pages.len()
+            && self.pages[..needed].iter().enumerate().all(|(i, &page)| {
+                let used = self.page_size.min(n - i * self.page_size);
+                (page as usize)
+                    .checked_mul(self.page_size)
+                    .and_then(|first| first.checked_add(used))
+                    .is_some_and(|end| end <= rows)
+            })
+    }
+}
+
 /// Keys per block: scores, weights and probabilities of a block stay in L1.
 const KEY_BLOCK: usize = 64;
+
+/// The blocks of keys `first..=last`: at most [`KEY_BLOCK`] keys each, never across a
+/// page, as `(first position, keys, first cache row)`.
+fn key_blocks(pages: KvPages<'_>, first: usize, last: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    let mut kb = first;
+    std::iter::from_fn(move || {
+        if kb > last {
+            return None;
+        }
+        let nb = KEY_BLOCK.min(last + 1 - kb).min(pages.run_end(kb) - kb);
+        let block = (kb, nb, pages.row(kb));
+        kb += nb;
+        Some(block)
+    })
+}
 
 /// How a call is split: an item is `tokens` consecutive queries × `heads` consecutive
 /// heads of one KV group; a group has `parts` items per tile of queries.
@@ -121,10 +183,18 @@ pub fn work_items(g: &AttnGeometry) -> usize {
 /// Computes work item `item` (< [`work_items`]): some heads of some queries, written
 /// to `out` as element `(t, h * head_dim + i)`.
 ///
-/// `q` holds `n_tokens × n_head × head_dim` floats; `keys` and `values` hold at least
-/// `start_pos + n_tokens` rows of `kv_stride`.
-pub fn run_item(g: &AttnGeometry, q: &[f32], keys: &[f32], values: &[f32], item: usize, out: OutMatrix) {
-    run_item_at(simd_level(), g, q, keys, values, item, out)
+/// `q` holds `n_tokens × n_head × head_dim` floats; `keys` and `values` hold rows of
+/// `kv_stride` floats, with positions `0..start_pos + n_tokens` where `pages` puts them.
+pub fn run_item(
+    g: &AttnGeometry,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    pages: KvPages,
+    item: usize,
+    out: OutMatrix,
+) {
+    run_item_at(simd_level(), g, q, keys, values, pages, item, out)
 }
 
 /// [`run_item`] at a given SIMD level (at most [`simd_level`]), whose items are those of
@@ -140,6 +210,7 @@ pub fn run_item_at(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
+    pages: KvPages,
     item: usize,
     out: OutMatrix,
 ) {
@@ -154,10 +225,11 @@ pub fn run_item_at(
     );
     assert!(g.n_kv_head * d <= g.kv_stride, "attention: KV row stride");
     assert!(q.len() >= g.n_tokens * g.n_head * d, "attention: query length");
-    let rows = g.start_pos + g.n_tokens;
+    let rows = keys.len().min(values.len()) / g.kv_stride;
     assert!(
-        keys.len() >= rows * g.kv_stride && values.len() >= rows * g.kv_stride,
-        "attention: cache length"
+        g.kv_stride > 0 && pages.page_size > 0 && pages.fits(g.start_pos + g.n_tokens, rows),
+        "attention: the cache pages of positions 0..{} are not all in the cache",
+        g.start_pos + g.n_tokens
     );
     let s = split(g);
     assert!(item < g.n_kv_head * s.parts * s.tiles, "attention: item {item}");
@@ -171,6 +243,7 @@ pub fn run_item_at(
         q,
         keys,
         values,
+        pages,
         heads: h0..(h0 + s.heads).min((kv + 1) * group),
         tokens: t0..(t0 + s.tokens).min(g.n_tokens),
         kv_offset: kv * d,
@@ -201,6 +274,7 @@ struct Item<'a> {
     q: &'a [f32],
     keys: &'a [f32],
     values: &'a [f32],
+    pages: KvPages<'a>,
     heads: Range<usize>,
     tokens: Range<usize>,
     kv_offset: usize,
@@ -240,7 +314,8 @@ fn aligned(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[skip..skip + n]
 }
 
-/// The reference kernels per (query, head).
+/// The reference kernels per (query, head), over the visible rows of the item's KV head
+/// gathered into one contiguous run.
 fn run_portable(it: &Item, sc: &mut Scratch) {
     let g = it.g;
     let d = g.head_dim;
@@ -252,21 +327,18 @@ fn run_portable(it: &Item, sc: &mut Scratch) {
     let head_out = aligned(&mut sc.o, d);
     for t in it.tokens.clone() {
         let (first, pos) = g.visible(t);
-        let scratch = aligned(&mut sc.s, (pos + 1).max(d));
+        let n = pos + 1 - first;
+        let (keys, rest) = aligned(&mut sc.w, 2 * n * d).split_at_mut(n * d);
+        let values = rest;
+        for (j, p) in (first..=pos).enumerate() {
+            let row = it.pages.row(p) * g.kv_stride + it.kv_offset;
+            keys[j * d..][..d].copy_from_slice(&it.keys[row..][..d]);
+            values[j * d..][..d].copy_from_slice(&it.values[row..][..d]);
+        }
+        let scratch = aligned(&mut sc.s, n.max(d));
         for h in it.heads.clone() {
             let query = it.query(t, h);
-            kernel(
-                query,
-                it.keys,
-                it.values,
-                g.kv_stride,
-                it.kv_offset,
-                first,
-                pos + 1,
-                g.scale,
-                scratch,
-                head_out,
-            );
+            kernel(query, keys, values, d, 0, 0, n, g.scale, scratch, head_out);
             for (i, &v) in head_out.iter().enumerate() {
                 // SAFETY: the caller's OutMatrix covers row t, columns of head h.
                 unsafe { it.out.write(t, h * d + i, v) };
@@ -410,8 +482,8 @@ unsafe fn f16_item<S: Simd>(it: &Item, sc: &mut Scratch) {
     let weights = aligned(&mut sc.w, hp * KEY_BLOCK);
     let rescales = aligned(&mut sc.r, hp * KEY_BLOCK);
     let (maxes, sums) = aligned(&mut sc.stats, 2 * hp).split_at_mut(hp);
-    // SAFETY: run_item checked that every row below start_pos + n_tokens lies in keys
-    // and values, and kv_offset + d ≤ kv_stride.
+    // SAFETY: run_item checked that the rows of every position below start_pos + n_tokens
+    // (where `pages` puts them) lie in keys and values, and kv_offset + d ≤ kv_stride.
     let (keys, values) = unsafe { (it.keys.as_ptr().add(it.kv_offset), it.values.as_ptr().add(it.kv_offset)) };
     for t in it.tokens.clone() {
         let (first, pos) = g.visible(t);
@@ -423,15 +495,24 @@ unsafe fn f16_item<S: Simd>(it: &Item, sc: &mut Scratch) {
         o.fill(0.0);
         maxes.fill(f32::NEG_INFINITY);
         sums.fill(0.0);
-        for kb in (first..=pos).step_by(KEY_BLOCK) {
-            let nb = KEY_BLOCK.min(pos + 1 - kb);
-            // SAFETY: rows kb..kb + nb are visible rows (≤ pos), inside the cache.
+        for (kb, nb, row0) in key_blocks(it.pages, first, pos) {
+            // SAFETY: rows row0..row0 + nb hold the visible positions kb..kb + nb (≤ pos),
+            // inside the cache.
             unsafe {
-                let krow = |j: usize| keys.add((kb + j) * stride);
+                let krow = |j: usize| keys.add((row0 + j) * stride);
                 // The next block's rows, fetched while this one computes: decode streams
                 // the cache from memory once, in rows too short and far apart (one KV
                 // head of each) for the hardware prefetcher to run far enough ahead.
-                let next = (kb + KEY_BLOCK)..(kb + 2 * KEY_BLOCK).min(pos + 1);
+                let next_start = kb + nb;
+                let next = if next_start <= pos {
+                    let n = KEY_BLOCK
+                        .min(pos + 1 - next_start)
+                        .min(it.pages.run_end(next_start) - next_start);
+                    let r = it.pages.row(next_start);
+                    r..r + n
+                } else {
+                    0..0
+                };
                 for hi in 0..hp {
                     let qh = q16.as_ptr().add(hi * d);
                     for j0 in (0..nb).step_by(16) {
@@ -474,7 +555,7 @@ unsafe fn f16_item<S: Simd>(it: &Item, sc: &mut Scratch) {
             }
             // SAFETY: as above; o holds hp × d floats and the units index inside it.
             unsafe {
-                let vrows = values.add(kb * stride);
+                let vrows = values.add(row0 * stride);
                 let args = (o.as_mut_ptr(), vrows, nb, weights.as_ptr(), rescales.as_ptr());
                 // Sixteen units at a time fill the AVX-512 registers (eight the AVX2 ones).
                 let (units, mut u) = (hp * cols, 0);
@@ -587,6 +668,9 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
     let nt = it.tokens.len();
     let m = it.heads.len() * nt;
     let mp = m.div_ceil(S::LANES) * S::LANES;
+    // P·V skips the padding lanes beyond the last P·V block: at decode a KV group's few
+    // heads fill a fraction of a vector, and their outputs are the bulk of the work.
+    let mr = m.next_multiple_of(RM);
     let qt = aligned(&mut sc.q, d * mp);
     let o = aligned(&mut sc.o, mp * d);
     let s = aligned(&mut sc.s, KEY_BLOCK * mp);
@@ -617,13 +701,12 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
     o.fill(0.0);
     maxes.fill(f32::NEG_INFINITY);
     sums.fill(0.0);
-    // SAFETY: run_item checked that rows ≤ kmax lie in keys and values, and that
+    // SAFETY: run_item checked that the rows of positions ≤ kmax lie in keys and values, and that
     // kv_offset + d ≤ kv_stride; the scratch slices have the sizes the kernels index.
     unsafe {
         let keys = it.keys.as_ptr().add(it.kv_offset);
         let values = it.values.as_ptr().add(it.kv_offset);
-        for kb in (kmin..=kmax).step_by(KEY_BLOCK) {
-            let nb = KEY_BLOCK.min(kmax + 1 - kb);
+        for (kb, nb, row0) in key_blocks(it.pages, kmin, kmax) {
             // At most four vectors of lanes at a time: R × 4 accumulators fill the
             // registers.
             let vecs = mp / S::LANES;
@@ -632,7 +715,7 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
                 let args = (
                     qt.as_ptr().add(lane0),
                     mp,
-                    keys.add(kb * stride),
+                    keys.add(row0 * stride),
                     stride,
                     nb,
                     d,
@@ -656,7 +739,7 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
                 sums,
                 alpha,
             );
-            pv_block::<S, RM>(o, d, mp, s, alpha, values.add(kb * stride), stride, nb);
+            pv_block::<S, RM>(o, d, (mp, mr), s, alpha, values.add(row0 * stride), stride, nb);
         }
     }
     for lane in 0..m {
@@ -772,14 +855,15 @@ unsafe fn softmax_block<S: Simd>(
     }
 }
 
-/// `o[lane] = o[lane] · alpha[lane] + Σ_n p[n][lane] · v[n]` over a block of keys: `RM`
-/// lanes × four vectors of columns in registers, then single vectors, then a scalar tail.
+/// `o[lane] = o[lane] · alpha[lane] + Σ_n p[n][lane] · v[n]` over a block of keys for
+/// lanes `0..mr` of the `mp` (a multiple of `RM`): `RM` lanes × four vectors of columns
+/// in registers, then single vectors, then a scalar tail.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn pv_block<S: Simd, const RM: usize>(
     o: &mut [f32],
     d: usize,
-    mp: usize,
+    (mp, mr): (usize, usize),
     p: &[f32],
     alpha: &[f32],
     values: *const f32,
@@ -787,10 +871,19 @@ unsafe fn pv_block<S: Simd, const RM: usize>(
     nb: usize,
 ) {
     // SAFETY: the caller has S's features; o holds mp × d, p nb × mp, value rows 0..nb
-    // hold d floats; mp is a multiple of the vector width, itself a multiple of RM.
+    // hold d floats; mr ≤ mp is a multiple of RM.
     unsafe {
         let cols = d / S::LANES;
-        let args = (o.as_mut_ptr(), d, mp, p.as_ptr(), alpha.as_ptr(), values, stride, nb);
+        let args = (
+            o.as_mut_ptr(),
+            d,
+            (mp, mr),
+            p.as_ptr(),
+            alpha.as_ptr(),
+            values,
+            stride,
+            nb,
+        );
         let mut c = 0;
         while c + 4 <= cols {
             pv_tile::<S, RM, 4>(c * S::LANES, args);
@@ -800,7 +893,7 @@ unsafe fn pv_block<S: Simd, const RM: usize>(
             pv_tile::<S, RM, 1>(c * S::LANES, args);
         }
         for i in cols * S::LANES..d {
-            for lane in 0..mp {
+            for lane in 0..mr {
                 let mut acc = o[lane * d + i] * alpha[lane];
                 for n in 0..nb {
                     acc = p[n * mp + lane].mul_add(*values.add(n * stride + i), acc);
@@ -811,16 +904,25 @@ unsafe fn pv_block<S: Simd, const RM: usize>(
     }
 }
 
-type PvArgs = (*mut f32, usize, usize, *const f32, *const f32, *const f32, usize, usize);
+type PvArgs = (
+    *mut f32,
+    usize,
+    (usize, usize),
+    *const f32,
+    *const f32,
+    *const f32,
+    usize,
+    usize,
+);
 
 #[inline(always)]
 unsafe fn pv_tile<S: Simd, const RM: usize, const C: usize>(
     col: usize,
-    (o, d, mp, p, alpha, values, stride, nb): PvArgs,
+    (o, d, (mp, mr), p, alpha, values, stride, nb): PvArgs,
 ) {
     // SAFETY: as pv_block.
     unsafe {
-        for m0 in (0..mp).step_by(RM) {
+        for m0 in (0..mr).step_by(RM) {
             let mut acc: [[S::V; C]; RM] = array::from_fn(|r| {
                 let a = S::splat(*alpha.add(m0 + r));
                 array::from_fn(|c| S::mul(S::load(o.add((m0 + r) * d + col + c * S::LANES)), a))

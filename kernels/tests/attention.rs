@@ -4,7 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, AttnPrecision};
+use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, AttnPrecision, KvPages};
 use kiln_kernels::gemm::{simd_level, OutMatrix, SimdLevel};
 use kiln_kernels::ops;
 
@@ -22,11 +22,16 @@ impl Rng {
 
 /// Every item of the call, in order, at `level`; unwritten outputs stay NaN.
 fn run_items(level: SimdLevel, g: &AttnGeometry, q: &[f32], keys: &[f32], values: &[f32]) -> Vec<f32> {
+    run_paged(level, g, q, keys, values, KvPages::contiguous())
+}
+
+/// [`run_items`] over a paged cache.
+fn run_paged(level: SimdLevel, g: &AttnGeometry, q: &[f32], keys: &[f32], values: &[f32], pages: KvPages) -> Vec<f32> {
     let mut out = vec![f32::NAN; g.n_tokens * g.n_head * g.head_dim];
     // SAFETY: out holds n_tokens rows of n_head × head_dim; items run one at a time.
     let o = unsafe { OutMatrix::new(out.as_mut_ptr(), g.n_head * g.head_dim) };
     for item in 0..work_items(g) {
-        run_item_at(level, g, q, keys, values, item, o);
+        run_item_at(level, g, q, keys, values, pages, item, o);
     }
     out
 }
@@ -144,4 +149,107 @@ fn work_items_match_the_references_at_every_level() {
             }
         }
     }
+}
+
+/// A cache scattered over pages in shuffled order gives what the contiguous cache gives:
+/// exactly on the f16 path (its result does not depend on how keys are blocked), and to
+/// f32 reordering on the f32 path (pages of 16 make its key blocks smaller).
+#[test]
+fn paged_cache_matches_contiguous() {
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut rng = Rng(seed);
+    let levels: Vec<SimdLevel> = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512Vnni]
+        .into_iter()
+        .filter(|&l| l <= simd_level())
+        .collect();
+    let (n_kv_head, n_head, head_dim, page_size) = (2, 6, 64, 16usize);
+    let kv_stride = n_kv_head * head_dim;
+    for (n_tokens, start_pos, window) in [
+        (1usize, 0usize, None),
+        (1, 100, None),
+        (5, 37, Some(20)),
+        (70, 50, None),
+        (64, 3, Some(33)),
+    ] {
+        let rows = start_pos + n_tokens;
+        let n_pages = rows.div_ceil(page_size);
+        // Pages in a shuffled order inside a pool with spare pages.
+        let pool_pages = n_pages + 5;
+        let mut pages: Vec<u32> = (0..pool_pages as u32).collect();
+        for i in (1..pages.len()).rev() {
+            let j = ((rng.uniform() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+            pages.swap(i, j);
+        }
+        pages.truncate(n_pages);
+        let paged = KvPages {
+            pages: &pages,
+            page_size,
+        };
+        for precision in [AttnPrecision::Ggml, AttnPrecision::F32] {
+            let g = AttnGeometry {
+                n_tokens,
+                start_pos,
+                n_head,
+                n_kv_head,
+                head_dim,
+                kv_stride,
+                scale: 0.125,
+                window,
+                precision,
+            };
+            let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
+            let mut cache = || -> Vec<f32> {
+                (0..rows * kv_stride)
+                    .map(|_| ops::round_to_f16(2.0 * rng.uniform()))
+                    .collect()
+            };
+            let (keys, values) = (cache(), cache());
+            let scatter = |flat: &[f32]| {
+                let mut pool = vec![f32::NAN; pool_pages * page_size * kv_stride];
+                for p in 0..rows {
+                    let row = paged.row(p);
+                    pool[row * kv_stride..][..kv_stride].copy_from_slice(&flat[p * kv_stride..][..kv_stride]);
+                }
+                pool
+            };
+            let (pk, pv) = (scatter(&keys), scatter(&values));
+            let f16_path = precision == AttnPrecision::Ggml && n_tokens < 64;
+            for &level in &levels {
+                let want = run_items(level, &g, &q, &keys, &values);
+                let got = run_paged(level, &g, &q, &pk, &pv, paged);
+                for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+                    let ok = if f16_path {
+                        a == b
+                    } else {
+                        (a - b).abs() <= 1e-5 * (1.0 + a.abs())
+                    };
+                    assert!(ok, "seed {seed}: {level:?} {g:?} [{i}]: paged {b} vs contiguous {a}");
+                }
+            }
+        }
+    }
+}
+
+/// A page table that leaves positions outside the cache is refused, not read past.
+#[test]
+#[should_panic(expected = "not all in the cache")]
+fn pages_outside_the_cache_are_refused() {
+    let g = AttnGeometry {
+        n_tokens: 1,
+        start_pos: 20,
+        n_head: 1,
+        n_kv_head: 1,
+        head_dim: 16,
+        kv_stride: 16,
+        scale: 0.25,
+        window: None,
+        precision: AttnPrecision::F32,
+    };
+    let (q, cache) = (vec![0.0; 16], vec![0.0; 4 * 8 * 16]);
+    // Page 4 of a pool of 4 pages of 8 rows does not exist.
+    let pages = KvPages {
+        pages: &[0, 4, 1],
+        page_size: 8,
+    };
+    run_paged(SimdLevel::Scalar, &g, &q, &cache, &cache, pages);
 }

@@ -1,28 +1,33 @@
 //! The pieces every architecture here is built from: the key/value cache, scratch
 //! buffers, weight loading with shape checks, the attention block and the gated FFN.
 
-use kiln_runtime::{Activation, Attention, Backend, BufId, RopeStyle, WeightId};
+use kiln_runtime::{Activation, Attention, AttnSeq, Backend, BufId, RopeStyle, WeightId};
 
 use crate::{Checkpoint, Hyper, ModelError};
 
-/// Keys and values of every token a sequence has run, one buffer pair per layer, each
-/// `capacity` rows of `kv_dim` floats.
-pub struct KvCache {
+/// Key/value storage shared by every sequence: per layer one buffer of keys and one of
+/// values, each `n_pages` pages of `page_size` rows of `kv_dim` floats. Which pages a
+/// sequence's positions use is its page table, kept by whoever schedules sequences.
+pub struct KvStore {
     pub layers: Vec<(BufId, BufId)>,
-    pub capacity: usize,
-    /// Tokens stored so far: the position of the next token.
-    pub len: usize,
+    pub page_size: usize,
+    pub n_pages: usize,
 }
 
-impl KvCache {
-    pub fn new(be: &mut dyn Backend, hyper: &Hyper, capacity: usize) -> KvCache {
-        let rows = capacity * hyper.kv_dim();
-        let layers = (0..hyper.n_layer).map(|_| (be.alloc(rows), be.alloc(rows))).collect();
-        KvCache {
+impl KvStore {
+    pub fn new(be: &mut dyn Backend, hyper: &Hyper, n_pages: usize, page_size: usize) -> KvStore {
+        let len = n_pages * page_size * hyper.kv_dim();
+        let layers = (0..hyper.n_layer).map(|_| (be.alloc(len), be.alloc(len))).collect();
+        KvStore {
             layers,
-            capacity,
-            len: 0,
+            page_size,
+            n_pages,
         }
+    }
+
+    /// Bytes one page takes on the CPU backend (f32 keys and values of every layer).
+    pub fn page_bytes(hyper: &Hyper, page_size: usize) -> usize {
+        2 * hyper.n_layer * page_size * hyper.kv_dim() * std::mem::size_of::<f32>()
     }
 
     pub fn free(self, be: &mut dyn Backend) {
@@ -33,8 +38,61 @@ impl KvCache {
     }
 }
 
+/// One sequence's part of a forward pass: `tokens` at positions `start..`, whose keys
+/// and values go to (and are read from) the rows `pages` gives them, and how many of
+/// its last tokens want logits.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    pub pages: &'a [u32],
+    pub n_logits: usize,
+}
+
+/// One sequence in a contiguous store of its own: for tools and tests that run a single
+/// sequence without a scheduler.
+pub struct KvCache {
+    pub store: KvStore,
+    /// Tokens stored so far: the position of the next token.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(be: &mut dyn Backend, hyper: &Hyper, capacity: usize) -> KvCache {
+        KvCache {
+            store: KvStore::new(be, hyper, 1, capacity),
+            len: 0,
+        }
+    }
+
+    /// Runs `tokens` after those already stored and returns the logits of the last
+    /// `n_logits` of them (see [`crate::Model::forward`]).
+    pub fn forward(
+        &mut self,
+        model: &dyn crate::Model,
+        be: &mut dyn Backend,
+        scratch: &mut Scratch,
+        tokens: &[u32],
+        n_logits: usize,
+    ) -> BufId {
+        let seq = SeqInput {
+            tokens,
+            start: self.len,
+            pages: &[0],
+            n_logits,
+        };
+        let out = model.forward(be, &self.store, scratch, &[seq]);
+        self.len += tokens.len();
+        out
+    }
+
+    pub fn free(self, be: &mut dyn Backend) {
+        self.store.free(be)
+    }
+}
+
 /// Activation buffers for one forward pass of up to `max_tokens` tokens, allocated once
-/// and reused by every pass.
+/// and reused by every pass, and the per-pass bookkeeping of its sequences.
 pub struct Scratch {
     pub max_tokens: usize,
     pub max_logits: usize,
@@ -49,7 +107,18 @@ pub struct Scratch {
     pub gate: BufId,
     pub up: BufId,
     pub logits: BufId,
+    /// Position of each token of the pass.
     pub positions: Vec<u32>,
+    /// Cache row of each token of the pass.
+    pub kv_rows: Vec<u32>,
+    /// Every sequence's attention call and page table.
+    pub attn_seqs: Vec<AttnSeq>,
+    pub page_table: Vec<u32>,
+    /// Rows of the pass whose logits are wanted, in order.
+    pub logit_rows: Vec<u32>,
+    /// Every token of the pass.
+    pub tokens: Vec<u32>,
+    pub page_size: usize,
 }
 
 impl Scratch {
@@ -68,6 +137,12 @@ impl Scratch {
             up: be.alloc(n * h.d_ffn),
             logits: be.alloc(max_logits * h.vocab),
             positions: Vec::with_capacity(n),
+            kv_rows: Vec::with_capacity(n),
+            attn_seqs: Vec::with_capacity(n),
+            page_table: Vec::new(),
+            logit_rows: Vec::with_capacity(max_logits),
+            tokens: Vec::with_capacity(n),
+            page_size: 0,
         }
     }
 
@@ -186,11 +261,11 @@ pub struct AttnPlan {
     pub window: Option<usize>,
 }
 
-/// Self-attention of the normalized rows in `s.xb`, one per position in `s.positions`,
-/// whose output (after the output projection) replaces them in `s.xb`. Appends this
-/// layer's keys and values to the cache rows of those positions.
+/// Self-attention of the normalized rows in `s.xb` (their positions, cache rows and
+/// sequences set by [`begin`]), whose output (after the output projection) replaces them
+/// in `s.xb`. Stores this layer's keys and values of those positions in the cache.
 pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, kv: (BufId, BufId), plan: AttnPlan) {
-    let (start, n) = (s.positions[0] as usize, s.positions.len());
+    let n = s.positions.len();
     be.matmul_many(s.xb, n, &[(w.q, s.q), (w.k, s.k), (w.v, s.v)]);
     if let Some([qb, kb, vb]) = w.qkv_bias {
         be.add_bias(s.q, qb, n);
@@ -217,18 +292,17 @@ pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, 
         plan.rope_theta,
         plan.rope_style,
     );
-    be.store_kv(s.k, kv.0, n, h.kv_dim(), start);
-    be.store_kv(s.v, kv.1, n, h.kv_dim(), start);
+    be.store_kv(s.k, kv.0, h.kv_dim(), &s.kv_rows);
+    be.store_kv(s.v, kv.1, h.kv_dim(), &s.kv_rows);
     let shape = Attention {
-        n_tokens: n,
-        start_pos: start,
         n_head: h.n_head,
         n_kv_head: h.n_kv_head,
         head_dim: h.head_dim,
         scale: plan.scale,
         window: plan.window,
+        page_size: s.page_size,
     };
-    be.attention(s.q, kv.0, kv.1, shape, s.attn);
+    be.attention(s.q, kv.0, kv.1, shape, &s.attn_seqs, &s.page_table, s.attn);
     be.matmul(w.o, s.attn, n, s.xb);
 }
 
@@ -256,32 +330,75 @@ pub fn feed_forward(be: &mut dyn Backend, h: &Hyper, w: &FfnWeights, s: &Scratch
     be.matmul(w.down, s.gate, n, s.xb);
 }
 
-/// Final norm and classifier over the last `n_logits` of `n` rows of the residual stream.
-pub fn logits(
-    be: &mut dyn Backend,
-    h: &Hyper,
-    norm: WeightId,
-    output: WeightId,
-    s: &Scratch,
-    n: usize,
-    n_logits: usize,
-) -> BufId {
+/// Final norm and classifier over the rows of the residual stream that want logits
+/// (`s.logit_rows`), whose logits fill that many rows of `s.logits`.
+pub fn logits(be: &mut dyn Backend, h: &Hyper, norm: WeightId, output: WeightId, s: &Scratch) -> BufId {
     let d = h.d_model;
-    be.copy(s.x, (n - n_logits) * d, s.xb, 0, n_logits * d);
-    be.rms_norm(s.xb, norm, n_logits, h.norm_eps);
-    be.matmul(output, s.xb, n_logits, s.logits);
+    // Runs of consecutive rows (a sequence's last tokens) move in one copy.
+    let rows = &s.logit_rows;
+    let mut i = 0;
+    while i < rows.len() {
+        let mut j = i + 1;
+        while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+            j += 1;
+        }
+        be.copy(s.x, rows[i] as usize * d, s.xb, i * d, (j - i) * d);
+        i = j;
+    }
+    be.rms_norm(s.xb, norm, rows.len(), h.norm_eps);
+    be.matmul(output, s.xb, rows.len(), s.logits);
     s.logits
 }
 
-/// Sets `s.positions` for `n` tokens starting at `cache.len`, checking they fit.
-pub fn begin(cache: &KvCache, s: &mut Scratch, n: usize, n_logits: usize) {
+/// Lays out a pass over `batch`: the tokens of every sequence one after another, their
+/// positions, cache rows, attention calls and logit rows. Returns the token count.
+///
+/// # Panics
+/// If the batch does not fit the scratch, or a sequence's page table does not cover its
+/// positions inside the store: callers size and check both.
+pub fn begin(kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> usize {
+    let n: usize = batch.iter().map(|q| q.tokens.len()).sum();
+    let n_logits: usize = batch.iter().map(|q| q.n_logits).sum();
     assert!(
         n > 0 && n <= s.max_tokens,
         "{n} tokens do not fit a scratch of {}",
         s.max_tokens
     );
-    assert!(n_logits <= n && n_logits <= s.max_logits, "too many logits requested");
-    assert!(cache.len + n <= cache.capacity, "the key/value cache is full");
+    assert!(n_logits <= s.max_logits, "too many logits requested");
     s.positions.clear();
-    s.positions.extend((cache.len..cache.len + n).map(|p| p as u32));
+    s.kv_rows.clear();
+    s.attn_seqs.clear();
+    s.page_table.clear();
+    s.logit_rows.clear();
+    s.tokens.clear();
+    s.page_size = kv.page_size;
+    let ps = kv.page_size;
+    for q in batch {
+        let (row0, end) = (s.positions.len(), q.start + q.tokens.len());
+        assert!(
+            !q.tokens.is_empty() && q.n_logits <= q.tokens.len(),
+            "a sequence without tokens or with too many logits"
+        );
+        let n_pages = end.div_ceil(ps);
+        assert!(
+            n_pages <= q.pages.len() && q.pages[..n_pages].iter().all(|&p| (p as usize) < kv.n_pages),
+            "a page table does not cover positions 0..{end} in the store"
+        );
+        s.tokens.extend_from_slice(q.tokens);
+        for pos in q.start..end {
+            s.positions.push(pos as u32);
+            s.kv_rows.push((q.pages[pos / ps] as usize * ps + pos % ps) as u32);
+        }
+        s.attn_seqs.push(AttnSeq {
+            row0,
+            n_tokens: q.tokens.len(),
+            start_pos: q.start,
+            page0: s.page_table.len(),
+            n_pages,
+        });
+        s.page_table.extend_from_slice(&q.pages[..n_pages]);
+        s.logit_rows
+            .extend((row0 + q.tokens.len() - q.n_logits..row0 + q.tokens.len()).map(|r| r as u32));
+    }
+    n
 }

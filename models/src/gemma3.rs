@@ -5,10 +5,10 @@
 
 use kiln_runtime::{Activation, Backend, BufId, RopeStyle, WeightId};
 
-use crate::blocks::{self, AttnExtras, AttnPlan, AttnWeights, FfnWeights, KvCache, Scratch};
+use crate::blocks::{self, AttnExtras, AttnPlan, AttnWeights, FfnWeights, KvStore, Scratch};
 use crate::checkpoint::Format;
 use crate::config::{hf_rope_theta, json_usize};
-use crate::{Checkpoint, Hyper, Model, ModelError};
+use crate::{Checkpoint, Hyper, Model, ModelError, SeqInput};
 
 /// Gemma 3 models put one global-attention layer after every five sliding ones.
 const SLIDING_PATTERN: usize = 6;
@@ -128,20 +128,12 @@ impl Model for Gemma3 {
         &self.hyper
     }
 
-    fn forward(
-        &self,
-        be: &mut dyn Backend,
-        cache: &mut KvCache,
-        s: &mut Scratch,
-        tokens: &[u32],
-        n_logits: usize,
-    ) -> BufId {
+    fn forward(&self, be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> BufId {
         let h = &self.hyper;
-        let (n, d) = (tokens.len(), h.d_model);
-        blocks::begin(cache, s, n, n_logits);
-        be.embed(self.embed, tokens, s.x);
+        let (n, d) = (blocks::begin(kv, s, batch), h.d_model);
+        be.embed(self.embed, &s.tokens, s.x);
         be.scale(s.x, n * d, self.embed_scale);
-        for (layer, kv) in self.layers.iter().zip(&cache.layers) {
+        for (layer, kv) in self.layers.iter().zip(&kv.layers) {
             let plan = AttnPlan {
                 rope_theta: if layer.sliding {
                     self.local_rope_theta
@@ -165,7 +157,6 @@ impl Model for Gemma3 {
             be.rms_norm(s.xb, layer.post_ffn_norm, n, h.norm_eps);
             be.add(s.x, s.xb, n * d);
         }
-        cache.len += n;
-        blocks::logits(be, h, self.output_norm, self.output, s, n, n_logits)
+        blocks::logits(be, h, self.output_norm, self.output, s)
     }
 }

@@ -15,7 +15,7 @@ pub mod tokenizer;
 
 use kiln_runtime::{Backend, BufId};
 
-pub use blocks::{KvCache, Scratch};
+pub use blocks::{KvCache, KvStore, Scratch, SeqInput};
 pub use checkpoint::Checkpoint;
 pub use config::Hyper;
 
@@ -54,18 +54,12 @@ pub enum ModelError {
 pub trait Model: Send + Sync {
     fn hyper(&self) -> &Hyper;
 
-    /// Runs `tokens` at positions `cache.len..`, appending their keys and values to the
-    /// cache, and returns a buffer holding the logits of the last `n_logits` tokens
-    /// (`n_logits` rows of `vocab` floats). `tokens.len()` and `n_logits` must fit the
-    /// scratch, and the cache must have room.
-    fn forward(
-        &self,
-        be: &mut dyn Backend,
-        cache: &mut KvCache,
-        scratch: &mut Scratch,
-        tokens: &[u32],
-        n_logits: usize,
-    ) -> BufId;
+    /// Runs one forward pass over a batch of sequences: each sequence's tokens at its
+    /// positions, storing their keys and values in `kv` where its page table says, and
+    /// attending over what its table already holds. Returns a buffer holding the logits
+    /// of each sequence's last `n_logits` tokens, sequence after sequence (rows of `vocab`
+    /// floats). The batch must fit the scratch, and page tables must cover the positions.
+    fn forward(&self, be: &mut dyn Backend, kv: &KvStore, scratch: &mut Scratch, batch: &[SeqInput]) -> BufId;
 }
 
 /// Builds the model a checkpoint holds, uploading its weights to `be`.

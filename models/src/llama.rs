@@ -4,8 +4,8 @@
 
 use kiln_runtime::{Activation, Backend, BufId, RopeStyle, WeightId};
 
-use crate::blocks::{self, AttnExtras, AttnPlan, AttnWeights, FfnWeights, KvCache, Scratch};
-use crate::{Checkpoint, Hyper, Model, ModelError};
+use crate::blocks::{self, AttnExtras, AttnPlan, AttnWeights, FfnWeights, KvStore, Scratch};
+use crate::{Checkpoint, Hyper, Model, ModelError, SeqInput};
 
 pub struct Llama {
     hyper: Hyper,
@@ -72,25 +72,17 @@ impl Model for Llama {
         &self.hyper
     }
 
-    fn forward(
-        &self,
-        be: &mut dyn Backend,
-        cache: &mut KvCache,
-        s: &mut Scratch,
-        tokens: &[u32],
-        n_logits: usize,
-    ) -> BufId {
+    fn forward(&self, be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> BufId {
         let h = &self.hyper;
-        let n = tokens.len();
-        blocks::begin(cache, s, n, n_logits);
+        let n = blocks::begin(kv, s, batch);
         let plan = AttnPlan {
             rope_theta: h.rope_theta,
             rope_style: self.rope_style,
             scale: 1.0 / (h.head_dim as f32).sqrt(),
             window: None,
         };
-        be.embed(self.embed, tokens, s.x);
-        for (layer, kv) in self.layers.iter().zip(&cache.layers) {
+        be.embed(self.embed, &s.tokens, s.x);
+        for (layer, kv) in self.layers.iter().zip(&kv.layers) {
             // Attention: x += attn(norm(x)).
             be.copy(s.x, 0, s.xb, 0, n * h.d_model);
             be.rms_norm(s.xb, layer.attn_norm, n, h.norm_eps);
@@ -102,7 +94,6 @@ impl Model for Llama {
             blocks::feed_forward(be, h, &layer.ffn, s, n, Activation::Silu);
             be.add(s.x, s.xb, n * h.d_model);
         }
-        cache.len += n;
-        blocks::logits(be, h, self.output_norm, self.output, s, n, n_logits)
+        blocks::logits(be, h, self.output_norm, self.output, s)
     }
 }

@@ -4,13 +4,13 @@
 
 use std::ops::Range;
 
-use kiln_kernels::attention::{self, AttnGeometry, AttnPrecision};
+use kiln_kernels::attention::{self, AttnGeometry, AttnPrecision, KvPages};
 use kiln_kernels::dequant::dequantize_row;
 use kiln_kernels::gemm::{self, OutMatrix};
 use kiln_kernels::{ops, qdot};
 
 use crate::pool::ThreadPool;
-use crate::{Activation, Attention, Backend, BufId, Result, RopeStyle, WeightId, WeightSource};
+use crate::{Activation, Attention, AttnSeq, Backend, BufId, Result, RopeStyle, WeightId, WeightSource};
 
 /// How the CPU backend multiplies quantized weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub struct CpuBackend {
     /// (sin, cos) per position and rotated pair of the current rope call.
     rope_table: Vec<(f32, f32)>,
     rope_freqs: Vec<f32>,
+    /// Each sequence's geometry and first work item in the current attention call.
+    attn_calls: Vec<(AttnGeometry, usize)>,
     weights: Vec<WeightSource>,
     /// Vectors (norm weights, biases) dequantized once at upload, by weight index.
     vectors: Vec<Option<Vec<f32>>>,
@@ -51,6 +53,7 @@ impl CpuBackend {
             acts: Vec::new(),
             rope_table: Vec::new(),
             rope_freqs: Vec::new(),
+            attn_calls: Vec::new(),
             weights: Vec::new(),
             vectors: Vec::new(),
             buffers: Vec::new(),
@@ -175,6 +178,15 @@ impl Backend for CpuBackend {
     fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize) {
         let (s, d) = pair(&mut self.buffers, src, dst);
         d[dst_offset..dst_offset + len].copy_from_slice(&s[src_offset..src_offset + len]);
+    }
+
+    fn copy_within(&mut self, buf: BufId, src_offset: usize, dst_offset: usize, len: usize) {
+        let b = self.buf_mut(buf);
+        assert!(
+            src_offset + len <= dst_offset || dst_offset + len <= src_offset,
+            "copy_within: overlapping ranges"
+        );
+        b.copy_within(src_offset..src_offset + len, dst_offset);
     }
 
     fn embed(&mut self, table: WeightId, tokens: &[u32], out: BufId) {
@@ -350,44 +362,78 @@ impl Backend for CpuBackend {
         });
     }
 
-    fn store_kv(&mut self, src: BufId, cache: BufId, n: usize, row_len: usize, start: usize) {
+    fn store_kv(&mut self, src: BufId, cache: BufId, row_len: usize, rows: &[u32]) {
         let numerics = self.numerics;
         let (src, cache) = pair(&mut self.buffers, src, cache);
-        let (src, dst) = (&src[..n * row_len], &mut cache[start * row_len..(start + n) * row_len]);
-        match numerics {
-            // llama.cpp keeps its cache in f16.
-            Numerics::Quantized => ops::round_to_f16_slice(src, dst),
-            Numerics::Reference => dst.copy_from_slice(src),
+        for (row, &to) in src.chunks_exact(row_len).zip(rows) {
+            let dst = &mut cache[to as usize * row_len..][..row_len];
+            match numerics {
+                // llama.cpp keeps its cache in f16.
+                Numerics::Quantized => ops::round_to_f16_slice(row, dst),
+                Numerics::Reference => dst.copy_from_slice(row),
+            }
         }
     }
 
-    fn attention(&mut self, q: BufId, keys: BufId, values: BufId, a: Attention, out: BufId) {
+    fn attention(
+        &mut self,
+        q: BufId,
+        keys: BufId,
+        values: BufId,
+        a: Attention,
+        seqs: &[AttnSeq],
+        page_table: &[u32],
+        out: BufId,
+    ) {
         let [q, k, v, out] = self
             .buffers
             .get_disjoint_mut([q.0, keys.0, values.0, out.0].map(|i| i as usize))
             .expect("attention buffers must be distinct");
-        let geometry = AttnGeometry {
-            n_tokens: a.n_tokens,
-            start_pos: a.start_pos,
-            n_head: a.n_head,
-            n_kv_head: a.n_kv_head,
-            head_dim: a.head_dim,
-            kv_stride: a.n_kv_head * a.head_dim,
-            scale: a.scale,
-            window: a.window,
-            precision: match self.numerics {
-                Numerics::Quantized => AttnPrecision::Ggml,
-                Numerics::Reference => AttnPrecision::F32,
-            },
-        };
-        let q_len = a.n_tokens * a.n_head * a.head_dim;
-        let (q, k, v) = (&q[..q_len], &*k, &*v);
-        // SAFETY: `out` holds n_tokens rows of n_head × head_dim; work items write
-        // disjoint (token, head) parts of it.
-        let out = unsafe { OutMatrix::new(out[..q_len].as_mut_ptr(), a.n_head * a.head_dim) };
-        self.pool.for_chunks(attention::work_items(&geometry), 1, &|items| {
+        let row = a.n_head * a.head_dim;
+        // Every sequence's work items, numbered one after another: one pool job runs them all.
+        let calls = &mut self.attn_calls;
+        calls.clear();
+        let mut total = 0;
+        for s in seqs {
+            let geometry = AttnGeometry {
+                n_tokens: s.n_tokens,
+                start_pos: s.start_pos,
+                n_head: a.n_head,
+                n_kv_head: a.n_kv_head,
+                head_dim: a.head_dim,
+                kv_stride: a.n_kv_head * a.head_dim,
+                scale: a.scale,
+                window: a.window,
+                // f32 accumulation in both numerics: unlike ggml's f16 accumulator for
+                // small batches, it gives each query the same result whatever else is in
+                // the batch, which batched sessions and prefix reuse rely on.
+                precision: AttnPrecision::F32,
+            };
+            calls.push((geometry, total));
+            total += attention::work_items(&geometry);
+        }
+        let (q, k, v, calls) = (&*q, &*k, &*v, &*calls);
+        let out_len = out.len();
+        // SAFETY: work items write disjoint (token, head) parts of their sequence's rows,
+        // which are inside `out` (checked per item) and distinct between sequences.
+        let out = unsafe { OutMatrix::new(out.as_mut_ptr(), row) };
+        self.pool.for_chunks(total, 1, &|items| {
             for item in items {
-                attention::run_item(&geometry, q, k, v, item, out);
+                let i = calls.partition_point(|c| c.1 <= item) - 1;
+                let (geometry, first) = &calls[i];
+                let s = &seqs[i];
+                let rows = s.row0 * row..(s.row0 + s.n_tokens) * row;
+                assert!(
+                    rows.end <= q.len() && rows.end <= out_len,
+                    "attention: rows outside the buffers"
+                );
+                // The sequence's rows start row0 rows (row0 × row elements) down.
+                let o = out.offset_cols(s.row0 * row);
+                let pages = KvPages {
+                    pages: &page_table[s.page0..s.page0 + s.n_pages],
+                    page_size: a.page_size,
+                };
+                attention::run_item(geometry, &q[rows], k, v, pages, item - first, o);
             }
         });
     }

@@ -11,6 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 pub use cpu::{CpuBackend, Numerics};
+pub use kiln_kernels::attention::KvPages;
 pub use kiln_kernels::ops::RopeStyle;
 pub use kiln_kernels::GgmlType;
 
@@ -103,19 +104,30 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// Shape of one attention call: `n_tokens` queries at positions
-/// `start_pos..start_pos + n_tokens` attending causally over a cache whose rows hold
-/// `n_kv_head * head_dim` floats.
+/// The shape shared by every sequence of an attention call: queries of `n_head` heads
+/// attend causally over a paged cache whose rows hold `n_kv_head * head_dim` floats,
+/// `page_size` rows per page.
 #[derive(Clone, Copy, Debug)]
 pub struct Attention {
-    pub n_tokens: usize,
-    pub start_pos: usize,
     pub n_head: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
     pub scale: f32,
     /// Sliding window: a query at position p sees keys in `p + 1 - window ..= p`.
     pub window: Option<usize>,
+    pub page_size: usize,
+}
+
+/// One sequence of an attention call: query rows `row0..row0 + n_tokens` at positions
+/// `start_pos..start_pos + n_tokens`, whose page table is `page_table[page0..page0 +
+/// n_pages]` of the call (position `p` is row `p % page_size` of its page `p / page_size`).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnSeq {
+    pub row0: usize,
+    pub n_tokens: usize,
+    pub start_pos: usize,
+    pub page0: usize,
+    pub n_pages: usize,
 }
 
 /// What a device does for kiln: hold weights and buffers, run the ops of a forward pass,
@@ -140,6 +152,8 @@ pub trait Backend: Send {
     fn read(&mut self, buf: BufId, offset: usize, out: &mut [f32]);
     /// Copies `len` floats between buffers (`src` and `dst` distinct).
     fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize);
+    /// Copies `len` floats inside one buffer; the two ranges do not overlap.
+    fn copy_within(&mut self, buf: BufId, src_offset: usize, dst_offset: usize, len: usize);
 
     /// Rows of an embedding table, one per token, dequantized into `out`.
     fn embed(&mut self, table: WeightId, tokens: &[u32], out: BufId);
@@ -163,11 +177,22 @@ pub trait Backend: Send {
     fn rms_norm(&mut self, x: BufId, weight: WeightId, n: usize, eps: f32);
     /// Rotates `n_heads` heads of `head_dim` in each of `positions.len()` rows.
     fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle);
-    /// Writes `n` rows of `row_len` keys or values from `src` into `cache` starting at row
-    /// `start`. A backend may keep the cache at reduced precision (f16).
-    fn store_kv(&mut self, src: BufId, cache: BufId, n: usize, row_len: usize, start: usize);
-    /// Causal attention of `q` over the cached keys and values into `out`.
-    fn attention(&mut self, q: BufId, keys: BufId, values: BufId, shape: Attention, out: BufId);
+    /// Writes row `i` of `row_len` keys or values from `src` into row `rows[i]` of `cache`.
+    /// A backend may keep the cache at reduced precision (f16).
+    fn store_kv(&mut self, src: BufId, cache: BufId, row_len: usize, rows: &[u32]);
+    /// Causal attention of each sequence's rows of `q` over its cached keys and values,
+    /// into the same rows of `out`; `page_table` holds every sequence's page table.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        q: BufId,
+        keys: BufId,
+        values: BufId,
+        shape: Attention,
+        seqs: &[AttnSeq],
+        page_table: &[u32],
+        out: BufId,
+    );
     /// `gate[i] = act(gate[i]) * up[i]` for the first `len` floats.
     fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation);
 }

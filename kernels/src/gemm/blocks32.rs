@@ -16,7 +16,13 @@
 //!    pair) one integer dot (its accumulator starts at the offset correction, so the
 //!    zero point costs nothing), one conversion, one scale product and one FMA into
 //!    16 (8) f32 lanes; lanes are summed once per output at the end. Q4_1's `m · s`
-//!    terms are a dense f32 dot of per-block vectors added to the same lanes.
+//!    terms are a dense f32 dot of per-block vectors added to the same lanes, after
+//!    the pairs.
+//!
+//! Every kernel of a level computes an output with the same operations in the same order
+//! (`stream512` and `tile512` have one lane layout, one product per pair, the `m · s`
+//! terms after all pairs, one summation tree for every row), so an element's bits do not
+//! depend on the number of tokens or the band of rows it was computed with.
 //!
 //! The weights are repacked in row blocks sized for L2 (prefill) or L1 (few tokens); the
 //! token tile sweeps a whole row block while its activations stay in L1. At AVX-512 with
@@ -35,8 +41,13 @@ const MR: usize = 4;
 /// Tokens per AVX-512 tile.
 const NT512: usize = 5;
 /// Up to this many tokens, AVX-512 streams the weights straight from their blocks
-/// (each unpacked once, in registers) instead of repacking them.
-const STREAM_MAX_TOKENS: usize = 4;
+/// instead of repacking them: each group of rows is unpacked in registers once per
+/// `STREAM_GROUP` tokens (the rows stay in L1 between groups), which costs less than
+/// writing and reading a repacked copy until the batch grows past a few groups.
+const STREAM_MAX_TOKENS: usize = 16;
+/// Tokens per streaming kernel call: 4 rows × 4 tokens of accumulators plus the
+/// unpacked weights and activations fill the 32 zmm registers.
+const STREAM_GROUP: usize = 4;
 /// Rows per AVX2 tile (16 ymm registers hold fewer accumulators).
 const MR256: usize = 2;
 /// Tokens per AVX2 tile.
@@ -178,8 +189,9 @@ impl Geo {
 /// rows)`.
 type TileFn = unsafe fn(&Geo, *const u8, *const u8, OutMatrix, usize, usize, usize);
 
-/// A streaming kernel: `(kind, geo, first weight row, repacked tokens, out, r0)`.
-type StreamFn = unsafe fn(&Kind, &Geo, *const u8, *const u8, OutMatrix, usize);
+/// A streaming kernel: `(kind, geo, first weight row, repacked tokens, Q4_1 minimums
+/// scratch, out, r0)`.
+type StreamFn = unsafe fn(&Kind, &Geo, *const u8, *const u8, *mut f32, OutMatrix, usize);
 
 /// Runs the kernel for `ty` at `level`; returns false when there is none (the caller
 /// then takes the scalar path).
@@ -214,11 +226,16 @@ pub(super) unsafe fn gemm(
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
             let a = lines(&mut s.acts, n_tokens * g.a_stride);
+            // Q4_1's `m` of 4 rows (the weights' scratch is free: no repacking here).
+            let mins = lines(&mut s.weights, if k.min { 4 * g.nb16 * 4 } else { 0 }).cast::<f32>();
             for t in 0..n_tokens {
                 // SAFETY: as in the prefill path below.
                 unsafe { prep_acts(&k, &g, acts.as_ptr().add(t * g.nb * k.ab), a.add(t * g.a_stride)) };
             }
-            let (f4, f1) = pick_stream(ty, n_tokens);
+            let (full, last) = (
+                pick_stream(ty, STREAM_GROUP),
+                pick_stream(ty, (n_tokens - 1) % STREAM_GROUP + 1),
+            );
             let row_bytes = g.nb * k.wb;
             let mut r = 0;
             let end = weights.as_ptr_range().end;
@@ -232,10 +249,25 @@ pub(super) unsafe fn gemm(
                     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
                     p = p.wrapping_add(64);
                 }
-                let f = if n_rows - r >= 4 { f4 } else { f1 };
-                // SAFETY: rows r.. are in `weights` (f4 only runs with 4 rows left), the
-                // tokens are repacked at `a`, the outputs are the caller's; AVX-512 VNNI.
-                unsafe { f(&k, &g, weights.as_ptr().add(r * row_bytes), a, out, r) };
+                for t0 in (0..n_tokens).step_by(STREAM_GROUP) {
+                    let (f4, f1) = if n_tokens - t0 >= STREAM_GROUP { full } else { last };
+                    let f = if n_rows - r >= 4 { f4 } else { f1 };
+                    // SAFETY: rows r.. are in `weights` (f4 only runs with 4 rows left),
+                    // the group's tokens are repacked at `a` from token t0 on, `mins` has
+                    // room for 4 rows' `m` (Q4_1), the outputs are the caller's; AVX-512
+                    // VNNI.
+                    unsafe {
+                        f(
+                            &k,
+                            &g,
+                            weights.as_ptr().add(r * row_bytes),
+                            a.add(t0 * g.a_stride),
+                            mins,
+                            out.offset_rows(t0),
+                            r,
+                        )
+                    };
+                }
                 r += if n_rows - r >= 4 { 4 } else { 1 };
             }
         });
@@ -523,7 +555,9 @@ unsafe fn bcast32(p: *const u8) -> __m512 {
     _mm512_castpd_ps(_mm512_broadcast_f64x4(unsafe { _mm256_loadu_pd(p.cast()) }))
 }
 
-/// `[Σ a0, Σ a1, Σ a2, Σ a3]`.
+/// `[Σ a0, Σ a1, Σ a2, Σ a3]`, each by the same tree (lanes `i` and `i + 2` of each
+/// 128-bit lane, then those two sums, then 128-bit lanes 0 + 2 and 1 + 3, then those),
+/// so lane 0 of `hsum4(v, 0, 0, 0)` is any group's sum of `v`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn hsum4(a0: __m512, a1: __m512, a2: __m512, a3: __m512) -> __m128 {
@@ -789,23 +823,27 @@ const MF0: i64 = 0xF0F0_F0F0_F0F0_F0F0u64 as i64;
 
 /// The AVX-512 decode kernel: `R` weight rows at `w`, read straight from their blocks,
 /// against `T` repacked tokens at `a`; writes `(t, r0 + r)`. Per 16 blocks and row, one
-/// gather fetches the f16 scales (and Q4_1 minimums); with one token the scales are
-/// premultiplied by the activation scales there, so a pair costs its unpack plus one
-/// permute, `vpdpbusd`, conversion and FMA per token. Q4_0 and Q4_1 leave the high
-/// nibbles unshifted (16 times the value, still exact in i32 and f32) and take
-/// `d / 16` for those lanes from a second scale table in the same permute; their
-/// offset correction sits in lanes 0 and 4, which are low-nibble lanes.
+/// gather fetches the f16 scales (and Q4_1 minimums, kept at `mins` until the pairs
+/// are done); with one token the scales are premultiplied by the activation scales
+/// there, so a pair costs its unpack plus one permute, `vpdpbusd`, conversion and FMA
+/// per token. Q4_0 and Q4_1 leave the high nibbles unshifted (16 times the value, still
+/// exact in i32 and f32) and take `d / 16` for those lanes from a second scale table in
+/// the same permute; their offset correction sits in lanes 0 and 4, which are
+/// low-nibble lanes. Both tricks scale exact values by powers of two, so every FMA
+/// adds the same product as in `tile512`.
 ///
 /// # Safety
 /// `R` rows of `g.nb` blocks of `TY` at `w`; `T` tokens repacked with geometry `g` at
-/// `a`; those outputs are the caller's to write; the CPU has AVX-512 F/BW/VL/VNNI and
-/// BMI2 (`pdep` places Q5_0's fifth bits).
+/// `a`; for Q4_1, `mins` is writable for `R * g.nb16` f32; those outputs are the
+/// caller's to write; the CPU has AVX-512 F/BW/VL/VNNI and BMI2 (`pdep` places Q5_0's
+/// fifth bits).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
 unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     k: &Kind,
     g: &Geo,
     w: *const u8,
     a: *const u8,
+    mins: *mut f32,
     out: OutMatrix,
     r0: usize,
 ) {
@@ -842,11 +880,8 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
             dw[r] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(ds));
             if TY == Q41 {
                 let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(ds)));
-                for (t, acc) in acc[r].iter_mut().enumerate() {
-                    // SAFETY: the `s` area holds nb16 f32.
-                    let s = unsafe { _mm512_loadu_ps(a.add(t * g.a_stride + g.a_s + 4 * b0).cast()) };
-                    *acc = _mm512_fmadd_ps(m, s, *acc);
-                }
+                // SAFETY: `mins` holds nb16 f32 per row.
+                unsafe { _mm512_storeu_ps(mins.add(r * g.nb16 + b0), m) };
             }
             if T == 1 {
                 // SAFETY: the per-block `da` area holds nb16 f32.
@@ -901,16 +936,30 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
             }
         }
     }
+    if TY == Q41 {
+        // The `m · s` terms after the pairs, in the order of `tile512`.
+        for b0 in (0..g.nb).step_by(16) {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: stored above (masked-off blocks as zero, as `tile512` has them).
+                let m = unsafe { _mm512_loadu_ps(mins.add(r * g.nb16 + b0)) };
+                for (t, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: the `s` area holds nb16 f32.
+                    let s = unsafe { _mm512_loadu_ps(a.add(t * g.a_stride + g.a_s + 4 * b0).cast()) };
+                    *acc = _mm512_fmadd_ps(m, s, *acc);
+                }
+            }
+        }
+    }
     // t indexes the inner dimension of every row's accumulators at once.
     #[allow(clippy::needless_range_loop)]
     for t in 0..T {
         let mut v = [0f32; 4];
-        if R == 4 {
-            // SAFETY: v has room for 4 f32.
-            unsafe { _mm_storeu_ps(v.as_mut_ptr(), hsum4(acc[0][t], acc[1][t], acc[2][t], acc[3][t])) };
-        } else {
-            v[0] = _mm512_reduce_add_ps(acc[0][t]);
-        }
+        // One row takes lane 0 of the same tree (not `_mm512_reduce_add_ps`, which sums
+        // in another order): a row's result does not depend on its group.
+        let z = _mm512_setzero_ps();
+        let row = |r: usize| if r < R { acc[r][t] } else { z };
+        // SAFETY: v has room for 4 f32.
+        unsafe { _mm_storeu_ps(v.as_mut_ptr(), hsum4(row(0), row(1), row(2), row(3))) };
         for (r, &x) in v.iter().enumerate().take(R) {
             // SAFETY: the caller's contract.
             unsafe { out.write(t, r0 + r, x) };

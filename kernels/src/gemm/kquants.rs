@@ -17,6 +17,13 @@
 //!   then takes one `vpdpwssd` (activation pair broadcast from memory) per 32
 //!   multiply-adds, reuses each weight load across a tile of tokens, and keeps one
 //!   accumulator lane per row, so no horizontal sums.
+//!
+//! An output's bits must not depend on how many tokens or which band of rows it was
+//! computed with. At AVX-512 both paths therefore take a super-block to f32 alike: the
+//! whole integer sum (decode adds up its lanes in integers first, exact), then
+//! `acc += ((f32) Σ · d_w − (f32) Σ_min · dmin_w) · d_a`, one fused step for the mins
+//! and one for `d_a`, into one f32 accumulator per output. At AVX2 every token count
+//! takes the decode scheme, whose rows are computed alike in groups of 4 and alone.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -260,14 +267,18 @@ mod x512 {
         }
     }
 
-    /// The dots of `R` consecutive weight rows (at `w`, `row_bytes` apart) with one
-    /// activation row `a`.
+    /// The dots of `R` (1 or 4) consecutive weight rows (at `w`, `row_bytes` apart) with
+    /// one activation row `a`.
     ///
     /// The activations of a super-block are loaded once for all `R` rows, as four zmm
     /// whose 32-byte halves are the element chunks that the weight bytes, as loaded,
     /// hold: Q4_K bytes 0..64 carry chunks 0 and 2 in their low nibbles and 1 and 3 in
     /// their high ones; Q6_K `ql` bytes 0..32 and 64..96 carry chunks 0 and 4 (low
     /// nibbles) and 2 and 6 (high), with the matching `qh` bits of bytes 0..64.
+    ///
+    /// Each row's integer sums of a super-block are summed across lanes, row `i` in lane
+    /// `i` of an xmm, and taken to f32 as [`micro`] does (see [`sb_f32`]), so a result is
+    /// the same bits whichever path and row group computed it.
     ///
     /// Each weight block is prefetched `ahead` bytes on (prefetches do not fault, so
     /// past the band's end they only cost a wasted line).
@@ -283,8 +294,7 @@ mod x512 {
         a: *const u8,
         ahead: usize,
     ) -> [f32; R] {
-        let mut accf = [_mm512_setzero_ps(); R];
-        let mut accm = [_mm_setzero_ps(); R];
+        let mut accf = _mm_setzero_ps();
         let m4 = _mm512_set1_epi8(0x0F);
         let m2 = _mm512_set1_epi8(0x30);
         // Sub-block scale words per 128-bit lane of the four quant vectors.
@@ -304,10 +314,14 @@ mod x512 {
             ]
         };
         for sb in 0..nsb {
+            // Per row: the integer dot in 16 lanes, `d` (Q4_K: `d`, `dmin`) as f16 bits,
+            // Q4_K's eight 6-bit mins.
+            let mut isum = [_mm512_setzero_si512(); 4];
+            let mut dbits = [0u32; 4];
+            let mut mins = [0u64; 4];
             // SAFETY: block sb of the activation row and of each of the R weight rows.
             unsafe {
                 let ab = a.add(sb * Q8K_BYTES);
-                let da = _mm_set1_ps(rd_f32(ab));
                 let q = ab.add(4);
                 let bsums = _mm256_loadu_si256(ab.add(BSUMS).cast());
                 if Q6 {
@@ -317,7 +331,7 @@ mod x512 {
                         halves(q.add(64), q.add(192)),
                         halves(q.add(96), q.add(224)),
                     ];
-                    for (i, f) in accf.iter_mut().enumerate() {
+                    for i in 0..R {
                         let wb = w.add(i * row_bytes + sb * Q6K_BYTES);
                         prefetch_block(wb.wrapping_add(ahead), Q6K_BYTES);
                         let x = halves(wb, wb.add(64));
@@ -345,9 +359,8 @@ mod x512 {
                             let p = _mm512_maddubs_epi16(v[j], av[j]);
                             acc = dpwssd!(acc, p, _mm512_permutexvar_epi16(idx[j], swz));
                         }
-                        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.add(208).cast::<u16>().read_unaligned() as i32));
-                        let dd = _mm_mul_ps(d, da);
-                        *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_broadcastss_ps(dd), *f);
+                        isum[i] = acc;
+                        dbits[i] = wb.add(208).cast::<u16>().read_unaligned() as u32;
                     }
                 } else {
                     let av = [
@@ -356,9 +369,7 @@ mod x512 {
                         halves(q.add(128), q.add(192)),
                         halves(q.add(160), q.add(224)),
                     ];
-                    // Sums of the activations per 32 (bsum pairs), as words.
-                    let bs2 = _mm256_cvtepi32_epi16(_mm256_madd_epi16(bsums, _mm256_set1_epi16(1)));
-                    for (i, (f, m)) in accf.iter_mut().zip(accm.iter_mut()).enumerate() {
+                    for i in 0..R {
                         let wb = w.add(i * row_bytes + sb * Q4K_BYTES);
                         prefetch_block(wb.wrapping_add(ahead), Q4K_BYTES);
                         let (sc, mn) = q4k_scales_mins(wb.add(4));
@@ -376,22 +387,72 @@ mod x512 {
                             let p = _mm512_maddubs_epi16(v[j], av[j]);
                             acc = dpwssd!(acc, p, _mm512_permutexvar_epi16(idx[j], sw));
                         }
-                        let mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)), bs2);
-                        // [d, dmin] · d_a.
-                        let dd = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(rd_u32(wb) as i32)), da);
-                        *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_broadcastss_ps(dd), *f);
-                        *m = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_permute_ps::<0x55>(dd), *m);
+                        isum[i] = acc;
+                        dbits[i] = rd_u32(wb);
+                        mins[i] = mn;
                     }
                 }
+                let da = _mm_set1_ps(rd_f32(ab));
+                accf = sb_f32::<Q6>(&isum, dbits, mins, bsums, da, accf);
             }
         }
-        let mut res = [0f32; R];
-        for (o, (f, m)) in res.iter_mut().zip(accf.iter().zip(&accm)) {
-            let m = _mm_add_ps(*m, _mm_movehl_ps(*m, *m));
-            let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-            *o = _mm512_reduce_add_ps(*f) - _mm_cvtss_f32(m);
-        }
-        res
+        let mut res = [0f32; 4];
+        // SAFETY: `res` has 4 f32.
+        unsafe { _mm_storeu_ps(res.as_mut_ptr(), accf) };
+        std::array::from_fn(|i| res[i])
+    }
+
+    /// `acc + f · d_a` per row lane, where `f` is a super-block's dot before the
+    /// activation scale, exactly as [`micro`] computes it: `(f32) Σ · d_w`, for Q4_K
+    /// less `(f32) Σ_j min_j · bsum_j · dmin_w` in one fused step. `isum[i]` holds row
+    /// `i`'s integer dot spread over 16 lanes (whose order of summation cannot matter),
+    /// `dbits[i]` its f16 `d` (Q4_K: `d | dmin << 16`), `mins[i]` its Q4_K mins (one per
+    /// byte); rows past the caller's `R` are zero and give zero lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn sb_f32<const Q6: bool>(
+        isum: &[__m512i; 4],
+        dbits: [u32; 4],
+        mins: [u64; 4],
+        bsums: __m256i,
+        da: __m128,
+        acc: __m128,
+    ) -> __m128 {
+        let s = _mm_cvtepi32_ps(hsum4_epi32(isum));
+        let d4 = _mm_setr_epi32(dbits[0] as i32, dbits[1] as i32, dbits[2] as i32, dbits[3] as i32);
+        let f = if Q6 {
+            _mm_mul_ps(s, _mm_cvtph_ps(_mm_packus_epi32(d4, d4)))
+        } else {
+            // [d0, d1, d2, d3, dmin0, dmin1, dmin2, dmin3].
+            let split = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+            let dd = _mm256_cvtph_ps(_mm_shuffle_epi8(d4, split));
+            // Σ_j min_j · bsum_j per row: the four rows' mins in the four 128-bit lanes,
+            // multiplied by the sums per 32, summed within each lane.
+            let bs2 = _mm256_cvtepi32_epi16(_mm256_madd_epi16(bsums, _mm256_set1_epi16(1)));
+            let mn = _mm256_setr_epi64x(mins[0] as i64, mins[1] as i64, mins[2] as i64, mins[3] as i64);
+            let p = _mm512_madd_epi16(_mm512_cvtepu8_epi16(mn), _mm512_broadcast_i32x4(bs2));
+            let p = _mm512_add_epi32(p, _mm512_shuffle_epi32::<0b01_00_11_10>(p));
+            let p = _mm512_add_epi32(p, _mm512_shuffle_epi32::<0b10_11_00_01>(p));
+            let m = _mm512_castsi512_si128(_mm512_permutexvar_epi32(
+                _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                p,
+            ));
+            let f = _mm_mul_ps(s, _mm256_castps256_ps128(dd));
+            _mm_fnmadd_ps(_mm_cvtepi32_ps(m), _mm256_extractf128_ps::<1>(dd), f)
+        };
+        _mm_fmadd_ps(f, da, acc)
+    }
+
+    /// `[Σ a0, Σ a1, Σ a2, Σ a3]` of four vectors of i32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn hsum4_epi32(a: &[__m512i; 4]) -> __m128i {
+        // Per 128-bit lane: [a0 0+2, a1 0+2, a0 1+3, a1 1+3], then the four lane sums.
+        let x = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+        let y = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
+        let z = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+        let h = _mm256_add_epi32(_mm512_castsi512_si256(z), _mm512_extracti64x4_epi64::<1>(z));
+        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
     }
 
     /// One zmm of a packed panel, aligned so the micro-kernel's loads are.
@@ -759,6 +820,7 @@ mod x512 {
                 for p in 0..128 {
                     dots(&mut acc, p);
                 }
+                // The f32 steps of `sb_f32` (decode), one by one: the paths must agree.
                 let dv: [__m512; RB] = std::array::from_fn(|rb| _mm512_load_ps(w.add(np * RB + rb).cast()));
                 let mut f = [[_mm512_setzero_ps(); T]; RB];
                 for rb in 0..RB {

@@ -11,6 +11,12 @@
 //! threads; a kernel sees one band and every token, so it can reuse each unpacked weight
 //! block across tokens (prefill) or stream its rows once (decode, one token).
 //!
+//! At a given SIMD level every element is the same bits whatever else is in the call:
+//! the number of tokens and the band a row falls in choose which kernel computes it
+//! (decode or prefill, tile widths, row groups and tails), never its operations or their
+//! order. Batching several sessions' tokens into one call thus changes no session's
+//! results (`gemm_is_batch_invariant` in `tests/gemm.rs`).
+//!
 //! Kernels are chosen at run time from what the CPU has: AVX-512 VNNI, then AVX2, then
 //! the portable scalar path ([`crate::qdot::dot`] per element), which is always correct.
 
@@ -50,6 +56,14 @@ impl OutMatrix {
     pub fn offset_cols(self, r0: usize) -> Self {
         OutMatrix {
             ptr: self.ptr.wrapping_add(r0),
+            ld: self.ld,
+        }
+    }
+
+    /// The same matrix seen from row `t0` on: element `(t, r)` is `(t0 + t, r)` here.
+    pub fn offset_rows(self, t0: usize) -> Self {
+        OutMatrix {
+            ptr: self.ptr.wrapping_add(t0 * self.ld),
             ld: self.ld,
         }
     }
