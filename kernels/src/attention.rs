@@ -2,28 +2,16 @@
 //! take independently: grouped-query heads read their shared keys and values in place
 //! (no copies per head), and a sliding window limits what each query sees.
 //!
-//! Two kernels, chosen per call:
+//! The kernel is flash attention in f32: an item is a tile of queries × the heads of one
+//! KV group (up to four SIMD vectors of query lanes). For each block of keys it computes
+//! the score block like a small GEMM (a key element broadcast against the transposed
+//! queries, queries in lanes), masks it (causal, window), runs the online softmax with
+//! the queries still in lanes, and accumulates `P·V` in f32. It differs from
+//! [`ops::attend`] only in summation order, a polynomial `exp` (~2 ulp), the scale folded
+//! into the query, and normalization at the end: ~1e-6 relative.
 //!
-//! - **f16 accumulator** ([`AttnPrecision::Ggml`] with fewer than 64 queries, i.e. decode
-//!   and small batches): llama.cpp's CPU flash attention for a handful of queries. An
-//!   item is one query × some heads of one KV group, so each key and value row is read
-//!   once for those heads. The result is bit-identical to [`ops::attend_f16_accumulator`]
-//!   per (query, head): the score dot product keeps its order (sixteen lane
-//!   accumulators, then the lanes summed in order), the exponentials are the same
-//!   `f32::exp`, and every accumulator update is rounded to f16 (by `vcvtps2ph` here,
-//!   which rounds as `half` does). Only the work around them is vectorized and
-//!   reordered: scores for a block of keys first, then the (sequential) online softmax
-//!   over that block, then the value updates.
-//! - **f32 flash attention** (everything else): an item is a tile of queries × the heads
-//!   of one KV group (up to four SIMD vectors of query lanes). For each block of keys it
-//!   computes the score block like a small GEMM (a key element broadcast against the
-//!   transposed queries, queries in lanes), masks it (causal, window), runs the online
-//!   softmax with the queries still in lanes, and accumulates `P·V` in f32. It differs
-//!   from [`ops::attend`] only in summation order, a polynomial `exp` (~2 ulp), the scale
-//!   folded into the query, and normalization at the end: ~1e-6 relative.
-//!
-//! Both run at the best [`SimdLevel`] of the CPU (AVX-512, else AVX2 + FMA + F16C);
-//! the scalar level runs the [`ops`] reference per (query, head).
+//! It runs at the best [`SimdLevel`] of the CPU (AVX-512, else AVX2 + FMA); the scalar
+//! level runs [`ops::attend`] per (query, head).
 
 use std::array;
 use std::cell::RefCell;
@@ -31,16 +19,6 @@ use std::ops::Range;
 
 use crate::gemm::{simd_level, OutMatrix, SimdLevel};
 use crate::ops;
-
-/// The arithmetic of an attention call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttnPrecision {
-    /// As llama.cpp's CPU flash attention: batches under 64 queries round the query to
-    /// f16 and accumulate values in f16; larger batches accumulate in f32.
-    Ggml,
-    /// f32 throughout (the reference).
-    F32,
-}
 
 /// Geometry of one attention call: `n_tokens` queries at positions
 /// `start_pos..start_pos + n_tokens`, each row of `q` holding `n_head` heads of
@@ -56,16 +34,11 @@ pub struct AttnGeometry {
     pub scale: f32,
     /// A query at position p sees keys in `p + 1 - window ..= p`.
     pub window: Option<usize>,
-    pub precision: AttnPrecision,
 }
 
 impl AttnGeometry {
     fn group(&self) -> usize {
         self.n_head / self.n_kv_head
-    }
-
-    fn f16_accumulator(&self) -> bool {
-        self.precision == AttnPrecision::Ggml && self.n_tokens < 64
     }
 
     /// The keys query `t` sees: `first..=pos`.
@@ -151,16 +124,8 @@ struct Split {
 
 fn split(g: &AttnGeometry) -> Split {
     let group = g.group();
-    let (heads, tokens) = if g.f16_accumulator() {
-        // One query × the whole group per item: each query's softmax is a sequential
-        // chain, and the group's keys and values are read once. (Splitting the group for
-        // more items at decode would read them again per part, and decode is bound by
-        // memory bandwidth.)
-        (group, 1)
-    } else {
-        let heads = group.min(TILE_LANES);
-        (heads, (TILE_LANES / heads).max(1))
-    };
+    let heads = group.min(TILE_LANES);
+    let tokens = (TILE_LANES / heads).max(1);
     Split {
         heads,
         parts: group.div_ceil(heads),
@@ -253,13 +218,13 @@ pub fn run_item_at(
         SimdLevel::Scalar => run_portable(&job, sc),
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => {
-            // SAFETY: AVX2, FMA and F16C are present (level ≤ simd_level()); the slice
+            // SAFETY: AVX2 and FMA are present (level ≤ simd_level()); the slice
             // lengths were checked above.
             unsafe { run_avx2(&job, sc) }
         }
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512Vnni => {
-            // SAFETY: AVX-512 F/BW/VL, FMA and F16C are present (level ≤ simd_level());
+            // SAFETY: AVX-512 F/BW/VL, AVX2 and FMA are present (level ≤ simd_level());
             // the slice lengths were checked above.
             unsafe { run_avx512(&job, sc) }
         }
@@ -314,16 +279,11 @@ fn aligned(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[skip..skip + n]
 }
 
-/// The reference kernels per (query, head), over the visible rows of the item's KV head
+/// The reference kernel per (query, head), over the visible rows of the item's KV head
 /// gathered into one contiguous run.
 fn run_portable(it: &Item, sc: &mut Scratch) {
     let g = it.g;
     let d = g.head_dim;
-    let kernel = if g.f16_accumulator() {
-        ops::attend_f16_accumulator
-    } else {
-        ops::attend
-    };
     let head_out = aligned(&mut sc.o, d);
     for t in it.tokens.clone() {
         let (first, pos) = g.visible(t);
@@ -338,7 +298,7 @@ fn run_portable(it: &Item, sc: &mut Scratch) {
         let scratch = aligned(&mut sc.s, n.max(d));
         for h in it.heads.clone() {
             let query = it.query(t, h);
-            kernel(query, keys, values, d, 0, 0, n, g.scale, scratch, head_out);
+            ops::attend(query, keys, values, d, 0, 0, n, g.scale, scratch, head_out);
             for (i, &v) in head_out.iter().enumerate() {
                 // SAFETY: the caller's OutMatrix covers row t, columns of head h.
                 unsafe { it.out.write(t, h * d + i, v) };
@@ -348,41 +308,27 @@ fn run_portable(it: &Item, sc: &mut Scratch) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn run_avx512(it: &Item, sc: &mut Scratch) {
-    // SAFETY: the features the kernels' intrinsics need are enabled here.
-    unsafe {
-        if it.g.f16_accumulator() {
-            f16_item::<x86::Avx512>(it, sc)
-        } else {
-            f32_item::<x86::Avx512, 4, 4>(it, sc)
-        }
-    }
+    // SAFETY: the features the kernel's intrinsics need are enabled here.
+    unsafe { f32_item::<x86::Avx512, 4, 4>(it, sc) }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2(it: &Item, sc: &mut Scratch) {
-    // SAFETY: the features the kernels' intrinsics need are enabled here. Sixteen ymm
+    // SAFETY: the features the kernel's intrinsics need are enabled here. Sixteen ymm
     // registers: 2-key score blocks and 2-row P·V blocks.
-    unsafe {
-        if it.g.f16_accumulator() {
-            f16_item::<x86::Avx2>(it, sc)
-        } else {
-            f32_item::<x86::Avx2, 2, 2>(it, sc)
-        }
-    }
+    unsafe { f32_item::<x86::Avx2, 2, 2>(it, sc) }
 }
 
-/// The vector operations the kernels are written in. Every method is `unsafe`: it
+/// The vector operations the kernel is written in. Every method is `unsafe`: it
 /// needs the CPU features of its implementation, and pointers valid for a full vector.
 /// Generic kernels are `#[inline(always)]` so that they compile inside the
 /// `#[target_feature]` entry points above.
 trait Simd {
     const LANES: usize;
     type V: Copy;
-    /// Sixteen f32 lanes: the accumulators of [`ops::dot`].
-    type Acc16: Copy;
     unsafe fn splat(x: f32) -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
     unsafe fn store(p: *mut f32, v: Self::V);
@@ -394,8 +340,6 @@ trait Simd {
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `c - a * b`, rounded once.
     unsafe fn fnma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    /// Each lane rounded to the nearest f16 (ties to even), as f32.
-    unsafe fn round_f16(v: Self::V) -> Self::V;
     /// `j · 2^n` for integral `n` in `-127..=0`.
     unsafe fn ldexp(j: Self::V, n: Self::V) -> Self::V;
     /// `v`, with 0 where `x < limit`.
@@ -404,13 +348,6 @@ trait Simd {
     unsafe fn mask_outside(s: Self::V, k: f32, lo: Self::V, hi: Self::V) -> Self::V;
     /// `v`, with 0 where it is -∞.
     unsafe fn neg_inf_to_zero(v: Self::V) -> Self::V;
-    /// Starts loading the cache line holding `p` into L2.
-    unsafe fn prefetch(p: *const f32);
-    unsafe fn acc16_zero() -> Self::Acc16;
-    /// `acc[i] = q[i] * k[i] + acc[i]` for `i < 16`.
-    unsafe fn acc16_fma(q: *const f32, k: *const f32, acc: Self::Acc16) -> Self::Acc16;
-    /// The lanes of each accumulator summed first to last: `((a0 + a1) + a2) + …`.
-    unsafe fn acc16_sums(acc: [Self::Acc16; 16]) -> [f32; 16];
 }
 
 /// `exp(x)` for `x ≤ 0` (or -∞) as ggml's `ggml_v_expf` computes it (range reduction,
@@ -436,225 +373,6 @@ unsafe fn exp<S: Simd>(x: S::V) -> S::V {
             S::fma(c[4], b, S::splat(1.0)),
         );
         S::zero_below(S::ldexp(j, n), x, -80.0)
-    }
-}
-
-/// [`ops::dot`] of `q` with each of 16 key rows, in its order: sixteen lane
-/// accumulators over whole chunks, the lanes summed first to last (for 16 rows at once,
-/// which a transpose makes vertical additions), plus the scalar tail. The accumulators
-/// run 8 rows at a time: 8 independent FMA chains cover FMA latency × ports.
-#[inline(always)]
-unsafe fn dot16_exact<S: Simd>(q: *const f32, k: [*const f32; 16], d: usize) -> [f32; 16] {
-    // SAFETY: the caller has S's features; q and the rows hold d floats.
-    unsafe {
-        let full = d / 16 * 16;
-        let mut acc = [S::acc16_zero(); 16];
-        for half in [0, 8] {
-            for c in (0..full).step_by(16) {
-                for r in half..half + 8 {
-                    acc[r] = S::acc16_fma(q.add(c), k[r].add(c), acc[r]);
-                }
-            }
-        }
-        let mut sums = S::acc16_sums(acc);
-        for (r, sum) in sums.iter_mut().enumerate() {
-            let mut tail = 0f32;
-            for i in full..d {
-                tail = (*q.add(i)).mul_add(*k[r].add(i), tail);
-            }
-            *sum += tail;
-        }
-        sums
-    }
-}
-
-/// The f16-accumulator kernel (see the module documentation): per query, blocks of keys,
-/// each as scores → sequential online softmax → f16 value updates.
-#[inline(always)]
-unsafe fn f16_item<S: Simd>(it: &Item, sc: &mut Scratch) {
-    let g = it.g;
-    let (d, stride, hp) = (g.head_dim, g.kv_stride, it.heads.len());
-    let cols = d / S::LANES;
-    let vec_end = cols * S::LANES;
-    let q16 = aligned(&mut sc.q, hp * d);
-    let o = aligned(&mut sc.o, hp * d);
-    let scores = aligned(&mut sc.s, hp * KEY_BLOCK);
-    let weights = aligned(&mut sc.w, hp * KEY_BLOCK);
-    let rescales = aligned(&mut sc.r, hp * KEY_BLOCK);
-    let (maxes, sums) = aligned(&mut sc.stats, 2 * hp).split_at_mut(hp);
-    // SAFETY: run_item checked that the rows of every position below start_pos + n_tokens
-    // (where `pages` puts them) lie in keys and values, and kv_offset + d ≤ kv_stride.
-    let (keys, values) = unsafe { (it.keys.as_ptr().add(it.kv_offset), it.values.as_ptr().add(it.kv_offset)) };
-    for t in it.tokens.clone() {
-        let (first, pos) = g.visible(t);
-        for (hi, h) in it.heads.clone().enumerate() {
-            for (r, &v) in q16[hi * d..][..d].iter_mut().zip(it.query(t, h)) {
-                *r = ops::round_to_f16(v);
-            }
-        }
-        o.fill(0.0);
-        maxes.fill(f32::NEG_INFINITY);
-        sums.fill(0.0);
-        for (kb, nb, row0) in key_blocks(it.pages, first, pos) {
-            // SAFETY: rows row0..row0 + nb hold the visible positions kb..kb + nb (≤ pos),
-            // inside the cache.
-            unsafe {
-                let krow = |j: usize| keys.add((row0 + j) * stride);
-                // The next block's rows, fetched while this one computes: decode streams
-                // the cache from memory once, in rows too short and far apart (one KV
-                // head of each) for the hardware prefetcher to run far enough ahead.
-                let next_start = kb + nb;
-                let next = if next_start <= pos {
-                    let n = KEY_BLOCK
-                        .min(pos + 1 - next_start)
-                        .min(it.pages.run_end(next_start) - next_start);
-                    let r = it.pages.row(next_start);
-                    r..r + n
-                } else {
-                    0..0
-                };
-                for hi in 0..hp {
-                    let qh = q16.as_ptr().add(hi * d);
-                    for j0 in (0..nb).step_by(16) {
-                        if hi == 0 {
-                            for row in (next.start + j0..next.start + j0 + 16).filter(|r| next.contains(r)) {
-                                for i in (0..d).step_by(16) {
-                                    S::prefetch(keys.add(row * stride + i));
-                                    S::prefetch(values.add(row * stride + i));
-                                }
-                            }
-                        }
-                        // A last partial group repeats its last row; the extra dots are dropped.
-                        let n = 16.min(nb - j0);
-                        let dots = dot16_exact::<S>(qh, array::from_fn(|r| krow(j0 + r.min(n - 1))), d);
-                        for (s, dot) in scores[hi * KEY_BLOCK + j0..][..n].iter_mut().zip(dots) {
-                            *s = dot * g.scale;
-                        }
-                    }
-                }
-            }
-            // The online softmax, as the reference: a new maximum rescales what came
-            // before (recorded per key, 1 when it does not happen) and weighs 1.
-            let mut rescaled = false;
-            for hi in 0..hp {
-                let (max, sum) = (&mut maxes[hi], &mut sums[hi]);
-                for j in 0..nb {
-                    let score = scores[hi * KEY_BLOCK + j];
-                    let (rescale, weight) = if score > *max {
-                        let r = (*max - score).exp();
-                        *max = score;
-                        rescaled = true;
-                        (r, 1.0)
-                    } else {
-                        (1.0, (score - *max).exp())
-                    };
-                    *sum = *sum * rescale + weight;
-                    weights[hi * KEY_BLOCK + j] = weight;
-                    rescales[hi * KEY_BLOCK + j] = rescale;
-                }
-            }
-            // SAFETY: as above; o holds hp × d floats and the units index inside it.
-            unsafe {
-                let vrows = values.add(row0 * stride);
-                let args = (o.as_mut_ptr(), vrows, nb, weights.as_ptr(), rescales.as_ptr());
-                // Sixteen units at a time fill the AVX-512 registers (eight the AVX2 ones).
-                let (units, mut u) = (hp * cols, 0);
-                while units - u >= 16 && S::LANES == 16 {
-                    f16_units_any::<S, 16>(rescaled, u, cols, d, stride, args);
-                    u += 16;
-                }
-                while units - u >= 8 {
-                    f16_units_any::<S, 8>(rescaled, u, cols, d, stride, args);
-                    u += 8;
-                }
-                while units - u >= 2 {
-                    f16_units_any::<S, 2>(rescaled, u, cols, d, stride, args);
-                    u += 2;
-                }
-                if u < units {
-                    f16_units_any::<S, 1>(rescaled, u, cols, d, stride, args);
-                }
-                for hi in 0..hp {
-                    for i in vec_end..d {
-                        let o = &mut o[hi * d + i];
-                        for j in 0..nb {
-                            let rescale = rescales[hi * KEY_BLOCK + j];
-                            if rescale != 1.0 {
-                                *o = ops::round_to_f16(*o * rescale);
-                            }
-                            let v = *vrows.add(j * stride + i);
-                            *o = ops::round_to_f16(v.mul_add(weights[hi * KEY_BLOCK + j], *o));
-                        }
-                    }
-                }
-            }
-        }
-        for (hi, h) in it.heads.clone().enumerate() {
-            let inv = 1.0 / sums[hi];
-            for (i, &v) in o[hi * d..][..d].iter().enumerate() {
-                // SAFETY: the caller's OutMatrix covers row t, columns of head h.
-                unsafe { it.out.write(t, h * d + i, v * inv) };
-            }
-        }
-    }
-}
-
-type UnitArgs = (*mut f32, *const f32, usize, *const f32, *const f32);
-
-/// [`f16_units`], without looking at rescales in the (usual) blocks that set no new
-/// maximum: the test per key and unit costs about as much as the update.
-#[inline(always)]
-unsafe fn f16_units_any<S: Simd, const U: usize>(
-    rescaled: bool,
-    u0: usize,
-    cols: usize,
-    d: usize,
-    stride: usize,
-    args: UnitArgs,
-) {
-    // SAFETY: as f16_units.
-    unsafe {
-        if rescaled {
-            f16_units::<S, U, true>(u0, cols, d, stride, args)
-        } else {
-            f16_units::<S, U, false>(u0, cols, d, stride, args)
-        }
-    }
-}
-
-/// Value updates of `U` vectors of accumulator ("units", numbered head-major from `u0`,
-/// `cols` per head) over a block of keys, held in registers across the block:
-/// `o = f16(o · rescale)` where a key set a new maximum (skipping it when the rescale is
-/// 1 changes nothing: `o` is already an f16 value), then `o = f16(v · weight + o)`.
-/// Several units keep independent rounding chains in flight.
-#[inline(always)]
-unsafe fn f16_units<S: Simd, const U: usize, const RESCALE: bool>(
-    u0: usize,
-    cols: usize,
-    d: usize,
-    stride: usize,
-    (o, vrows, nb, weights, rescales): UnitArgs,
-) {
-    // SAFETY: the caller has S's features; units index heads < hp and columns < d, the
-    // value rows 0..nb are inside the cache, weights/rescales hold hp × KEY_BLOCK.
-    unsafe {
-        let head: [usize; U] = array::from_fn(|k| (u0 + k) / cols);
-        let col: [usize; U] = array::from_fn(|k| (u0 + k) % cols * S::LANES);
-        let mut acc: [S::V; U] = array::from_fn(|k| S::load(o.add(head[k] * d + col[k])));
-        for j in 0..nb {
-            let v = vrows.add(j * stride);
-            for k in 0..U {
-                let at = head[k] * KEY_BLOCK + j;
-                let rescale = *rescales.add(at);
-                if RESCALE && rescale != 1.0 {
-                    acc[k] = S::round_f16(S::mul(acc[k], S::splat(rescale)));
-                }
-                acc[k] = S::round_f16(S::fma(S::load(v.add(col[k])), S::splat(*weights.add(at)), acc[k]));
-            }
-        }
-        for k in 0..U {
-            S::store(o.add(head[k] * d + col[k]), acc[k]);
-        }
     }
 }
 
@@ -955,12 +673,11 @@ mod x86 {
     /// 16 lanes of `__m512`.
     pub struct Avx512;
 
-    // SAFETY (all methods): callers hold AVX-512 F/BW/VL and F16C, and pass pointers
-    // valid for 16 floats.
+    // SAFETY (all methods): callers hold AVX-512 F/BW/VL and pass pointers valid
+    // for 16 floats.
     impl Simd for Avx512 {
         const LANES: usize = 16;
         type V = __m512;
-        type Acc16 = __m512;
 
         #[inline(always)]
         unsafe fn splat(x: f32) -> __m512 {
@@ -999,10 +716,6 @@ mod x86 {
             _mm512_fnmadd_ps(a, b, c)
         }
         #[inline(always)]
-        unsafe fn round_f16(v: __m512) -> __m512 {
-            _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
-        }
-        #[inline(always)]
         unsafe fn ldexp(j: __m512, n: __m512) -> __m512 {
             _mm512_scalef_ps(j, n)
         }
@@ -1021,92 +734,16 @@ mod x86 {
             let inf = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(v, _mm512_set1_ps(f32::NEG_INFINITY));
             _mm512_mask_blend_ps(inf, v, _mm512_setzero_ps())
         }
-        #[inline(always)]
-        unsafe fn prefetch(p: *const f32) {
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
-        }
-        #[inline(always)]
-        unsafe fn acc16_zero() -> __m512 {
-            _mm512_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn acc16_fma(q: *const f32, k: *const f32, acc: __m512) -> __m512 {
-            unsafe { _mm512_fmadd_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k), acc) }
-        }
-        #[inline(always)]
-        unsafe fn acc16_sums(acc: [__m512; 16]) -> [f32; 16] {
-            // Transposed, column i holds lane i of every accumulator; adding the columns
-            // in order adds each accumulator's lanes in order (64 shuffles + 15 adds for
-            // 16 sums, against 16 × 15 scalar adds and lane extractions).
-            let t = transpose16(acc);
-            let mut sum = t[0];
-            for c in &t[1..] {
-                sum = _mm512_add_ps(sum, *c);
-            }
-            // SAFETY: __m512 is sixteen f32 lanes in order.
-            unsafe { std::mem::transmute::<__m512, [f32; 16]>(sum) }
-        }
-    }
-
-    /// `out[i]` lane `k` = `rows[k]` lane `i`. Per 128-bit lane: interleave pairs of
-    /// rows, then gather 4-row columns (`u[4g + j]` lane L holds rows 4g..4g+4 of column
-    /// 4L + j), then move 128-bit lanes across in two steps.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F (register-only shuffles, no memory access).
-    #[inline(always)]
-    unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
-        let t: [__m512; 16] = std::array::from_fn(|i| {
-            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-            if i % 2 == 0 {
-                _mm512_unpacklo_ps(a, b)
-            } else {
-                _mm512_unpackhi_ps(a, b)
-            }
-        });
-        let u: [__m512; 16] = std::array::from_fn(|i| {
-            let (g, j) = (i / 4, i % 4);
-            let (a, b) = (t[4 * g + j / 2], t[4 * g + 2 + j / 2]);
-            if j % 2 == 0 {
-                _mm512_shuffle_ps::<0x44>(a, b)
-            } else {
-                _mm512_shuffle_ps::<0xee>(a, b)
-            }
-        });
-        // x[j] = 128-bit lanes 0, 1 of u[j] then of u[4 + j]; x[4 + j] lanes 2, 3; y
-        // likewise for rows 8..16.
-        let pairs = |base: usize| -> [__m512; 8] {
-            std::array::from_fn(|i| {
-                let (a, b) = (u[base + i % 4], u[base + 4 + i % 4]);
-                if i < 4 {
-                    _mm512_shuffle_f32x4::<0x44>(a, b)
-                } else {
-                    _mm512_shuffle_f32x4::<0xee>(a, b)
-                }
-            })
-        };
-        let (x, y) = (pairs(0), pairs(8));
-        std::array::from_fn(|col| {
-            let (l, j) = (col / 4, col % 4);
-            let (a, b) = (x[l / 2 * 4 + j], y[l / 2 * 4 + j]);
-            if l % 2 == 0 {
-                _mm512_shuffle_f32x4::<0x88>(a, b)
-            } else {
-                _mm512_shuffle_f32x4::<0xdd>(a, b)
-            }
-        })
     }
 
     /// 8 lanes of `__m256`.
     pub struct Avx2;
 
-    // SAFETY (all methods): callers hold AVX2, FMA and F16C, and pass pointers valid
-    // for 8 floats (16 for the Acc16 methods).
+    // SAFETY (all methods): callers hold AVX2 and FMA, and pass pointers valid for 8
+    // floats.
     impl Simd for Avx2 {
         const LANES: usize = 8;
         type V = __m256;
-        /// Lanes 0..8 and 8..16.
-        type Acc16 = (__m256, __m256);
 
         #[inline(always)]
         unsafe fn splat(x: f32) -> __m256 {
@@ -1145,10 +782,6 @@ mod x86 {
             _mm256_fnmadd_ps(a, b, c)
         }
         #[inline(always)]
-        unsafe fn round_f16(v: __m256) -> __m256 {
-            _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))
-        }
-        #[inline(always)]
         unsafe fn ldexp(j: __m256, n: __m256) -> __m256 {
             // 2^n built from its exponent bits (n ≥ -126 after exp's clamp at -80).
             let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
@@ -1168,35 +801,6 @@ mod x86 {
         unsafe fn neg_inf_to_zero(v: __m256) -> __m256 {
             let inf = _mm256_cmp_ps::<_CMP_EQ_OQ>(v, _mm256_set1_ps(f32::NEG_INFINITY));
             _mm256_blendv_ps(v, _mm256_setzero_ps(), inf)
-        }
-        #[inline(always)]
-        unsafe fn prefetch(p: *const f32) {
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
-        }
-        #[inline(always)]
-        unsafe fn acc16_zero() -> (__m256, __m256) {
-            (_mm256_setzero_ps(), _mm256_setzero_ps())
-        }
-        #[inline(always)]
-        unsafe fn acc16_fma(q: *const f32, k: *const f32, acc: (__m256, __m256)) -> (__m256, __m256) {
-            unsafe {
-                (
-                    _mm256_fmadd_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k), acc.0),
-                    _mm256_fmadd_ps(_mm256_loadu_ps(q.add(8)), _mm256_loadu_ps(k.add(8)), acc.1),
-                )
-            }
-        }
-        #[inline(always)]
-        unsafe fn acc16_sums(acc: [(__m256, __m256); 16]) -> [f32; 16] {
-            acc.map(|(lo, hi)| {
-                let mut lanes = [0f32; 16];
-                // SAFETY: lanes holds 16 floats.
-                unsafe {
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
-                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
-                }
-                lanes.iter().sum()
-            })
         }
     }
 }

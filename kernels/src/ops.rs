@@ -418,56 +418,6 @@ unsafe fn round_to_f16_slice_f16c(src: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// Causal attention of one query head as llama.cpp's CPU flash-attention kernel computes
-/// it for a handful of queries over an f16 cache: the query rounded to f16, an online
-/// softmax, and the probability-weighted sum of values accumulated in f16 (each update
-/// rounded), divided by the softmax sum at the end. Same layout and arguments as
-/// [`attend`]; `keys` and `values` must already hold f16-representable values, and
-/// `q16` is scratch of at least `q.len()` floats.
-#[allow(clippy::too_many_arguments)]
-pub fn attend_f16_accumulator(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    stride: usize,
-    offset: usize,
-    first: usize,
-    n_ctx: usize,
-    scale: f32,
-    q16: &mut [f32],
-    out: &mut [f32],
-) {
-    let d = q.len();
-    let q16 = &mut q16[..d];
-    for (r, v) in q16.iter_mut().zip(q) {
-        *r = round_to_f16(*v);
-    }
-    let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-    out.fill(0.0);
-    for j in first..n_ctx {
-        let row = j * stride + offset;
-        let score = dot(q16, &keys[row..row + d]) * scale;
-        let (mut rescale, mut weight) = (1f32, 1f32);
-        if score > max {
-            rescale = (max - score).exp();
-            max = score;
-            for o in out.iter_mut() {
-                *o = round_to_f16(*o * rescale);
-            }
-        } else {
-            weight = (score - max).exp();
-        }
-        for (o, v) in out.iter_mut().zip(&values[row..row + d]) {
-            *o = round_to_f16(v.mul_add(weight, *o));
-        }
-        sum = sum * rescale + weight;
-    }
-    let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,27 +448,6 @@ mod tests {
         for i in 0..d / 2 {
             assert!((inter[2 * i] - neox[i]).abs() < 1e-5);
             assert!((inter[2 * i + 1] - neox[i + d / 2]).abs() < 1e-5);
-        }
-    }
-
-    #[test]
-    fn f16_accumulating_attention_is_close_to_f32_attention() {
-        let d = 16;
-        let n = 40;
-        let q: Vec<f32> = (0..d).map(|i| ((i * 7) % 5) as f32 * 0.3 - 0.6).collect();
-        let keys: Vec<f32> = (0..n * d)
-            .map(|i| round_to_f16(((i * 13) % 11) as f32 * 0.1 - 0.5))
-            .collect();
-        let values: Vec<f32> = (0..n * d)
-            .map(|i| round_to_f16(((i * 17) % 7) as f32 * 0.2 - 0.7))
-            .collect();
-        // Scratch longer than the head, as the CPU backend passes it.
-        let (mut scores, mut exact, mut approx, mut q16) = (vec![0.0; n], vec![0.0; d], vec![0.0; d], vec![0.0; n]);
-        attend(&q, &keys, &values, d, 0, 3, n, 0.25, &mut scores, &mut exact);
-        attend_f16_accumulator(&q, &keys, &values, d, 0, 3, n, 0.25, &mut q16, &mut approx);
-        for (a, b) in exact.iter().zip(&approx) {
-            // f16 keeps 11 significant bits: ~5e-4 relative per rounding.
-            assert!((a - b).abs() < 5e-3, "{a} vs {b}");
         }
     }
 

@@ -1,10 +1,10 @@
 //! Attention work items at every SIMD level this CPU has, against the per-(query, head)
-//! references [`ops::attend`] and [`ops::attend_f16_accumulator`], on fresh random
-//! inputs (the seed comes from the clock and is printed on failure) at odd sizes.
+//! reference [`ops::attend`], on fresh random inputs (the seed comes from the clock and is
+//! printed on failure) at odd sizes.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, AttnPrecision, KvPages};
+use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, KvPages};
 use kiln_kernels::gemm::{simd_level, OutMatrix, SimdLevel};
 use kiln_kernels::ops;
 
@@ -47,39 +47,24 @@ fn reference(g: &AttnGeometry, q: &[f32], keys: &[f32], values: &[f32]) -> Vec<f
         let first = g.window.map_or(0, |w| (pos + 1).saturating_sub(w));
         let offset = h / (g.n_head / g.n_kv_head) * d;
         let query = &q[i * d..(i + 1) * d];
-        if g.precision == AttnPrecision::Ggml && g.n_tokens < 64 {
-            ops::attend_f16_accumulator(
-                query,
-                keys,
-                values,
-                g.kv_stride,
-                offset,
-                first,
-                pos + 1,
-                g.scale,
-                &mut scratch,
-                head_out,
-            );
-        } else {
-            ops::attend(
-                query,
-                keys,
-                values,
-                g.kv_stride,
-                offset,
-                first,
-                pos + 1,
-                g.scale,
-                &mut scratch,
-                head_out,
-            );
-        }
+        ops::attend(
+            query,
+            keys,
+            values,
+            g.kv_stride,
+            offset,
+            first,
+            pos + 1,
+            g.scale,
+            &mut scratch,
+            head_out,
+        );
     }
     out
 }
 
 #[test]
-fn work_items_match_the_references_at_every_level() {
+fn work_items_match_the_reference_at_every_level() {
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     let mut rng = Rng(seed);
     let levels: Vec<SimdLevel> = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512Vnni]
@@ -92,55 +77,44 @@ fn work_items_match_the_references_at_every_level() {
             for n_tokens in [1, 3, 63, 64, 100] {
                 for start_pos in [0, 29] {
                     for window in [None, Some(7)] {
-                        for precision in [AttnPrecision::Ggml, AttnPrecision::F32] {
-                            let n_head = n_kv_head * ratio;
-                            // Rows a little wider than the heads, as a fused KV buffer might be.
-                            let kv_stride = n_kv_head * head_dim + 8;
-                            let rows = start_pos + n_tokens;
-                            let g = AttnGeometry {
-                                n_tokens,
-                                start_pos,
-                                n_head,
-                                n_kv_head,
-                                head_dim,
-                                kv_stride,
-                                scale: 1.0 / (head_dim as f32).sqrt(),
-                                window,
-                                precision,
-                            };
-                            // Queries large enough for peaked softmaxes (new maxima, tiny weights);
-                            // the cache holds f16 values, as the contract requires.
-                            let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
-                            let mut cache = || -> Vec<f32> {
-                                (0..rows * kv_stride)
-                                    .map(|_| ops::round_to_f16(2.0 * rng.uniform()))
-                                    .collect()
-                            };
-                            let (keys, values) = (cache(), cache());
-                            let want = reference(&g, &q, &keys, &values);
-                            let f16_path = precision == AttnPrecision::Ggml && n_tokens < 64;
-                            for &level in &levels {
-                                let got = run_items(level, &g, &q, &keys, &values);
-                                for (i, (w, o)) in want.chunks(head_dim).zip(got.chunks(head_dim)).enumerate() {
-                                    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-                                    for (j, (a, b)) in w.iter().zip(o).enumerate() {
-                                        // The f16 kernel makes the reference's roundings in its order, so
-                                        // it must agree exactly (one differing f16 rounding would move an
-                                        // element by ~5e-4). The f32 kernel sums in another order and uses
-                                        // a ~2 ulp polynomial exp: ~1e-6 of the head's largest output
-                                        // (relative to the row, as single outputs may cancel to ~0).
-                                        let ok = if f16_path {
-                                            a == b
-                                        } else {
-                                            (a - b).abs() <= 1e-5 * scale
-                                        };
-                                        assert!(
-                                            ok,
-                                            "seed {seed}: {level:?} {g:?}: (query {}, head {}) [{j}]: {b} vs {a}",
-                                            i / n_head,
-                                            i % n_head
-                                        );
-                                    }
+                        let n_head = n_kv_head * ratio;
+                        // Rows a little wider than the heads, as a fused KV buffer might be.
+                        let kv_stride = n_kv_head * head_dim + 8;
+                        let rows = start_pos + n_tokens;
+                        let g = AttnGeometry {
+                            n_tokens,
+                            start_pos,
+                            n_head,
+                            n_kv_head,
+                            head_dim,
+                            kv_stride,
+                            scale: 1.0 / (head_dim as f32).sqrt(),
+                            window,
+                        };
+                        // Queries large enough for peaked softmaxes (new maxima, tiny weights);
+                        // the cache holds f16 values, as the contract requires.
+                        let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
+                        let mut cache = || -> Vec<f32> {
+                            (0..rows * kv_stride)
+                                .map(|_| ops::round_to_f16(2.0 * rng.uniform()))
+                                .collect()
+                        };
+                        let (keys, values) = (cache(), cache());
+                        let want = reference(&g, &q, &keys, &values);
+                        for &level in &levels {
+                            let got = run_items(level, &g, &q, &keys, &values);
+                            for (i, (w, o)) in want.chunks(head_dim).zip(got.chunks(head_dim)).enumerate() {
+                                let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                                for (j, (a, b)) in w.iter().zip(o).enumerate() {
+                                    // The kernel sums in another order and uses a ~2 ulp polynomial
+                                    // exp: ~1e-6 of the head's largest output (relative to the row, as
+                                    // single outputs may cancel to ~0).
+                                    assert!(
+                                        (a - b).abs() <= 1e-5 * scale,
+                                        "seed {seed}: {level:?} {g:?}: (query {}, head {}) [{j}]: {b} vs {a}",
+                                        i / n_head,
+                                        i % n_head
+                                    );
                                 }
                             }
                         }
@@ -151,9 +125,8 @@ fn work_items_match_the_references_at_every_level() {
     }
 }
 
-/// A cache scattered over pages in shuffled order gives what the contiguous cache gives:
-/// exactly on the f16 path (its result does not depend on how keys are blocked), and to
-/// f32 reordering on the f32 path (pages of 16 make its key blocks smaller).
+/// A cache scattered over pages in shuffled order gives what the contiguous cache gives,
+/// to f32 reordering (pages of 16 make the key blocks smaller).
 #[test]
 fn paged_cache_matches_contiguous() {
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
@@ -185,46 +158,38 @@ fn paged_cache_matches_contiguous() {
             pages: &pages,
             page_size,
         };
-        for precision in [AttnPrecision::Ggml, AttnPrecision::F32] {
-            let g = AttnGeometry {
-                n_tokens,
-                start_pos,
-                n_head,
-                n_kv_head,
-                head_dim,
-                kv_stride,
-                scale: 0.125,
-                window,
-                precision,
-            };
-            let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
-            let mut cache = || -> Vec<f32> {
-                (0..rows * kv_stride)
-                    .map(|_| ops::round_to_f16(2.0 * rng.uniform()))
-                    .collect()
-            };
-            let (keys, values) = (cache(), cache());
-            let scatter = |flat: &[f32]| {
-                let mut pool = vec![f32::NAN; pool_pages * page_size * kv_stride];
-                for p in 0..rows {
-                    let row = paged.row(p);
-                    pool[row * kv_stride..][..kv_stride].copy_from_slice(&flat[p * kv_stride..][..kv_stride]);
-                }
-                pool
-            };
-            let (pk, pv) = (scatter(&keys), scatter(&values));
-            let f16_path = precision == AttnPrecision::Ggml && n_tokens < 64;
-            for &level in &levels {
-                let want = run_items(level, &g, &q, &keys, &values);
-                let got = run_paged(level, &g, &q, &pk, &pv, paged);
-                for (i, (a, b)) in want.iter().zip(&got).enumerate() {
-                    let ok = if f16_path {
-                        a == b
-                    } else {
-                        (a - b).abs() <= 1e-5 * (1.0 + a.abs())
-                    };
-                    assert!(ok, "seed {seed}: {level:?} {g:?} [{i}]: paged {b} vs contiguous {a}");
-                }
+        let g = AttnGeometry {
+            n_tokens,
+            start_pos,
+            n_head,
+            n_kv_head,
+            head_dim,
+            kv_stride,
+            scale: 0.125,
+            window,
+        };
+        let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
+        let mut cache = || -> Vec<f32> {
+            (0..rows * kv_stride)
+                .map(|_| ops::round_to_f16(2.0 * rng.uniform()))
+                .collect()
+        };
+        let (keys, values) = (cache(), cache());
+        let scatter = |flat: &[f32]| {
+            let mut pool = vec![f32::NAN; pool_pages * page_size * kv_stride];
+            for p in 0..rows {
+                let row = paged.row(p);
+                pool[row * kv_stride..][..kv_stride].copy_from_slice(&flat[p * kv_stride..][..kv_stride]);
+            }
+            pool
+        };
+        let (pk, pv) = (scatter(&keys), scatter(&values));
+        for &level in &levels {
+            let want = run_items(level, &g, &q, &keys, &values);
+            let got = run_paged(level, &g, &q, &pk, &pv, paged);
+            for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+                let ok = (a - b).abs() <= 1e-5 * (1.0 + a.abs());
+                assert!(ok, "seed {seed}: {level:?} {g:?} [{i}]: paged {b} vs contiguous {a}");
             }
         }
     }
@@ -243,7 +208,6 @@ fn pages_outside_the_cache_are_refused() {
         kv_stride: 16,
         scale: 0.25,
         window: None,
-        precision: AttnPrecision::F32,
     };
     let (q, cache) = (vec![0.0; 16], vec![0.0; 4 * 8 * 16]);
     // Page 4 of a pool of 4 pages of 8 rows does not exist.

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use kiln_kernels::attention::{self, AttnGeometry, AttnPrecision, KvPages};
+use kiln_kernels::attention::{self, AttnGeometry, KvPages};
 use kiln_kernels::dequant::dequantize_row;
 use kiln_kernels::gemm::{self, OutMatrix};
 use kiln_kernels::{ops, qdot};
@@ -404,10 +404,6 @@ impl Backend for CpuBackend {
                 kv_stride: a.n_kv_head * a.head_dim,
                 scale: a.scale,
                 window: a.window,
-                // f32 accumulation in both numerics: unlike ggml's f16 accumulator for
-                // small batches, it gives each query the same result whatever else is in
-                // the batch, which batched sessions and prefix reuse rely on.
-                precision: AttnPrecision::F32,
             };
             calls.push((geometry, total));
             total += attention::work_items(&geometry);
