@@ -13,9 +13,9 @@
 pub use kiln_engine::perplexity::PerplexityReport;
 pub use kiln_engine::registry;
 pub use kiln_engine::{
-    CancelToken, Engine, EngineError, EngineOptions, FinishReason, GenerateOptions, Generation, GenerationStream,
-    KvBudget, KvPolicy, KvStats, PoolCounts, Sampling, Session, SessionCheckpoint, SessionOptions, StreamEvent,
-    Timings,
+    CancelToken, Conversation, ConversationOptions, ConversationStats, Engine, EngineError, EngineOptions,
+    FinishReason, GenerateOptions, Generation, GenerationStream, KvBudget, KvPolicy, KvStats, Message, PoolCounts,
+    Reply, Role, Sampling, Session, SessionCheckpoint, SessionOptions, StreamEvent, Timings, ToolCall,
 };
 
 /// The layers below the engine, for tools and tests that drive a model directly.

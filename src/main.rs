@@ -1,5 +1,8 @@
 //! The `kiln` command line.
 
+mod chat;
+mod render;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +19,50 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Chat with a model: replies stream as they are generated. With stdin from a pipe,
+    /// answers it once and exits.
+    Chat {
+        /// A GGUF file, a Hugging Face checkpoint directory, or a model name (pulled on
+        /// first use).
+        #[arg(short, long, default_value = "smollm2-135m-instruct")]
+        model: String,
+        /// The system prompt.
+        #[arg(short, long)]
+        system: Option<String>,
+        #[arg(short = 'n', long, default_value_t = 512)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(short, long)]
+        threads: Option<usize>,
+        /// Context length (default: the model's, at most 4096).
+        #[arg(short = 'c', long)]
+        ctx: Option<usize>,
+    },
+    /// Print the prompt a chat template makes of some messages, exactly (no newline added).
+    Render {
+        /// A Jinja chat template file.
+        #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+        template: Option<PathBuf>,
+        /// Take the template (and BOS/EOS) from this model.
+        #[arg(short, long)]
+        model: Option<String>,
+        /// A JSON file: an array of messages, or an object with `messages`.
+        #[arg(long)]
+        messages: PathBuf,
+        /// A JSON file: an array of tools (JSON schemas).
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        #[arg(long)]
+        add_generation_prompt: bool,
+        #[arg(long)]
+        bos_token: Option<String>,
+        #[arg(long)]
+        eos_token: Option<String>,
+    },
     /// Continue a prompt and print only the generated text (timings go to stderr).
     Generate {
         /// A GGUF file, a Hugging Face checkpoint directory, or a pulled model's name.
@@ -53,8 +100,16 @@ enum Command {
     },
     /// Measure prefill (ppN) and decode (tgN) speed as llama-bench does; prints its table or JSON.
     Bench {
-        #[arg(short, long)]
-        model: String,
+        /// A GGUF file, a Hugging Face checkpoint directory, or a model name.
+        #[arg(short, long, required_unless_present = "synthetic", conflicts_with = "synthetic")]
+        model: Option<String>,
+        /// Random weights in a real model's shapes instead of a file: qwen2-0.5b,
+        /// llama-1b or llama-8b (written once to $KILN_HOME/synthetic).
+        #[arg(long)]
+        synthetic: Option<String>,
+        /// The quantization of a synthetic model: q4_k_m or q8_0.
+        #[arg(long, default_value = "q4_k_m", requires = "synthetic")]
+        quant: String,
         /// Prompt lengths to prefill, comma-separated; 0 skips.
         #[arg(short = 'p', long = "n-prompt", value_delimiter = ',', default_value = "512")]
         n_prompt: Vec<usize>,
@@ -125,6 +180,48 @@ fn load(model: &str, options: EngineOptions) -> Result<Engine, kiln::EngineError
 
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
+        Command::Chat {
+            model,
+            system,
+            max_tokens,
+            temperature,
+            seed,
+            threads,
+            ctx,
+        } => {
+            let engine = load(
+                &model,
+                EngineOptions {
+                    threads,
+                    n_ctx: ctx,
+                    ..Default::default()
+                },
+            )?;
+            let generate = chat::generate_options(max_tokens, temperature, seed);
+            chat::run(&engine, chat::ChatArgs { system, generate })?;
+        }
+        Command::Render {
+            template,
+            model,
+            messages,
+            tools,
+            add_generation_prompt,
+            bos_token,
+            eos_token,
+        } => {
+            let text = render::render(render::RenderArgs {
+                template,
+                model,
+                messages,
+                tools,
+                add_generation_prompt,
+                bos_token,
+                eos_token,
+            })?;
+            let mut stdout = std::io::stdout();
+            stdout.write_all(text.as_bytes())?;
+            stdout.flush()?;
+        }
         Command::Generate {
             model,
             prompt,
@@ -200,6 +297,8 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Bench {
             model,
+            synthetic,
+            quant,
             n_prompt,
             n_gen,
             repetitions,
@@ -221,6 +320,15 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 ttft_prompt: ttft,
                 sessions,
                 second_turn,
+            };
+            let model = match (model, synthetic) {
+                (Some(model), _) => model,
+                (None, Some(name)) => {
+                    let dir = registry::home().join("synthetic");
+                    let path = kiln_bench::synthetic::ensure(&name, &quant, &dir)?;
+                    path.to_string_lossy().into_owned()
+                }
+                (None, None) => unreachable!("clap requires --model or --synthetic"),
             };
             let engine = load(&model, options.engine_options()?)?;
             let report = kiln_bench::run(&engine, &model, &options)?;

@@ -1,5 +1,7 @@
 //! kiln-bench: measures prefill and decode speed as llama-bench does, reported in llama-bench's table and JSON.
 
+pub mod synthetic;
+
 use std::fmt::Write as _;
 use std::path::Path;
 use std::str::FromStr;
@@ -10,6 +12,7 @@ use kiln_engine::{
 };
 use kiln_models::checkpoint::Format;
 use kiln_models::Checkpoint;
+use kiln_runtime::BackendChoice;
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +30,7 @@ pub type Result<T, E = BenchError> = std::result::Result<T, E>;
 /// Where the forward passes run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// The best backend kiln has; today that is the CPU.
+    /// A real GPU when there is one, else the CPU.
     Auto,
     Cpu,
     Gpu,
@@ -42,6 +45,17 @@ impl FromStr for Backend {
             "cpu" => Ok(Backend::Cpu),
             "gpu" => Ok(Backend::Gpu),
             _ => Err(format!("unknown backend `{s}` (cpu, gpu or auto)")),
+        }
+    }
+}
+
+impl Backend {
+    /// The engine's backend choice for this flag.
+    pub fn choice(self) -> BackendChoice {
+        match self {
+            Backend::Auto => BackendChoice::Auto,
+            Backend::Cpu => BackendChoice::Cpu,
+            Backend::Gpu => BackendChoice::Gpu,
         }
     }
 }
@@ -76,11 +90,6 @@ impl Options {
     /// Checks the options and gives the engine options to load the model with: a context
     /// just long enough for the longest test, as llama-bench sizes its context.
     pub fn engine_options(&self) -> Result<EngineOptions> {
-        if self.backend == Backend::Gpu {
-            return Err(BenchError::Invalid(
-                "kiln has no GPU backend yet: use --backend cpu (or auto)".into(),
-            ));
-        }
         if self.repetitions == 0 {
             return Err(BenchError::Invalid("repetitions must be at least 1".into()));
         }
@@ -108,6 +117,7 @@ impl Options {
             // Every session's whole context, in pages.
             kv_budget: Some(KvBudget::Tokens(sessions * n_ctx.next_multiple_of(defaults.page_size))),
             prefix_cache: second_turn.is_some(),
+            backend: self.backend.choice(),
             ..defaults
         })
     }
@@ -264,6 +274,8 @@ pub struct Report {
     /// The process's peak resident memory (VmHWM) in bytes, where the OS reports it.
     pub peak_rss: Option<u64>,
     pub cpu_info: String,
+    /// What the forward passes ran on: "CPU", or the GPU's API ("Vulkan").
+    pub backends: String,
 }
 
 /// Runs the tests of `options` on `engine`, loaded from `model` with [`Options::engine_options`].
@@ -346,6 +358,7 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
         second_turn,
         peak_rss: peak_rss(),
         cpu_info: cpu_info(),
+        backends: kiln_runtime::backend_api(engine_options.backend),
     })
 }
 
@@ -633,7 +646,7 @@ struct JsonRow<'a> {
     cpu_mask: &'a str,
     cpu_strict: bool,
     poll: u32,
-    /// kiln rounds cached keys and values to f16, as llama.cpp's default cache does.
+    /// The CPU backend keeps its key/value cache in f16, as llama.cpp does by default.
     type_k: &'a str,
     type_v: &'a str,
     n_gpu_layers: i32,
@@ -702,7 +715,7 @@ impl Report {
                     build_number: 0,
                     cpu_info: &self.cpu_info,
                     gpu_info: "",
-                    backends: "CPU",
+                    backends: &self.backends,
                     model_filename: &self.model.filename,
                     model_type: &self.model.model_type,
                     model_size: self.model.size,
@@ -797,7 +810,7 @@ impl Report {
                 self.model.model_type,
                 size,
                 params,
-                "CPU",
+                self.backends,
                 self.threads,
                 t.name(),
                 format!("{avg:.2} ± {sd:.2}")

@@ -3,6 +3,7 @@
 //! one engine loop that batches every session's work, sampling, stopping and streaming.
 //! The engine drives models through the runtime's backend and knows no kernel.
 
+pub mod conversation;
 mod kv;
 pub mod perplexity;
 pub mod registry;
@@ -19,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use kiln_models::tokenizer::TokenizerInfo;
 use kiln_models::{Checkpoint, KvStore, Model, ModelError, Scratch};
-use kiln_runtime::{Backend, CpuBackend};
+use kiln_runtime::BackendChoice;
 
+pub use conversation::{Conversation, ConversationOptions, ConversationStats, Message, Reply, Role, ToolCall};
 pub use kv::PoolCounts;
 pub use sampling::Sampling;
 pub use scheduler::CancelToken;
@@ -55,6 +57,12 @@ pub enum EngineError {
     Stopped,
     #[error("session file {path}: {reason}")]
     SessionFile { path: String, reason: String },
+    #[error("the model has no chat template (give one, or use plain completion)")]
+    NoChatTemplate,
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("conversation file {path}: {reason}")]
+    ConversationFile { path: String, reason: String },
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
@@ -87,6 +95,8 @@ pub struct EngineOptions {
     /// Keep full pages of finished sessions to reuse for prompts that start the same way.
     pub prefix_cache: bool,
     pub when_kv_full: KvPolicy,
+    /// Which backend runs the model: a real GPU when there is one (`Auto`), or forced.
+    pub backend: BackendChoice,
 }
 
 impl Default for EngineOptions {
@@ -100,6 +110,7 @@ impl Default for EngineOptions {
             page_size: 64,
             prefix_cache: true,
             when_kv_full: KvPolicy::Fail,
+            backend: BackendChoice::Auto,
         }
     }
 }
@@ -156,7 +167,8 @@ impl Engine {
         let started = Instant::now();
         let path = registry::resolve(path_or_name)?;
         let checkpoint = Checkpoint::open(&path)?;
-        let mut be: Box<dyn Backend> = Box::new(CpuBackend::new(options.threads));
+        let (mut be, reason) =
+            kiln_runtime::open_backend(options.backend, options.threads).map_err(ModelError::from)?;
         let model = kiln_models::load_model(&checkpoint, be.as_mut())?;
         let tokenizer = kiln_models::load_tokenizer(&checkpoint)?;
         let chat_template = kiln_models::chat_template(&checkpoint);
@@ -169,7 +181,7 @@ impl Engine {
         if options.page_size == 0 || options.page_size > 4096 {
             return invalid("page size must be 1..=4096 tokens");
         }
-        let page_bytes = KvStore::page_bytes(hyper, options.page_size);
+        let page_bytes = KvStore::page_bytes(be.as_ref(), hyper, options.page_size);
         let n_pages = match options.kv_budget.unwrap_or(KvBudget::Tokens(2 * n_ctx)) {
             KvBudget::Bytes(bytes) => bytes / page_bytes,
             KvBudget::Tokens(tokens) => tokens.div_ceil(options.page_size),
@@ -205,6 +217,8 @@ impl Engine {
                 .spawn(move || scheduler::run_worker(core))
                 .map_err(|e| EngineError::InvalidOption(format!("cannot start the engine thread: {e}")))?
         };
+        // Once loaded, so that a load error stays the only line on stderr.
+        eprintln!("kiln: {reason}");
         Ok(Engine {
             shared: Arc::new(Shared {
                 name: model_name(&path),
@@ -263,7 +277,7 @@ impl Engine {
     /// The key/value cache's geometry and how many pages are used, cached and free.
     pub fn kv_stats(&self) -> KvStats {
         let core = &self.shared.core;
-        let page_bytes = KvStore::page_bytes(core.model.hyper(), self.shared.page_size);
+        let page_bytes = 2 * core.model.hyper().n_layer * core.page_floats() * std::mem::size_of::<f32>();
         let pages = core.lock_state().pool.counts();
         KvStats {
             page_size: self.shared.page_size,

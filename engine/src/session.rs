@@ -190,6 +190,19 @@ impl Session {
         wait(rx, &mut |_| {})
     }
 
+    /// [`Session::generate_from_tokens`], handing each piece of text to `on_text` as it
+    /// is generated.
+    pub fn generate_from_tokens_with(
+        &mut self,
+        prompt: &[u32],
+        options: &GenerateOptions,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation> {
+        let (tx, rx) = mpsc::channel();
+        self.submit(prompt, options, Sink::Blocking { tx, deltas: true }, Instant::now())?;
+        wait(rx, &mut on_text)
+    }
+
     /// Starts generating a reply to `prompt` and returns its text as an async stream
     /// (`futures::Stream`, usable from tokio): [`StreamEvent::Text`] pieces, then
     /// [`StreamEvent::Done`] (or an error). Dropping the stream cancels the generation.
@@ -390,18 +403,28 @@ impl Session {
     /// Forgets everything after `checkpoint` (taken on this session, before the context
     /// got shorter than it).
     pub fn rewind(&mut self, checkpoint: &Checkpoint) -> Result<()> {
-        let id = self.id;
+        if checkpoint.session != self.id {
+            return Err(EngineError::InvalidOption(
+                "the checkpoint is not of this session's current context".into(),
+            ));
+        }
+        self.truncate(checkpoint.len)
+    }
+
+    /// Keeps the first `len` tokens of the context and forgets the rest.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
         self.with_seq(|pool, seq| {
-            if checkpoint.session != id || checkpoint.len > seq.tokens.len() {
-                return Err(EngineError::InvalidOption(
-                    "the checkpoint is not of this session's current context".into(),
-                ));
+            if len > seq.tokens.len() {
+                return Err(EngineError::InvalidOption(format!(
+                    "cannot keep {len} tokens of a context of {}",
+                    seq.tokens.len()
+                )));
             }
             if seq.busy() {
                 return Err(EngineError::Busy);
             }
-            seq.tokens.truncate(checkpoint.len);
-            pool.truncate(&mut seq.pages, checkpoint.len);
+            seq.tokens.truncate(len);
+            pool.truncate(&mut seq.pages, len);
             Ok(())
         })
     }

@@ -2,9 +2,10 @@
 //! loading it back into a new session of the same model.
 //!
 //! Layout, little-endian: the magic `KILNSESS`, the format version (u32), the model's
-//! fingerprint (u64), layers, KV row width, tokens and computed positions (u32 each),
-//! the tokens (u32 each), then per layer the keys and the values of positions
-//! `0..computed` (f32 rows), and an FNV-1a checksum (u64) of everything before it. A
+//! fingerprint (u64), layers, KV row width in buffer floats, tokens and computed
+//! positions (u32 each), the tokens (u32 each), then per layer the keys and the values
+//! of positions `0..computed` (rows as the backend stores them: f32, or packed f16), and
+//! an FNV-1a checksum (u64) of everything before it. A
 //! load checks the size the header implies, the fingerprint and the checksum before it
 //! touches the cache, so a truncated or foreign file is an error, never a wrong context.
 
@@ -16,7 +17,7 @@ use crate::scheduler::{Core, Seq};
 use crate::{Engine, EngineError, Result, Session, SessionOptions};
 
 const MAGIC: &[u8; 8] = b"KILNSESS";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_BYTES: usize = 8 + 4 + 8 + 4 * 4;
 
 /// A hash of what a saved state depends on: the model's shapes and its vocabulary.
@@ -63,7 +64,7 @@ impl Session {
         let path = path.as_ref();
         let core = self.engine.core();
         let hyper = core.model.hyper();
-        let (kv_dim, page_size) = (hyper.kv_dim(), self.engine.page_size());
+        let (row_floats, page_size) = (core.lock_device().store.row_floats, self.engine.page_size());
         // Copy what the file needs while the session cannot change (it is not busy).
         let (tokens, pages, computed) = {
             let state = core.lock_state();
@@ -73,11 +74,12 @@ impl Session {
             }
             (seq.tokens.clone(), seq.pages.pages.clone(), seq.pages.len)
         };
-        let mut out = Vec::with_capacity(HEADER_BYTES + 4 * tokens.len() + 8 * hyper.n_layer * computed * kv_dim + 8);
+        let mut out =
+            Vec::with_capacity(HEADER_BYTES + 4 * tokens.len() + 8 * hyper.n_layer * computed * row_floats + 8);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&self.engine.fingerprint().to_le_bytes());
-        for n in [hyper.n_layer, kv_dim, tokens.len(), computed] {
+        for n in [hyper.n_layer, row_floats, tokens.len(), computed] {
             out.extend_from_slice(&(n as u32).to_le_bytes());
         }
         for t in &tokens {
@@ -86,12 +88,14 @@ impl Session {
         {
             let mut device = core.lock_device();
             let device = &mut *device;
-            let mut rows = vec![0f32; page_size * kv_dim];
+            let mut rows = vec![0f32; page_size * row_floats];
             for &(k, v) in &device.store.layers {
                 for buf in [k, v] {
                     for (i, &page) in pages.iter().enumerate().take(computed.div_ceil(page_size)) {
-                        let n = page_size.min(computed - i * page_size) * kv_dim;
-                        device.be.read(buf, page as usize * page_size * kv_dim, &mut rows[..n]);
+                        let n = page_size.min(computed - i * page_size) * row_floats;
+                        device
+                            .be
+                            .read(buf, page as usize * page_size * row_floats, &mut rows[..n]);
                         for x in &rows[..n] {
                             out.extend_from_slice(&x.to_le_bytes());
                         }
@@ -131,9 +135,12 @@ impl Session {
         let core = engine.core();
         let hyper = core.model.hyper();
         let fingerprint = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
-        let (n_layer, kv_dim, n_tokens, computed) = (u32_at(20), u32_at(24), u32_at(28), u32_at(32));
-        if fingerprint != engine.fingerprint() || n_layer != hyper.n_layer || kv_dim != hyper.kv_dim() {
+        let (n_layer, row_floats, n_tokens, computed) = (u32_at(20), u32_at(24), u32_at(28), u32_at(32));
+        if fingerprint != engine.fingerprint() || n_layer != hyper.n_layer {
             return Err(bad("saved from another model"));
+        }
+        if row_floats != core.lock_device().store.row_floats {
+            return Err(bad("saved with another key/value cache format (another backend)"));
         }
         if computed > n_tokens || n_tokens > core.n_ctx {
             return Err(bad(&format!(
@@ -141,7 +148,7 @@ impl Session {
                 core.n_ctx
             )));
         }
-        let kv_floats = 2 * n_layer * computed * kv_dim;
+        let kv_floats = 2 * n_layer * computed * row_floats;
         let expected = HEADER_BYTES + 4 * n_tokens + 4 * kv_floats + 8;
         if bytes.len() != expected {
             return Err(bad(&format!(
@@ -185,15 +192,15 @@ impl Session {
             let mut floats = body[HEADER_BYTES + 4 * n_tokens..]
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")));
-            let mut rows = vec![0f32; page_size * kv_dim];
+            let mut rows = vec![0f32; page_size * row_floats];
             for &(k, v) in &device.store.layers {
                 for buf in [k, v] {
                     for (i, &page) in pages.iter().enumerate().take(computed.div_ceil(page_size)) {
-                        let n = page_size.min(computed - i * page_size) * kv_dim;
+                        let n = page_size.min(computed - i * page_size) * row_floats;
                         for r in rows[..n].iter_mut() {
                             *r = floats.next().expect("sized by the header check");
                         }
-                        device.be.write(buf, page as usize * page_size * kv_dim, &rows[..n]);
+                        device.be.write(buf, page as usize * page_size * row_floats, &rows[..n]);
                     }
                 }
             }

@@ -5,10 +5,12 @@
 //!
 //! GFLOP/s count 4 · head_dim flops per visible (query, key) pair and head; GB/s count
 //! the keys and values visible to the first query, read once (f32): the bound for decode.
+//! The last column is the SIMD kernel over an f16 cache of the same values (as the CPU
+//! backend keeps it).
 
 use std::time::Instant;
 
-use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, KvPages};
+use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, CacheRows, KvPages};
 use kiln_kernels::gemm::{simd_level, OutMatrix, SimdLevel};
 
 fn main() {
@@ -60,6 +62,8 @@ fn main() {
         };
         let q = fill(g.n_tokens * g.n_head * d, 7);
         let (keys, values) = (fill(rows * g.kv_stride, 13), fill(rows * g.kv_stride, 17));
+        let bits = |x: &[f32]| -> Vec<u16> { x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect() };
+        let (keys16, values16) = (bits(&keys), bits(&values));
         let mut out = vec![0f32; g.n_tokens * g.n_head * d];
         let pairs: usize = (0..g.n_tokens)
             .map(|t| {
@@ -70,12 +74,17 @@ fn main() {
         let flops = (4 * d * pairs * g.n_head) as f64;
         let first_row = g.window.map_or(0, |w| (g.start_pos + 1).saturating_sub(w));
         let bytes = (2 * (rows - first_row) * g.n_kv_head * d * 4) as f64;
-        let mut time = |level: SimdLevel| -> f64 {
+        let mut time = |level: SimdLevel, f16: bool| -> f64 {
             // SAFETY: out holds n_tokens rows of n_head × head_dim; items run one at a time.
             let o = unsafe { OutMatrix::new(out.as_mut_ptr(), g.n_head * d) };
             let run = || {
                 for item in 0..work_items(&g) {
-                    run_item_at(level, &g, &q, &keys, &values, KvPages::contiguous(), item, o);
+                    let (k, v) = if f16 {
+                        (CacheRows::F16(&keys16), CacheRows::F16(&values16))
+                    } else {
+                        (CacheRows::F32(&keys), CacheRows::F32(&values))
+                    };
+                    run_item_at(level, &g, &q, k, v, KvPages::contiguous(), item, o);
                 }
             };
             run();
@@ -91,17 +100,19 @@ fn main() {
                 })
                 .fold(f64::INFINITY, f64::min)
         };
-        let old = time(SimdLevel::Scalar);
-        let new = time(simd_level());
+        let old = time(SimdLevel::Scalar, false);
+        let new = time(simd_level(), false);
+        let half = time(simd_level(), true);
         println!(
-            "{name:31} old {:9.1} µs {:6.2} GFLOP/s {:6.1} GB/s | new {:9.1} µs {:6.2} GFLOP/s {:6.1} GB/s | x{:.1}",
+            "{name:31} old {:9.1} µs {:6.2} GFLOP/s {:6.1} GB/s | new {:9.1} µs {:6.2} GFLOP/s {:6.1} GB/s | x{:.1} | f16 cache {:9.1} µs",
             old * 1e6,
             flops / old * 1e-9,
             bytes / old * 1e-9,
             new * 1e6,
             flops / new * 1e-9,
             bytes / new * 1e-9,
-            old / new
+            old / new,
+            half * 1e6
         );
     }
 }

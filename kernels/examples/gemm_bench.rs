@@ -5,7 +5,8 @@
 //! With `--dram`, decode only, over a 256 MiB matrix (far beyond the caches) on two
 //! threads, each taking half the rows: the memory-bound case of real models' decode.
 //! With `--model-prefill`, prefill only, at the shapes of the small models' matrices
-//! (rows × cols × 512 tokens).
+//! (rows × cols × 512 tokens). With `--tokens N`, SmolLM2's matrix shapes at a batch of
+//! N tokens (batched decode).
 
 use std::time::Instant;
 
@@ -17,7 +18,16 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dram = args.iter().any(|a| a == "--dram");
     let model_prefill = args.iter().any(|a| a == "--model-prefill");
-    let wanted: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    // `--tokens N`: SmolLM2's shapes at a batch of N tokens.
+    let tokens_arg: Option<usize> = args
+        .iter()
+        .position(|a| a == "--tokens")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok());
+    let wanted: Vec<&String> = args
+        .iter()
+        .filter(|a| !a.starts_with("--") && a.parse::<usize>().is_err())
+        .collect();
     println!("SIMD level: {:?}", simd_level());
     for ty in [
         GgmlType::Q4_0,
@@ -35,6 +45,10 @@ fn main() {
         let shapes: Vec<(usize, usize, usize)> = if dram {
             let cols = if ty.block_size() == 256 { 1024 } else { 896 };
             vec![((256 << 20) / ty.row_bytes(cols).unwrap(), cols, 1)]
+        } else if let Some(n) = tokens_arg {
+            // SmolLM2's widest matrices (ffn gate/up: 1536 × 576, down: 576 × 1536) at a
+            // small batch: the shape of batched decode across sessions.
+            vec![(1536, 576, n), (576, 1536, n)]
         } else if model_prefill {
             // Gemma-3-270M attn_output and ffn_down, Qwen2.5-0.5B ffn_down.
             vec![(640, 1024, 512), (640, 2048, 512), (896, 4864, 512)]

@@ -10,6 +10,9 @@
 //! [`ops::attend`] only in summation order, a polynomial `exp` (~2 ulp), the scale folded
 //! into the query, and normalization at the end: ~1e-6 relative.
 //!
+//! The cache holds f32 rows, or f16 rows ([`CacheRows`]) that each block of keys and
+//! values is widened from into L1 scratch before the f32 kernel reads it.
+//!
 //! It runs at the best [`SimdLevel`] of the CPU (AVX-512, else AVX2 + FMA); the scalar
 //! level runs [`ops::attend`] per (query, head).
 
@@ -45,6 +48,36 @@ impl AttnGeometry {
     fn visible(&self, t: usize) -> (usize, usize) {
         let pos = self.start_pos + t;
         (self.window.map_or(0, |w| (pos + 1).saturating_sub(w)), pos)
+    }
+}
+
+/// The key or value rows of a cache, as stored.
+#[derive(Clone, Copy, Debug)]
+pub enum CacheRows<'a> {
+    F32(&'a [f32]),
+    /// f16 bit patterns.
+    F16(&'a [u16]),
+}
+
+impl CacheRows<'_> {
+    /// Elements (f32 or f16).
+    pub fn len(&self) -> usize {
+        match self {
+            CacheRows::F32(x) => x.len(),
+            CacheRows::F16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `at..at + out.len()` as f32.
+    fn widen(&self, at: usize, out: &mut [f32]) {
+        match self {
+            CacheRows::F32(x) => out.copy_from_slice(&x[at..at + out.len()]),
+            CacheRows::F16(x) => ops::f16_to_f32_slice(&x[at..at + out.len()], out),
+        }
     }
 }
 
@@ -149,12 +182,13 @@ pub fn work_items(g: &AttnGeometry) -> usize {
 /// to `out` as element `(t, h * head_dim + i)`.
 ///
 /// `q` holds `n_tokens × n_head × head_dim` floats; `keys` and `values` hold rows of
-/// `kv_stride` floats, with positions `0..start_pos + n_tokens` where `pages` puts them.
+/// `kv_stride` elements (both f32 or both f16), with positions `0..start_pos + n_tokens`
+/// where `pages` puts them.
 pub fn run_item(
     g: &AttnGeometry,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: CacheRows,
+    values: CacheRows,
     pages: KvPages,
     item: usize,
     out: OutMatrix,
@@ -173,8 +207,8 @@ pub fn run_item_at(
     level: SimdLevel,
     g: &AttnGeometry,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: CacheRows,
+    values: CacheRows,
     pages: KvPages,
     item: usize,
     out: OutMatrix,
@@ -190,6 +224,13 @@ pub fn run_item_at(
     );
     assert!(g.n_kv_head * d <= g.kv_stride, "attention: KV row stride");
     assert!(q.len() >= g.n_tokens * g.n_head * d, "attention: query length");
+    assert!(
+        matches!(
+            (keys, values),
+            (CacheRows::F32(_), CacheRows::F32(_)) | (CacheRows::F16(_), CacheRows::F16(_))
+        ),
+        "attention: keys and values in one format"
+    );
     let rows = keys.len().min(values.len()) / g.kv_stride;
     assert!(
         g.kv_stride > 0 && pages.page_size > 0 && pages.fits(g.start_pos + g.n_tokens, rows),
@@ -237,8 +278,8 @@ pub fn run_item_at(
 struct Item<'a> {
     g: &'a AttnGeometry,
     q: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
+    keys: CacheRows<'a>,
+    values: CacheRows<'a>,
     pages: KvPages<'a>,
     heads: Range<usize>,
     tokens: Range<usize>,
@@ -261,11 +302,23 @@ struct Scratch {
     w: Vec<f32>,
     r: Vec<f32>,
     stats: Vec<f32>,
+    /// A block of keys and one of values widened from f16.
+    kb: Vec<f32>,
+    vb: Vec<f32>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = const {
-        RefCell::new(Scratch { q: Vec::new(), o: Vec::new(), s: Vec::new(), w: Vec::new(), r: Vec::new(), stats: Vec::new() })
+        RefCell::new(Scratch {
+            q: Vec::new(),
+            o: Vec::new(),
+            s: Vec::new(),
+            w: Vec::new(),
+            r: Vec::new(),
+            stats: Vec::new(),
+            kb: Vec::new(),
+            vb: Vec::new(),
+        })
     };
 }
 
@@ -292,8 +345,8 @@ fn run_portable(it: &Item, sc: &mut Scratch) {
         let values = rest;
         for (j, p) in (first..=pos).enumerate() {
             let row = it.pages.row(p) * g.kv_stride + it.kv_offset;
-            keys[j * d..][..d].copy_from_slice(&it.keys[row..][..d]);
-            values[j * d..][..d].copy_from_slice(&it.values[row..][..d]);
+            it.keys.widen(row, &mut keys[j * d..][..d]);
+            it.values.widen(row, &mut values[j * d..][..d]);
         }
         let scratch = aligned(&mut sc.s, n.max(d));
         for h in it.heads.clone() {
@@ -395,6 +448,10 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
     let lo = aligned(&mut sc.w, mp);
     let hi = aligned(&mut sc.r, mp);
     let stats = aligned(&mut sc.stats, 3 * mp);
+    // Widened blocks of f16 keys and values (unused with an f32 cache).
+    let f16 = matches!(it.keys, CacheRows::F16(_));
+    let widened = if f16 { KEY_BLOCK * d } else { 0 };
+    let (kw, vw) = (aligned(&mut sc.kb, widened), aligned(&mut sc.vb, widened));
     let (maxes, rest) = stats.split_at_mut(mp);
     let (sums, alpha) = rest.split_at_mut(mp);
     // Transposed, scaled queries: qt[dd][lane]. Padding lanes get a zero query and the
@@ -422,9 +479,22 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
     // SAFETY: run_item checked that the rows of positions ≤ kmax lie in keys and values, and that
     // kv_offset + d ≤ kv_stride; the scratch slices have the sizes the kernels index.
     unsafe {
-        let keys = it.keys.as_ptr().add(it.kv_offset);
-        let values = it.values.as_ptr().add(it.kv_offset);
         for (kb, nb, row0) in key_blocks(it.pages, kmin, kmax) {
+            // The block's rows of this KV head: in place (f32), or widened into scratch.
+            let (keys, values, stride) = match (it.keys, it.values) {
+                (CacheRows::F32(k), CacheRows::F32(v)) => {
+                    let at = row0 * stride + it.kv_offset;
+                    (k.as_ptr().add(at), v.as_ptr().add(at), stride)
+                }
+                _ => {
+                    for j in 0..nb {
+                        let at = (row0 + j) * stride + it.kv_offset;
+                        it.keys.widen(at, &mut kw[j * d..][..d]);
+                        it.values.widen(at, &mut vw[j * d..][..d]);
+                    }
+                    (kw.as_ptr(), vw.as_ptr(), d)
+                }
+            };
             // At most four vectors of lanes at a time: R × 4 accumulators fill the
             // registers.
             let vecs = mp / S::LANES;
@@ -433,7 +503,7 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
                 let args = (
                     qt.as_ptr().add(lane0),
                     mp,
-                    keys.add(row0 * stride),
+                    keys,
                     stride,
                     nb,
                     d,
@@ -457,7 +527,7 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
                 sums,
                 alpha,
             );
-            pv_block::<S, RM>(o, d, (mp, mr), s, alpha, values.add(row0 * stride), stride, nb);
+            pv_block::<S, RM>(o, d, (mp, mr), s, alpha, values, stride, nb);
         }
     }
     for lane in 0..m {

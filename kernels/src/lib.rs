@@ -8,5 +8,6 @@ pub mod gemm;
 pub mod ops;
 pub mod qdot;
 pub mod quant;
+pub mod wgsl;
 
 pub use quant::GgmlType;

@@ -384,43 +384,91 @@ pub fn round_to_f16(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
 
-/// `dst[i] = round_to_f16(src[i])` for equal-length slices.
-pub fn round_to_f16_slice(src: &[f32], dst: &mut [f32]) {
+/// `dst[i]` = the f16 bits of `src[i]`, rounded to nearest (ties to even), for
+/// equal-length slices.
+pub fn f32_to_f16_slice(src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
     {
         if crate::gemm::simd_level() >= crate::gemm::SimdLevel::Avx2 {
-            // SAFETY: the CPU supports F16C, checked just above.
-            return unsafe { round_to_f16_slice_f16c(src, dst) };
+            // SAFETY: the CPU supports F16C, checked just above; the lengths are equal.
+            return unsafe { f32_to_f16_f16c(src, dst) };
         }
     }
     for (d, s) in dst.iter_mut().zip(src) {
-        *d = round_to_f16(*s);
+        *d = half::f16::from_f32(*s).to_bits();
+    }
+}
+
+/// `dst[i]` = the f16 with bits `src[i]`, as f32, for equal-length slices.
+pub fn f16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::gemm::simd_level() >= crate::gemm::SimdLevel::Avx2 {
+            // SAFETY: the CPU supports F16C, checked just above; the lengths are equal.
+            return unsafe { f16_to_f32_f16c(src, dst) };
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_bits(*s).to_f32();
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn round_to_f16_slice_f16c(src: &[f32], dst: &mut [f32]) {
+unsafe fn f32_to_f16_f16c(src: &[f32], dst: &mut [u16]) {
     use std::arch::x86_64::*;
-    assert_eq!(src.len(), dst.len());
     let mut i = 0;
     while i + 8 <= src.len() {
-        // SAFETY: i + 8 ≤ len for both slices.
+        // SAFETY: i + 8 ≤ len of both slices.
         unsafe {
-            let v = _mm256_loadu_ps(src.as_ptr().add(i));
-            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src.as_ptr().add(i)));
+            _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), h);
+        }
+        i += 8;
+    }
+    for j in i..src.len() {
+        dst[j] = half::f16::from_f32(src[j]).to_bits();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut i = 0;
+    while i + 8 <= src.len() {
+        // SAFETY: i + 8 ≤ len of both slices.
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
             _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
         }
         i += 8;
     }
     for j in i..src.len() {
-        dst[j] = round_to_f16(src[j]);
+        dst[j] = half::f16::from_bits(src[j]).to_f32();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_conversions_round_trip_and_round_to_nearest() {
+        let x: Vec<f32> = (0..37)
+            .map(|i| (i as f32 * 0.731).sin() * 3000.0 + 1e-3 * i as f32)
+            .collect();
+        let mut bits = vec![0u16; x.len()];
+        let mut back = vec![0f32; x.len()];
+        f32_to_f16_slice(&x, &mut bits);
+        f16_to_f32_slice(&bits, &mut back);
+        for ((&a, &b), &h) in x.iter().zip(&back).zip(&bits) {
+            assert_eq!(h, half::f16::from_f32(a).to_bits());
+            assert_eq!(b, round_to_f16(a));
+        }
+    }
 
     #[test]
     fn dot_matches_naive_sum_on_odd_lengths() {

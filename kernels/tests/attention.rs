@@ -4,7 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, KvPages};
+use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, CacheRows, KvPages};
 use kiln_kernels::gemm::{simd_level, OutMatrix, SimdLevel};
 use kiln_kernels::ops;
 
@@ -22,11 +22,25 @@ impl Rng {
 
 /// Every item of the call, in order, at `level`; unwritten outputs stay NaN.
 fn run_items(level: SimdLevel, g: &AttnGeometry, q: &[f32], keys: &[f32], values: &[f32]) -> Vec<f32> {
-    run_paged(level, g, q, keys, values, KvPages::contiguous())
+    run_paged(
+        level,
+        g,
+        q,
+        CacheRows::F32(keys),
+        CacheRows::F32(values),
+        KvPages::contiguous(),
+    )
 }
 
 /// [`run_items`] over a paged cache.
-fn run_paged(level: SimdLevel, g: &AttnGeometry, q: &[f32], keys: &[f32], values: &[f32], pages: KvPages) -> Vec<f32> {
+fn run_paged(
+    level: SimdLevel,
+    g: &AttnGeometry,
+    q: &[f32],
+    keys: CacheRows,
+    values: CacheRows,
+    pages: KvPages,
+) -> Vec<f32> {
     let mut out = vec![f32::NAN; g.n_tokens * g.n_head * g.head_dim];
     // SAFETY: out holds n_tokens rows of n_head × head_dim; items run one at a time.
     let o = unsafe { OutMatrix::new(out.as_mut_ptr(), g.n_head * g.head_dim) };
@@ -34,6 +48,13 @@ fn run_paged(level: SimdLevel, g: &AttnGeometry, q: &[f32], keys: &[f32], values
         run_item_at(level, g, q, keys, values, pages, item, o);
     }
     out
+}
+
+/// f16 bit patterns of f16-representable values.
+fn f16_bits(x: &[f32]) -> Vec<u16> {
+    let mut bits = vec![0; x.len()];
+    ops::f32_to_f16_slice(x, &mut bits);
+    bits
 }
 
 /// The reference per (query, head), as the runtime called it before work items.
@@ -101,8 +122,18 @@ fn work_items_match_the_reference_at_every_level() {
                         };
                         let (keys, values) = (cache(), cache());
                         let want = reference(&g, &q, &keys, &values);
+                        let (k16, v16) = (f16_bits(&keys), f16_bits(&values));
                         for &level in &levels {
                             let got = run_items(level, &g, &q, &keys, &values);
+                            // An f16 cache of the same values gives the same bits: blocks
+                            // are widened exactly before the f32 kernel reads them.
+                            let contiguous = KvPages::contiguous();
+                            let from_f16 =
+                                run_paged(level, &g, &q, CacheRows::F16(&k16), CacheRows::F16(&v16), contiguous);
+                            assert!(
+                                got.iter().zip(&from_f16).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "seed {seed}: {level:?} {g:?}: the f16 cache differs"
+                            );
                             for (i, (w, o)) in want.chunks(head_dim).zip(got.chunks(head_dim)).enumerate() {
                                 let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
                                 for (j, (a, b)) in w.iter().zip(o).enumerate() {
@@ -184,9 +215,15 @@ fn paged_cache_matches_contiguous() {
             pool
         };
         let (pk, pv) = (scatter(&keys), scatter(&values));
+        let (pk16, pv16) = (f16_bits(&pk), f16_bits(&pv));
         for &level in &levels {
             let want = run_items(level, &g, &q, &keys, &values);
-            let got = run_paged(level, &g, &q, &pk, &pv, paged);
+            let got = run_paged(level, &g, &q, CacheRows::F32(&pk), CacheRows::F32(&pv), paged);
+            let from_f16 = run_paged(level, &g, &q, CacheRows::F16(&pk16), CacheRows::F16(&pv16), paged);
+            assert!(
+                got.iter().zip(&from_f16).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{level:?} {g:?}: the paged f16 cache differs"
+            );
             for (i, (a, b)) in want.iter().zip(&got).enumerate() {
                 let ok = (a - b).abs() <= 1e-5 * (1.0 + a.abs());
                 assert!(ok, "seed {seed}: {level:?} {g:?} [{i}]: paged {b} vs contiguous {a}");
@@ -215,5 +252,12 @@ fn pages_outside_the_cache_are_refused() {
         pages: &[0, 4, 1],
         page_size: 8,
     };
-    run_paged(SimdLevel::Scalar, &g, &q, &cache, &cache, pages);
+    run_paged(
+        SimdLevel::Scalar,
+        &g,
+        &q,
+        CacheRows::F32(&cache),
+        CacheRows::F32(&cache),
+        pages,
+    );
 }

@@ -6,28 +6,37 @@ use kiln_runtime::{Activation, Attention, AttnSeq, Backend, BufId, RopeStyle, We
 use crate::{Checkpoint, Hyper, ModelError};
 
 /// Key/value storage shared by every sequence: per layer one buffer of keys and one of
-/// values, each `n_pages` pages of `page_size` rows of `kv_dim` floats. Which pages a
-/// sequence's positions use is its page table, kept by whoever schedules sequences.
+/// values, each `n_pages` pages of `page_size` rows of `kv_dim` values (`row_floats`
+/// buffer floats a row, as the backend stores them). Which pages a sequence's positions
+/// use is its page table, kept by whoever schedules sequences.
 pub struct KvStore {
     pub layers: Vec<(BufId, BufId)>,
     pub page_size: usize,
     pub n_pages: usize,
+    pub row_floats: usize,
 }
 
 impl KvStore {
     pub fn new(be: &mut dyn Backend, hyper: &Hyper, n_pages: usize, page_size: usize) -> KvStore {
-        let len = n_pages * page_size * hyper.kv_dim();
+        let row_floats = be.kv_row_floats(hyper.kv_dim());
+        let len = n_pages * page_size * row_floats;
         let layers = (0..hyper.n_layer).map(|_| (be.alloc(len), be.alloc(len))).collect();
         KvStore {
             layers,
             page_size,
             n_pages,
+            row_floats,
         }
     }
 
-    /// Bytes one page takes on the CPU backend (f32 keys and values of every layer).
-    pub fn page_bytes(hyper: &Hyper, page_size: usize) -> usize {
-        2 * hyper.n_layer * page_size * hyper.kv_dim() * std::mem::size_of::<f32>()
+    /// Buffer floats of one page of one layer's keys (or values).
+    pub fn page_floats(&self) -> usize {
+        self.page_size * self.row_floats
+    }
+
+    /// Bytes one page takes on `be` (keys and values of every layer).
+    pub fn page_bytes(be: &dyn Backend, hyper: &Hyper, page_size: usize) -> usize {
+        2 * hyper.n_layer * page_size * be.kv_row_floats(hyper.kv_dim()) * std::mem::size_of::<f32>()
     }
 
     pub fn free(self, be: &mut dyn Backend) {

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use kiln_kernels::attention::{self, AttnGeometry, KvPages};
+use kiln_kernels::attention::{self, AttnGeometry, CacheRows, KvPages};
 use kiln_kernels::dequant::dequantize_row;
 use kiln_kernels::gemm::{self, OutMatrix};
 use kiln_kernels::{ops, qdot};
@@ -362,14 +362,22 @@ impl Backend for CpuBackend {
         });
     }
 
+    fn kv_row_floats(&self, row_len: usize) -> usize {
+        match self.numerics {
+            // f16, as llama.cpp keeps its cache: two values a float.
+            Numerics::Quantized => row_len.div_ceil(2),
+            Numerics::Reference => row_len,
+        }
+    }
+
     fn store_kv(&mut self, src: BufId, cache: BufId, row_len: usize, rows: &[u32]) {
         let numerics = self.numerics;
+        let row_floats = self.kv_row_floats(row_len);
         let (src, cache) = pair(&mut self.buffers, src, cache);
         for (row, &to) in src.chunks_exact(row_len).zip(rows) {
-            let dst = &mut cache[to as usize * row_len..][..row_len];
+            let dst = &mut cache[to as usize * row_floats..][..row_floats];
             match numerics {
-                // llama.cpp keeps its cache in f16.
-                Numerics::Quantized => ops::round_to_f16_slice(row, dst),
+                Numerics::Quantized => ops::f32_to_f16_slice(row, &mut as_f16_mut(dst)[..row_len]),
                 Numerics::Reference => dst.copy_from_slice(row),
             }
         }
@@ -390,6 +398,15 @@ impl Backend for CpuBackend {
             .get_disjoint_mut([q.0, keys.0, values.0, out.0].map(|i| i as usize))
             .expect("attention buffers must be distinct");
         let row = a.n_head * a.head_dim;
+        let kv_row = a.n_kv_head * a.head_dim;
+        let (k, v, kv_stride) = match self.numerics {
+            Numerics::Quantized => (
+                CacheRows::F16(as_f16(k)),
+                CacheRows::F16(as_f16(v)),
+                2 * kv_row.div_ceil(2),
+            ),
+            Numerics::Reference => (CacheRows::F32(k), CacheRows::F32(v), kv_row),
+        };
         // Every sequence's work items, numbered one after another: one pool job runs them all.
         let calls = &mut self.attn_calls;
         calls.clear();
@@ -401,14 +418,14 @@ impl Backend for CpuBackend {
                 n_head: a.n_head,
                 n_kv_head: a.n_kv_head,
                 head_dim: a.head_dim,
-                kv_stride: a.n_kv_head * a.head_dim,
+                kv_stride,
                 scale: a.scale,
                 window: a.window,
             };
             calls.push((geometry, total));
             total += attention::work_items(&geometry);
         }
-        let (q, k, v, calls) = (&*q, &*k, &*v, &*calls);
+        let (q, calls) = (&*q, &*calls);
         let out_len = out.len();
         // SAFETY: work items write disjoint (token, head) parts of their sequence's rows,
         // which are inside `out` (checked per item) and distinct between sequences.
@@ -458,4 +475,16 @@ impl Backend for CpuBackend {
             apply(unsafe { gate.part(range.clone()) }, &up[range]);
         });
     }
+}
+
+/// A buffer of packed f16 cache rows as the f16 bit patterns it holds.
+fn as_f16(x: &[f32]) -> &[u16] {
+    // SAFETY: u16 has no invalid bit patterns and a smaller alignment than f32; the
+    // view covers the same bytes.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), 2 * x.len()) }
+}
+
+fn as_f16_mut(x: &mut [f32]) -> &mut [u16] {
+    // SAFETY: as `as_f16`, and the view borrows `x` mutably.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), 2 * x.len()) }
 }

@@ -5,12 +5,14 @@
 //! [`BufId`] handles and never learn which device runs them.
 
 mod cpu;
+mod gpu;
 mod pool;
 
 use std::ops::Range;
 use std::sync::Arc;
 
 pub use cpu::{CpuBackend, Numerics};
+pub use gpu::{adapters, GpuBackend};
 pub use kiln_kernels::attention::KvPages;
 pub use kiln_kernels::ops::RopeStyle;
 pub use kiln_kernels::GgmlType;
@@ -20,9 +22,107 @@ pub use kiln_kernels::GgmlType;
 pub enum RuntimeError {
     #[error("weight `{name}`: {reason}")]
     BadWeight { name: String, reason: String },
+    #[error("gpu backend: {0}")]
+    Gpu(String),
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// Which backend [`open_backend`] opens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// A real GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// Any GPU adapter, a CPU-emulated one (lavapipe) included; an error if none works.
+    Gpu,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "cpu" => Ok(BackendChoice::Cpu),
+            "gpu" => Ok(BackendChoice::Gpu),
+            _ => Err(format!("unknown backend `{s}`: expected auto, cpu or gpu")),
+        }
+    }
+}
+
+/// Opens the backend `choice` asks for (`threads` sizes the CPU backend) and says in one
+/// line which one it is and why: "gpu: NVIDIA H200 (Vulkan)", "cpu: no GPU adapter".
+/// Under `Auto`, any failure to start a GPU falls back to the CPU.
+pub fn open_backend(choice: BackendChoice, threads: Option<usize>) -> Result<(Box<dyn Backend>, String)> {
+    let cpu = |reason: String| -> Result<(Box<dyn Backend>, String)> {
+        Ok((Box::new(CpuBackend::new(threads)), format!("cpu: {reason}")))
+    };
+    let adapter = match pick_adapter(choice)? {
+        Ok(adapter) => adapter,
+        Err(reason) => return cpu(reason),
+    };
+    let name = adapter.get_info().name;
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| GpuBackend::new(&adapter)));
+    match started {
+        Ok(Ok(gpu)) => {
+            let reason = format!("gpu: {}", gpu.adapter_name());
+            Ok((Box::new(gpu), reason))
+        }
+        Ok(Err(e)) if choice == BackendChoice::Auto => cpu(format!("{name} failed to start: {e}")),
+        Err(_) if choice == BackendChoice::Auto => cpu(format!("{name} failed to start")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(RuntimeError::Gpu(format!("{name} failed to start"))),
+    }
+}
+
+/// What [`open_backend`] would run on, for reports: "CPU", or the GPU's API ("Vulkan",
+/// "Metal", "Dx12"). (A GPU that then fails to start under `Auto` runs on the CPU.)
+pub fn backend_api(choice: BackendChoice) -> String {
+    match pick_adapter(choice) {
+        Ok(Ok(adapter)) => format!("{:?}", adapter.get_info().backend),
+        _ => "CPU".into(),
+    }
+}
+
+/// The adapter `choice` runs on, or why it runs on the CPU; an error when `Gpu` finds none.
+fn pick_adapter(choice: BackendChoice) -> Result<std::result::Result<wgpu::Adapter, String>> {
+    if choice == BackendChoice::Cpu {
+        return Ok(Err("chosen".into()));
+    }
+    // Real GPUs first (discrete before integrated), CPU-emulated adapters last.
+    let rank = |t: wgpu::DeviceType| match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu | wgpu::DeviceType::Other => 2,
+        wgpu::DeviceType::Cpu => 3,
+    };
+    let found = std::panic::catch_unwind(|| {
+        let mut all = adapters();
+        all.sort_by_key(|a| rank(a.get_info().device_type));
+        all.into_iter().next()
+    });
+    let adapter = match (found, choice) {
+        (Ok(Some(adapter)), _) => adapter,
+        (Ok(None), BackendChoice::Gpu) => {
+            return Err(RuntimeError::Gpu(
+                "no GPU adapter (is a Vulkan, Metal or DX12 driver installed?)".into(),
+            ))
+        }
+        (Ok(None), _) => return Ok(Err("no GPU adapter".into())),
+        (Err(_), BackendChoice::Gpu) => return Err(RuntimeError::Gpu("the GPU runtime failed to start".into())),
+        (Err(_), _) => return Ok(Err("the GPU runtime failed to start".into())),
+    };
+    let info = adapter.get_info();
+    if choice == BackendChoice::Auto && info.device_type == wgpu::DeviceType::Cpu {
+        return Ok(Err(format!(
+            "only a CPU-emulated adapter ({}); use --backend gpu to force it",
+            info.name
+        )));
+    }
+    Ok(Ok(adapter))
+}
 
 /// Bytes in host memory kept alive by their owner: a memory map, or a vector when a
 /// loader had to convert data. Cloning shares the owner, never the bytes.
@@ -177,8 +277,15 @@ pub trait Backend: Send {
     fn rms_norm(&mut self, x: BufId, weight: WeightId, n: usize, eps: f32);
     /// Rotates `n_heads` heads of `head_dim` in each of `positions.len()` rows.
     fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle);
-    /// Writes row `i` of `row_len` keys or values from `src` into row `rows[i]` of `cache`.
-    /// A backend may keep the cache at reduced precision (f16).
+    /// Floats that a key/value cache row of `row_len` values takes in a buffer: `row_len`,
+    /// or fewer where the backend keeps the cache at reduced precision (the CPU packs two
+    /// f16 values into each float). Cache buffers, and offsets into them, count these
+    /// floats; `read`, `write` and `copy_within` move them as they are, bit for bit.
+    fn kv_row_floats(&self, row_len: usize) -> usize {
+        row_len
+    }
+    /// Writes row `i` of `row_len` keys or values from `src` into row `rows[i]` of `cache`
+    /// (rows [`Backend::kv_row_floats`] apart).
     fn store_kv(&mut self, src: BufId, cache: BufId, row_len: usize, rows: &[u32]);
     /// Causal attention of each sequence's rows of `q` over its cached keys and values,
     /// into the same rows of `out`; `page_table` holds every sequence's page table.

@@ -1,0 +1,843 @@
+//! The GPU backend on wgpu (Vulkan, Metal, DX12): weights repacked once into u32 words
+//! in storage buffers (split by rows where a weight exceeds the binding limit), f32
+//! activation buffers, and the WGSL kernels of `kiln_kernels::wgsl`.
+//!
+//! Ops are recorded into one pending compute pass and submitted only when results are
+//! read (or an arena fills), so a forward pass is one submission. Each dispatch takes its
+//! parameters from a slot of one uniform buffer (a dynamic offset) and any small host
+//! arrays (tokens, rope tables, cache rows, page tables, written data) from one storage
+//! arena; both are uploaded once per submission, and their slots are never reused before
+//! it. Pipelines are created once per kernel (and weight type); bind groups are cached by
+//! the buffers they bind.
+//!
+//! Numerics follow the CPU backend's `Numerics::Quantized`: activations quantized per row
+//! to the 8-bit block format of the weight type, integer dot products per block, f32
+//! scales; the cache rounded to f16; ggml's SiLU and GELU. The two differ by f32
+//! summation order (and `exp` in attention).
+
+use std::collections::HashMap;
+
+use kiln_kernels::dequant::dequantize_row;
+use kiln_kernels::qdot::{self, ActFormat};
+use kiln_kernels::{ops, wgsl, GgmlType};
+
+use crate::{Activation, Attention, AttnSeq, Backend, BufId, Result, RopeStyle, RuntimeError, WeightId, WeightSource};
+
+/// Bytes between parameter slots (the uniform dynamic-offset alignment everywhere).
+const PARAM_SLOT: u64 = 256;
+/// Parameter slots per submission.
+const PARAM_SLOTS: usize = 4096;
+/// Initial arena size in 32-bit words.
+const ARENA_WORDS: usize = 1 << 20;
+
+/// A kernel and, for the typed ones, its pipeline constant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kernel {
+    Copy,
+    CopyWithin,
+    Add,
+    Scale,
+    AddBias,
+    RmsNorm,
+    Rope,
+    StoreKv,
+    Gated,
+    Attention,
+    Quantize(u32),
+    Matmul(u32),
+    Embed(u32),
+}
+
+impl Kernel {
+    /// Source (after the common prelude) and, per storage binding from 1 on, whether
+    /// the kernel writes it.
+    fn spec(self) -> (&'static str, &'static [bool]) {
+        match self {
+            Kernel::Copy => (wgsl::COPY, &[false, true]),
+            Kernel::CopyWithin => (wgsl::COPY_WITHIN, &[true]),
+            Kernel::Add => (wgsl::ADD, &[true, false]),
+            Kernel::Scale => (wgsl::SCALE, &[true]),
+            Kernel::AddBias => (wgsl::ADD_BIAS, &[true, false]),
+            Kernel::RmsNorm => (wgsl::RMS_NORM, &[true, false]),
+            Kernel::Rope => (wgsl::ROPE, &[true, false]),
+            Kernel::StoreKv => (wgsl::STORE_KV, &[false, true, false]),
+            Kernel::Gated => (wgsl::GATED, &[true, false, false]),
+            Kernel::Attention => (wgsl::ATTENTION, &[false, false, false, true, false]),
+            Kernel::Quantize(_) => (wgsl::QUANTIZE, &[false, true]),
+            Kernel::Matmul(_) => (wgsl::MATMUL, &[false, false, true]),
+            Kernel::Embed(_) => (wgsl::EMBED, &[false, false, true]),
+        }
+    }
+}
+
+/// The code of a weight type in `weights.wgsl`, or `None` for types stored as F32.
+fn wtype(ty: GgmlType) -> Option<u32> {
+    Some(match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::BF16 => 2,
+        GgmlType::Q4_0 => 3,
+        GgmlType::Q4_1 => 4,
+        GgmlType::Q5_0 => 5,
+        GgmlType::Q8_0 => 6,
+        GgmlType::Q4_K => 7,
+        GgmlType::Q6_K => 8,
+        _ => return None,
+    })
+}
+
+/// The code of an activation format in `quantize.wgsl` and its words per row of `cols`.
+fn afmt(format: ActFormat, cols: usize) -> (u32, usize) {
+    match format {
+        ActFormat::F32 => (0, cols),
+        ActFormat::F16 => (1, cols),
+        ActFormat::BF16 => (2, cols),
+        ActFormat::Q8_0 => (3, cols / 32 * 10),
+        ActFormat::Q8_1 => (4, cols / 32 * 10),
+        ActFormat::Q8_K => (5, cols / 256 * 65),
+    }
+}
+
+/// Appends one row of `ty` in the layout `weights.wgsl` reads, padded to whole words.
+fn repack_row(ty: GgmlType, row: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    for b in row.chunks_exact(ty.type_size()) {
+        match ty {
+            // [d, qs] → [qs, d]; [d, qh, qs] → [qs, qh, d].
+            GgmlType::Q4_0 | GgmlType::Q8_0 => {
+                out.extend_from_slice(&b[2..]);
+                out.extend_from_slice(&b[..2]);
+                out.extend_from_slice(&[0, 0]);
+            }
+            GgmlType::Q5_0 => {
+                out.extend_from_slice(&b[6..22]);
+                out.extend_from_slice(&b[2..6]);
+                out.extend_from_slice(&b[..2]);
+                out.extend_from_slice(&[0, 0]);
+            }
+            GgmlType::Q6_K => {
+                out.extend_from_slice(b);
+                out.extend_from_slice(&[0, 0]);
+            }
+            _ => out.extend_from_slice(b),
+        }
+    }
+    out.resize(start + (out.len() - start).next_multiple_of(4), 0);
+}
+
+struct GpuWeight {
+    rows: usize,
+    cols: usize,
+    /// The stored type (F32 for types the kernels do not read).
+    ty: GgmlType,
+    row_words: usize,
+    /// (slot, first row, rows) of each part.
+    parts: Vec<(usize, usize, usize)>,
+    /// A vector (one row) as f32, for norms and biases.
+    vector: Option<usize>,
+}
+
+pub struct GpuBackend {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    max_binding: u64,
+    /// Largest part a weight is split into (`max_binding` unless tests lower it).
+    part_bytes: u64,
+    layouts: HashMap<Kernel, wgpu::BindGroupLayout>,
+    pipelines: HashMap<Kernel, wgpu::ComputePipeline>,
+    bind_groups: HashMap<(Kernel, Vec<usize>), wgpu::BindGroup>,
+    /// Every buffer the backend owns, by slot; freed slots are `None`.
+    slots: Vec<Option<wgpu::Buffer>>,
+    /// Slot of each activation buffer, by `BufId`.
+    buffers: Vec<usize>,
+    weights: Vec<GpuWeight>,
+    params: wgpu::Buffer,
+    params_cpu: Vec<u8>,
+    params_used: usize,
+    arena: usize,
+    arena_cpu: Vec<u32>,
+    /// Words the arena buffer holds.
+    arena_cap: usize,
+    /// Quantized activations of the current matmul.
+    acts: usize,
+    acts_words: usize,
+    gelu: usize,
+    staging: wgpu::Buffer,
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+    /// The rope angles already in the arena for this submission.
+    rope_cache: Option<RopeTable>,
+}
+
+/// Where a rope call's (sin, cos) table sits in the arena: the q and k calls of every
+/// layer of a forward pass share one.
+struct RopeTable {
+    positions: Vec<u32>,
+    head_dim: usize,
+    theta: f32,
+    at: u32,
+}
+
+/// Workgroups of `groups` folded into a grid of at most 65535 per dimension.
+fn grid(groups: usize) -> (u32, u32) {
+    let x = groups.min(65535);
+    (x as u32, groups.div_ceil(x.max(1)) as u32)
+}
+
+fn gpu_err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Gpu(e.to_string())
+}
+
+/// Every adapter wgpu finds on this machine.
+pub fn adapters() -> Vec<wgpu::Adapter> {
+    // Mesa's implicit device-selection layer connects to a display server to order
+    // devices, and prints an error where there is none (servers, CI); wgpu lists and
+    // kiln ranks the adapters itself.
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        if std::env::var_os("NODEVICE_SELECT").is_none() {
+            std::env::set_var("NODEVICE_SELECT", "1");
+        }
+    });
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+}
+
+impl GpuBackend {
+    /// A backend on `adapter`, taking its full limits (no optional features are needed).
+    pub fn new(adapter: &wgpu::Adapter) -> Result<Self> {
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("kiln"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(gpu_err)?;
+        let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) & !255;
+        let params = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln params"),
+            size: PARAM_SLOT * PARAM_SLOTS as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kiln staging"),
+            size: 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut be = GpuBackend {
+            device,
+            queue,
+            info: adapter.get_info(),
+            max_binding,
+            part_bytes: max_binding,
+            layouts: HashMap::new(),
+            pipelines: HashMap::new(),
+            bind_groups: HashMap::new(),
+            slots: Vec::new(),
+            buffers: Vec::new(),
+            weights: Vec::new(),
+            params,
+            params_cpu: vec![0; PARAM_SLOT as usize * PARAM_SLOTS],
+            params_used: 0,
+            arena: 0,
+            arena_cpu: Vec::with_capacity(ARENA_WORDS),
+            arena_cap: ARENA_WORDS,
+            acts: 0,
+            acts_words: 1,
+            gelu: 0,
+            staging,
+            encoder: None,
+            pass: None,
+            rope_cache: None,
+        };
+        be.arena = be.new_slot(ARENA_WORDS * 4, "kiln arena");
+        be.acts = be.new_slot(4, "kiln activations");
+        // ggml's GELU table, indexed by the input's f16 bits: an input just under 10
+        // rounds to 10.0 in f16 and reads the table there.
+        let table: Vec<u32> = (0..=u16::MAX)
+            .map(|bits| {
+                let x = half::f16::from_bits(bits).to_f32();
+                let y = if x.is_finite() { ops::gelu_tanh_ggml(x) } else { 0.0 };
+                y.to_bits()
+            })
+            .collect();
+        be.gelu = be.new_slot(table.len() * 4, "kiln gelu table");
+        be.queue.write_buffer(be.slot(be.gelu), 0, &words_bytes(&table));
+        Ok(be)
+    }
+
+    /// Lowers the largest part a weight is split into (normally the adapter's binding
+    /// limit), so that tests can make weights split into several parts.
+    pub fn set_weight_part_bytes(&mut self, bytes: u64) {
+        self.part_bytes = bytes.min(self.max_binding);
+    }
+
+    /// The adapter's name and API, e.g. "NVIDIA H200 (Vulkan)".
+    pub fn adapter_name(&self) -> String {
+        format!("{} ({:?})", self.info.name, self.info.backend)
+    }
+
+    fn new_slot(&mut self, bytes: usize, label: &str) -> usize {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (bytes.max(4) as u64).next_multiple_of(16),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.slots.push(Some(buffer));
+        self.slots.len() - 1
+    }
+
+    fn slot(&self, slot: usize) -> &wgpu::Buffer {
+        self.slots[slot].as_ref().expect("a freed buffer was used")
+    }
+
+    fn drop_slot(&mut self, slot: usize) {
+        self.slots[slot] = None;
+        self.bind_groups.retain(|(_, slots), _| !slots.contains(&slot));
+    }
+
+    fn buf(&self, id: BufId) -> usize {
+        self.buffers[id.0 as usize]
+    }
+
+    fn pipeline(&mut self, kernel: Kernel) {
+        if self.pipelines.contains_key(&kernel) {
+            return;
+        }
+        let (source, writes) = kernel.spec();
+        let mut text = String::from(wgsl::COMMON);
+        if matches!(kernel, Kernel::Matmul(_) | Kernel::Embed(_)) {
+            text.push_str(wgsl::WEIGHTS);
+        }
+        text.push_str(source);
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("kiln kernel"),
+            source: wgpu::ShaderSource::Wgsl(text.into()),
+        });
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: true,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        for (i, &write) in writes.iter().enumerate() {
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: i as u32 + 1,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage { read_only: !write },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            });
+        }
+        let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: None,
+            entries: &entries,
+        });
+        let pipeline_layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: None,
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let constants: Vec<(&str, f64)> = match kernel {
+            Kernel::Matmul(t) | Kernel::Embed(t) => vec![("WTYPE", t as f64)],
+            Kernel::Quantize(f) => vec![("AFMT", f as f64)],
+            _ => Vec::new(),
+        };
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: None,
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                ..Default::default()
+            },
+            cache: None,
+        });
+        self.layouts.insert(kernel, layout);
+        self.pipelines.insert(kernel, pipeline);
+    }
+
+    /// Makes room for an op that puts `words` into the arena and runs `dispatches`
+    /// dispatches: submits what is pending when either would overflow.
+    fn begin_op(&mut self, words: usize, dispatches: usize) {
+        if self.arena_cpu.len() + words > self.arena_cap || self.params_used + dispatches > PARAM_SLOTS {
+            self.flush();
+        }
+        if words > self.arena_cap {
+            let cap = words.next_power_of_two();
+            let old = self.arena;
+            self.arena = self.new_slot(cap * 4, "kiln arena");
+            self.arena_cap = cap;
+            self.drop_slot(old);
+        }
+        assert!(dispatches <= PARAM_SLOTS, "one op needs too many dispatches");
+    }
+
+    /// Appends host words to the arena; returns their offset in words.
+    fn push(&mut self, data: impl IntoIterator<Item = u32>) -> u32 {
+        let at = self.arena_cpu.len();
+        self.arena_cpu.extend(data);
+        assert!(self.arena_cpu.len() <= self.arena_cap, "begin_op reserves arena space");
+        at as u32
+    }
+
+    /// Records one dispatch of `groups` workgroups binding `slots` from binding 1 on.
+    fn dispatch(&mut self, kernel: Kernel, slots: &[usize], u: &[u32], f: &[f32], groups: usize) {
+        if groups == 0 {
+            return;
+        }
+        self.pipeline(kernel);
+        let mut p = [0u32; 16];
+        p[..u.len()].copy_from_slice(u);
+        for (i, v) in f.iter().enumerate() {
+            p[12 + i] = v.to_bits();
+        }
+        assert!(self.params_used < PARAM_SLOTS, "begin_op reserves parameter slots");
+        let offset = self.params_used * PARAM_SLOT as usize;
+        self.params_cpu[offset..offset + 64].copy_from_slice(&words_bytes(&p));
+        self.params_used += 1;
+        let key = (kernel, slots.to_vec());
+        if !self.bind_groups.contains_key(&key) {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &self.params,
+                    offset: 0,
+                    size: Some(std::num::NonZeroU64::new(64).expect("nonzero")),
+                }),
+            }];
+            for (i, &s) in slots.iter().enumerate() {
+                let buffer = self.slot(s);
+                let size = buffer.size().min(self.max_binding);
+                entries.push(wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(size),
+                    }),
+                });
+            }
+            let group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &self.layouts[&kernel],
+                entries: &entries,
+            });
+            self.bind_groups.insert(key.clone(), group);
+        }
+        if self.pass.is_none() {
+            let mut encoder = self
+                .encoder
+                .take()
+                .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
+            let pass = encoder.begin_compute_pass(&Default::default()).forget_lifetime();
+            self.encoder = Some(encoder);
+            self.pass = Some(pass);
+        }
+        let pass = self.pass.as_mut().expect("set above");
+        pass.set_pipeline(&self.pipelines[&kernel]);
+        pass.set_bind_group(0, &self.bind_groups[&key], &[offset as u32]);
+        let (x, y) = grid(groups);
+        pass.dispatch_workgroups(x, y, 1);
+    }
+
+    /// Uploads this submission's parameters and arena, and submits everything recorded.
+    fn flush(&mut self) {
+        self.pass = None;
+        if let Some(encoder) = self.encoder.take() {
+            if self.params_used > 0 {
+                let bytes = self.params_used * PARAM_SLOT as usize;
+                self.queue.write_buffer(&self.params, 0, &self.params_cpu[..bytes]);
+            }
+            if !self.arena_cpu.is_empty() {
+                self.queue
+                    .write_buffer(self.slot(self.arena), 0, &words_bytes(&self.arena_cpu));
+            }
+            self.queue.submit([encoder.finish()]);
+        }
+        self.params_used = 0;
+        self.arena_cpu.clear();
+        self.rope_cache = None;
+    }
+
+    /// Activations of `n` rows of `x` in `format`, in the activations buffer.
+    fn quantize(&mut self, x: BufId, n: usize, cols: usize, format: ActFormat) -> usize {
+        let (code, row_words) = afmt(format, cols);
+        let words = n * row_words;
+        if words > self.acts_words {
+            let old = self.acts;
+            self.acts_words = words.next_power_of_two();
+            self.acts = self.new_slot(self.acts_words * 4, "kiln activations");
+            self.drop_slot(old);
+        }
+        let invocations = n * cols / format.block_size();
+        let slots = [self.buf(x), self.acts];
+        self.dispatch(
+            Kernel::Quantize(code),
+            &slots,
+            &[n as u32, cols as u32, row_words as u32, invocations as u32],
+            &[],
+            invocations.div_ceil(256),
+        );
+        row_words
+    }
+
+    fn elementwise(&mut self, kernel: Kernel, slots: &[usize], u: &[u32], f: &[f32], len: usize) {
+        self.begin_op(0, 1);
+        self.dispatch(kernel, slots, u, f, len.div_ceil(256));
+    }
+}
+
+fn words_bytes(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+impl Backend for GpuBackend {
+    fn name(&self) -> String {
+        format!("gpu ({})", self.adapter_name())
+    }
+
+    fn upload(&mut self, weight: WeightSource) -> Result<WeightId> {
+        weight.validate()?;
+        let (rows, cols) = (weight.rows, weight.cols);
+        let src_row = weight.ty.row_bytes(cols).expect("validated");
+        let bytes = weight.bytes.as_slice();
+        let ty = if wtype(weight.ty).is_some() {
+            weight.ty
+        } else {
+            GgmlType::F32
+        };
+        let mut f32_row = vec![0f32; if ty == weight.ty { 0 } else { cols }];
+        let mut packed = Vec::new();
+        let mut row_bytes = 0;
+        for r in 0..rows {
+            let row = &bytes[r * src_row..(r + 1) * src_row];
+            if ty == weight.ty {
+                repack_row(ty, row, &mut packed);
+            } else {
+                dequantize_row(weight.ty, row, &mut f32_row);
+                packed.extend(f32_row.iter().flat_map(|v| v.to_le_bytes()));
+            }
+            if r == 0 {
+                row_bytes = packed.len();
+            }
+        }
+        let rows_per_part = (self.part_bytes as usize / row_bytes.max(1)).max(1);
+        let mut parts = Vec::new();
+        for first in (0..rows).step_by(rows_per_part) {
+            let n = rows_per_part.min(rows - first);
+            let slot = self.new_slot(n * row_bytes, &weight.name);
+            self.queue
+                .write_buffer(self.slot(slot), 0, &packed[first * row_bytes..(first + n) * row_bytes]);
+            parts.push((slot, first, n));
+        }
+        let vector = (rows == 1).then(|| {
+            let mut v = vec![0f32; cols];
+            dequantize_row(weight.ty, bytes, &mut v);
+            let slot = self.new_slot(cols * 4, &weight.name);
+            let words: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+            self.queue.write_buffer(self.slot(slot), 0, &words_bytes(&words));
+            slot
+        });
+        self.weights.push(GpuWeight {
+            rows,
+            cols,
+            ty,
+            row_words: row_bytes / 4,
+            parts,
+            vector,
+        });
+        Ok(WeightId(self.weights.len() as u32 - 1))
+    }
+
+    fn weight_shape(&self, weight: WeightId) -> (usize, usize) {
+        let w = &self.weights[weight.0 as usize];
+        (w.rows, w.cols)
+    }
+
+    fn alloc(&mut self, len: usize) -> BufId {
+        assert!(
+            (len as u64) * 4 <= self.max_binding,
+            "a buffer of {len} floats exceeds the GPU's binding limit"
+        );
+        let slot = self.new_slot(len * 4, "kiln buffer");
+        self.buffers.push(slot);
+        BufId(self.buffers.len() as u32 - 1)
+    }
+
+    fn free(&mut self, buf: BufId) {
+        let slot = self.buf(buf);
+        self.drop_slot(slot);
+    }
+
+    fn write(&mut self, buf: BufId, offset: usize, data: &[f32]) {
+        self.begin_op(data.len(), 1);
+        let at = self.push(data.iter().map(|v| v.to_bits()));
+        let slots = [self.arena, self.buf(buf)];
+        let u = [data.len() as u32, at, offset as u32];
+        self.dispatch(Kernel::Copy, &slots, &u, &[], data.len().div_ceil(256));
+    }
+
+    fn read(&mut self, buf: BufId, offset: usize, out: &mut [f32]) {
+        let bytes = out.len() as u64 * 4;
+        if bytes > self.staging.size() {
+            self.staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kiln staging"),
+                size: bytes.next_power_of_two(),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+        }
+        self.pass = None;
+        let mut encoder = self
+            .encoder
+            .take()
+            .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
+        if bytes > 0 {
+            encoder.copy_buffer_to_buffer(self.slot(self.buf(buf)), offset as u64 * 4, &self.staging, 0, bytes);
+        }
+        self.encoder = Some(encoder);
+        self.flush();
+        if bytes == 0 {
+            return;
+        }
+        let slice = self.staging.slice(..bytes);
+        slice.map_async(wgpu::MapMode::Read, |r| r.expect("mapping the staging buffer"));
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .expect("waiting for the GPU");
+        {
+            let view = slice.get_mapped_range().expect("the staging buffer is mapped");
+            for (o, b) in out.iter_mut().zip(view.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        self.staging.unmap();
+    }
+
+    fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize) {
+        let slots = [self.buf(src), self.buf(dst)];
+        let u = [len as u32, src_offset as u32, dst_offset as u32];
+        self.elementwise(Kernel::Copy, &slots, &u, &[], len);
+    }
+
+    fn copy_within(&mut self, buf: BufId, src_offset: usize, dst_offset: usize, len: usize) {
+        assert!(
+            src_offset + len <= dst_offset || dst_offset + len <= src_offset,
+            "copy_within: overlapping ranges"
+        );
+        let u = [len as u32, src_offset as u32, dst_offset as u32];
+        self.elementwise(Kernel::CopyWithin, &[self.buf(buf)], &u, &[], len);
+    }
+
+    fn embed(&mut self, table: WeightId, tokens: &[u32], out: BufId) {
+        let w = &self.weights[table.0 as usize];
+        let parts = w.parts.clone();
+        let (cols, row_words, code) = (w.cols, w.row_words, wtype(w.ty).expect("stored types have codes"));
+        self.begin_op(tokens.len(), parts.len());
+        let at = self.push(tokens.iter().copied());
+        let out = self.buf(out);
+        for (slot, first, n) in parts {
+            let u = [
+                tokens.len() as u32,
+                cols as u32,
+                row_words as u32,
+                at,
+                first as u32,
+                n as u32,
+            ];
+            self.dispatch(
+                Kernel::Embed(code),
+                &[slot, self.arena, out],
+                &u,
+                &[],
+                (tokens.len() * cols).div_ceil(256),
+            );
+        }
+    }
+
+    fn matmul(&mut self, weight: WeightId, x: BufId, n: usize, out: BufId) {
+        self.matmul_many(x, n, &[(weight, out)]);
+    }
+
+    fn matmul_many(&mut self, x: BufId, n: usize, products: &[(WeightId, BufId)]) {
+        let dispatches: usize = products
+            .iter()
+            .map(|(w, _)| 1 + self.weights[w.0 as usize].parts.len())
+            .sum();
+        self.begin_op(0, dispatches);
+        let mut prepared: Option<(ActFormat, usize, usize)> = None;
+        for &(weight, out) in products {
+            let w = &self.weights[weight.0 as usize];
+            let (rows, cols, row_words, ty) = (w.rows, w.cols, w.row_words, w.ty);
+            let parts = w.parts.clone();
+            let format = qdot::activation_format(ty);
+            // Products of one input in one format share its quantization.
+            let act_words = match prepared {
+                Some((f, c, words)) if f == format && c == cols => words,
+                _ => {
+                    let words = self.quantize(x, n, cols, format);
+                    prepared = Some((format, cols, words));
+                    words
+                }
+            };
+            let code = wtype(ty).expect("stored types have codes");
+            let out = self.buf(out);
+            for (slot, first, part_rows) in parts {
+                let row_groups = part_rows.div_ceil(4);
+                let u = [
+                    part_rows as u32,
+                    cols as u32,
+                    n as u32,
+                    rows as u32,
+                    first as u32,
+                    row_words as u32,
+                    act_words as u32,
+                    row_groups as u32,
+                ];
+                self.dispatch(
+                    Kernel::Matmul(code),
+                    &[slot, self.acts, out],
+                    &u,
+                    &[],
+                    row_groups * n.div_ceil(8),
+                );
+            }
+        }
+    }
+
+    fn add_bias(&mut self, x: BufId, bias: WeightId, n: usize) {
+        let w = &self.weights[bias.0 as usize];
+        let (cols, v) = (w.cols, w.vector.expect("a bias is a vector"));
+        let u = [(n * cols) as u32, cols as u32];
+        self.elementwise(Kernel::AddBias, &[self.buf(x), v], &u, &[], n * cols);
+    }
+
+    fn add(&mut self, x: BufId, y: BufId, len: usize) {
+        let slots = [self.buf(x), self.buf(y)];
+        self.elementwise(Kernel::Add, &slots, &[len as u32], &[], len);
+    }
+
+    fn scale(&mut self, x: BufId, len: usize, factor: f32) {
+        self.elementwise(Kernel::Scale, &[self.buf(x)], &[len as u32], &[factor], len);
+    }
+
+    fn rms_norm(&mut self, x: BufId, weight: WeightId, n: usize, eps: f32) {
+        let w = &self.weights[weight.0 as usize];
+        let (cols, v) = (w.cols, w.vector.expect("a norm weight is a vector"));
+        self.begin_op(0, 1);
+        let slots = [self.buf(x), v];
+        self.dispatch(Kernel::RmsNorm, &slots, &[n as u32, cols as u32], &[eps], n);
+    }
+
+    fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle) {
+        let half = head_dim / 2;
+        self.begin_op(positions.len() * half * 2, 1);
+        let at = match &self.rope_cache {
+            Some(t) if t.positions == positions && t.head_dim == head_dim && t.theta == theta => t.at,
+            _ => {
+                // The same angles as the CPU backend: f32 sin/cos on the host.
+                let freqs: Vec<f32> = (0..half).map(|i| ops::rope_freq(i, head_dim, theta)).collect();
+                let table: Vec<u32> = positions
+                    .iter()
+                    .flat_map(|&p| {
+                        freqs.iter().flat_map(move |f| {
+                            let (s, c) = (p as f32 * f).sin_cos();
+                            [s.to_bits(), c.to_bits()]
+                        })
+                    })
+                    .collect();
+                let at = self.push(table);
+                self.rope_cache = Some(RopeTable {
+                    positions: positions.to_vec(),
+                    head_dim,
+                    theta,
+                    at,
+                });
+                at
+            }
+        };
+        let neox = u32::from(style == RopeStyle::Neox);
+        let u = [
+            positions.len() as u32,
+            n_heads as u32,
+            head_dim as u32,
+            half as u32,
+            at,
+            neox,
+        ];
+        let slots = [self.buf(x), self.arena];
+        self.dispatch(
+            Kernel::Rope,
+            &slots,
+            &u,
+            &[],
+            (positions.len() * n_heads * half).div_ceil(256),
+        );
+    }
+
+    fn store_kv(&mut self, src: BufId, cache: BufId, row_len: usize, rows: &[u32]) {
+        self.begin_op(rows.len(), 1);
+        let at = self.push(rows.iter().copied());
+        let slots = [self.buf(src), self.buf(cache), self.arena];
+        let u = [rows.len() as u32, row_len as u32, at];
+        self.dispatch(Kernel::StoreKv, &slots, &u, &[], (rows.len() * row_len).div_ceil(256));
+    }
+
+    fn attention(
+        &mut self,
+        q: BufId,
+        keys: BufId,
+        values: BufId,
+        a: Attention,
+        seqs: &[AttnSeq],
+        page_table: &[u32],
+        out: BufId,
+    ) {
+        assert!(a.head_dim <= 256, "the GPU attention kernel takes heads of at most 256");
+        let n_rows: usize = seqs.iter().map(|s| s.n_tokens).sum();
+        self.begin_op(3 * n_rows + page_table.len(), 1);
+        let items: Vec<u32> = seqs
+            .iter()
+            .flat_map(|s| {
+                (0..s.n_tokens).flat_map(move |i| [(s.row0 + i) as u32, (s.start_pos + i) as u32, s.page0 as u32])
+            })
+            .collect();
+        let at_items = self.push(items);
+        let at_pages = self.push(page_table.iter().copied());
+        let u = [
+            n_rows as u32,
+            a.n_head as u32,
+            a.n_kv_head as u32,
+            a.head_dim as u32,
+            a.page_size as u32,
+            a.window.unwrap_or(0) as u32,
+            at_items,
+            at_pages,
+        ];
+        let slots = [self.buf(q), self.buf(keys), self.buf(values), self.buf(out), self.arena];
+        self.dispatch(Kernel::Attention, &slots, &u, &[a.scale], n_rows * a.n_head);
+    }
+
+    fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation) {
+        let code = match act {
+            Activation::Silu => 0,
+            Activation::GeluTanh => 1,
+        };
+        let slots = [self.buf(gate), self.buf(up), self.gelu];
+        self.elementwise(Kernel::Gated, &slots, &[len as u32, code], &[], len);
+    }
+}

@@ -1,0 +1,446 @@
+//! Every op of the GPU backend against the CPU backend (`Numerics::Quantized`) on fresh
+//! random inputs of awkward sizes: odd row counts, token counts that leave partial tiles,
+//! float rows of odd length, weights split into several bindings, several sequences per
+//! attention call over shuffled pages. GPU outputs are poisoned with NaN first, so an
+//! element the GPU never writes fails.
+//!
+//! Both backends quantize activations the same way and take the same integer products,
+//! so they differ by f32 summation order (and `exp` in attention); the tolerances below
+//! are relative to the largest output magnitude. Fails when no GPU adapter exists (Mesa's
+//! lavapipe is one) unless `KILN_NO_GPU=1`.
+
+use half::{bf16, f16};
+use kiln_runtime::{
+    Activation, Attention, AttnSeq, Backend, BufId, CpuBackend, GgmlType, GpuBackend, HostBytes, RopeStyle, WeightId,
+    WeightSource,
+};
+
+/// Elementwise ops and copies run the same f32 operations: only contraction into fused
+/// multiply-adds may differ.
+const TOL_ELEMENTWISE: f32 = 1e-6;
+/// Reductions (norms, dot products of a few hundred terms, softmax) in another order:
+/// a few ulps of the sum of magnitudes (measured: below 3e-7).
+const TOL_REDUCTION: f32 = 1e-5;
+/// Quantized products: as reductions, plus the rare activation whose quantized value
+/// differs by one step when `x * 127 / amax` lands within an ulp of a rounding tie
+/// (division rounding may differ on a GPU): one step of one term, ~1/127 of one product
+/// in a sum of hundreds. (Measured on lavapipe: below 3e-7, no such flip.)
+const TOL_MATMUL: f32 = 1e-4;
+
+fn gpu() -> Option<GpuBackend> {
+    if std::env::var("KILN_NO_GPU").as_deref() == Ok("1") {
+        println!("KILN_NO_GPU=1: GPU op tests skipped");
+        return None;
+    }
+    let adapters = kiln_runtime::adapters();
+    let adapter = adapters.first().expect(
+        "no GPU adapter: install a Vulkan driver (Debian: mesa-vulkan-drivers libvulkan1) or set KILN_NO_GPU=1",
+    );
+    Some(GpuBackend::new(adapter).expect("starting the GPU backend"))
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f() * scale).collect()
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Random blocks of `ty` with sane scales (random bytes elsewhere).
+fn random_weight(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> WeightSource {
+    let row_bytes = ty.row_bytes(cols).unwrap();
+    let mut bytes = Vec::with_capacity(rows * row_bytes);
+    let h = |v: f32| f16::from_f32(v).to_le_bytes();
+    for _ in 0..rows * cols / ty.block_size() {
+        let mut b = rng.bytes(ty.type_size());
+        match ty {
+            GgmlType::F32 => b.copy_from_slice(&rng.f().to_le_bytes()),
+            GgmlType::F16 => b.copy_from_slice(&h(rng.f())),
+            GgmlType::BF16 => b.copy_from_slice(&bf16::from_f32(rng.f()).to_le_bytes()),
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => b[..2].copy_from_slice(&h(0.01 + 0.02 * rng.f().abs())),
+            GgmlType::Q4_1 | GgmlType::Q4_K => {
+                b[..2].copy_from_slice(&h(0.01 + 0.02 * rng.f().abs()));
+                b[2..4].copy_from_slice(&h(0.02 * rng.f()));
+            }
+            GgmlType::Q6_K => b[208..].copy_from_slice(&h(0.001 + 0.002 * rng.f().abs())),
+            _ => unreachable!("not tested"),
+        }
+        bytes.extend_from_slice(&b);
+    }
+    WeightSource {
+        name: format!("{ty} {rows}x{cols}"),
+        ty,
+        rows,
+        cols,
+        bytes: HostBytes::from_vec(bytes),
+    }
+}
+
+/// Both backends, driven by the same calls.
+struct Pair {
+    cpu: CpuBackend,
+    gpu: GpuBackend,
+}
+
+impl Pair {
+    fn new() -> Option<Pair> {
+        Some(Pair {
+            cpu: CpuBackend::new(Some(2)),
+            gpu: gpu()?,
+        })
+    }
+
+    fn upload(&mut self, w: &WeightSource) -> WeightId {
+        let a = self.cpu.upload(w.clone()).unwrap();
+        let b = self.gpu.upload(w.clone()).unwrap();
+        assert_eq!(a, b);
+        a
+    }
+
+    /// A buffer holding `data` on both; on the GPU its tail past `data` is NaN.
+    fn buffer(&mut self, len: usize, data: &[f32]) -> BufId {
+        let a = self.cpu.alloc(len);
+        let b = self.gpu.alloc(len);
+        assert_eq!(a, b);
+        self.cpu.write(a, 0, data);
+        let mut poisoned = data.to_vec();
+        poisoned.resize(len, f32::NAN);
+        self.gpu.write(b, 0, &poisoned);
+        a
+    }
+
+    /// A key/value cache of `rows` rows of `row_len` values, each backend's own layout
+    /// (the CPU packs f16 pairs into floats), filled from random values by `store_kv`.
+    fn cache(&mut self, rng: &mut Rng, rows: usize, row_len: usize) -> BufId {
+        let a = self.cpu.alloc(rows * self.cpu.kv_row_floats(row_len));
+        let b = self.gpu.alloc(rows * self.gpu.kv_row_floats(row_len));
+        assert_eq!(a, b);
+        let src = self.buffer(rows * row_len, &rng.vec(rows * row_len, 1.0));
+        let all: Vec<u32> = (0..rows as u32).collect();
+        self.run(|be| be.store_kv(src, a, row_len, &all));
+        a
+    }
+
+    /// The values of a cache of `rows` rows of `row_len` on the CPU and on the GPU.
+    fn cache_values(&mut self, cache: BufId, rows: usize, row_len: usize) -> (Vec<f32>, Vec<f32>) {
+        let values = |be: &mut dyn Backend| {
+            let floats = be.kv_row_floats(row_len);
+            let mut raw = vec![0f32; rows * floats];
+            be.read(cache, 0, &mut raw);
+            if floats == row_len {
+                return raw;
+            }
+            // Two f16 values a float, the first in the low half.
+            raw.chunks(floats)
+                .flat_map(|row| {
+                    row.iter()
+                        .flat_map(|v| [v.to_bits() as u16, (v.to_bits() >> 16) as u16])
+                        .take(row_len)
+                        .map(|h| f16::from_bits(h).to_f32())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        (values(&mut self.cpu), values(&mut self.gpu))
+    }
+
+    fn run(&mut self, f: impl Fn(&mut dyn Backend)) {
+        f(&mut self.cpu);
+        f(&mut self.gpu);
+    }
+
+    /// Largest difference over the largest magnitude of `buf`'s first `len` floats.
+    fn compare(&mut self, what: &str, buf: BufId, len: usize, tol: f32) -> f32 {
+        let mut a = vec![0.0; len];
+        let mut b = vec![0.0; len];
+        self.cpu.read(buf, 0, &mut a);
+        self.gpu.read(buf, 0, &mut b);
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+        let mut worst = 0f32;
+        let mut shown = 0;
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(y.is_finite(), "{what}: element {i} is {y} on the GPU (CPU {x})");
+            if (x - y).abs() / scale > tol && shown < 5 {
+                println!("  {what}: element {i}: cpu {x} gpu {y}");
+                shown += 1;
+            }
+            worst = worst.max((x - y).abs() / scale);
+        }
+        println!("{what}: max rel error {worst:.2e}");
+        assert!(worst <= tol, "{what}: max rel error {worst:e} over {tol:e}");
+        worst
+    }
+}
+
+const TYPES: [(GgmlType, usize); 9] = [
+    (GgmlType::F32, 45),
+    (GgmlType::F16, 45),
+    (GgmlType::BF16, 47),
+    (GgmlType::Q4_0, 224),
+    (GgmlType::Q4_1, 224),
+    (GgmlType::Q5_0, 224),
+    (GgmlType::Q8_0, 224),
+    (GgmlType::Q4_K, 768),
+    (GgmlType::Q6_K, 768),
+];
+
+#[test]
+fn matmul_every_weight_type() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for (ty, cols) in TYPES {
+        let rows = 37;
+        let w = p.upload(&random_weight(&mut rng, ty, rows, cols));
+        for n in [1, 5, 11] {
+            let x = p.buffer(n * cols, &rng.vec(n * cols, 2.0));
+            let out = p.buffer(n * rows, &[]);
+            p.run(|be| be.matmul(w, x, n, out));
+            p.compare(
+                &format!("matmul {ty} {rows}x{cols}, {n} rows"),
+                out,
+                n * rows,
+                TOL_MATMUL,
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_many_shared_and_mixed_formats() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(7);
+    let (cols, n) = (256, 3);
+    // Q4_0, Q5_0 and Q8_0 share Q8_0 activations; Q4_K and Q4_1 need their own.
+    let tys = [
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q4_1,
+    ];
+    let ws: Vec<WeightId> = tys
+        .iter()
+        .enumerate()
+        .map(|(i, &ty)| p.upload(&random_weight(&mut rng, ty, 19 + 6 * i, cols)))
+        .collect();
+    let x = p.buffer(n * cols, &rng.vec(n * cols, 1.0));
+    let outs: Vec<BufId> = (0..tys.len()).map(|i| p.buffer(n * (19 + 6 * i), &[])).collect();
+    for group in [&[0, 1, 2][..], &[3, 0, 4]] {
+        let products: Vec<(WeightId, BufId)> = group.iter().map(|&i| (ws[i], outs[i])).collect();
+        p.run(|be| be.matmul_many(x, n, &products));
+        for &i in group {
+            p.compare(
+                &format!("matmul_many {}", tys[i]),
+                outs[i],
+                n * (19 + 6 * i),
+                TOL_MATMUL,
+            );
+        }
+    }
+}
+
+#[test]
+fn weights_split_across_bindings() {
+    let Some(mut p) = Pair::new() else { return };
+    // Bindings of 2 KiB: a 37-row Q8_0 weight of 224 columns (7 blocks of 9 words, 252
+    // bytes a row) splits into five parts of at most 8 rows.
+    p.gpu.set_weight_part_bytes(2048);
+    let mut rng = Rng(11);
+    let (rows, cols, n) = (37, 224, 9);
+    let w = p.upload(&random_weight(&mut rng, GgmlType::Q8_0, rows, cols));
+    let x = p.buffer(n * cols, &rng.vec(n * cols, 1.0));
+    let out = p.buffer(n * rows, &[]);
+    p.run(|be| be.matmul(w, x, n, out));
+    p.compare("matmul over split weight", out, n * rows, TOL_MATMUL);
+    let tokens = [36u32, 0, 17, 8, 9, 35];
+    let e = p.buffer(tokens.len() * cols, &[]);
+    p.run(|be| be.embed(w, &tokens, e));
+    p.compare("embed from split weight", e, tokens.len() * cols, 0.0);
+}
+
+#[test]
+fn embed_every_weight_type() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(3);
+    for (ty, cols) in TYPES {
+        let w = p.upload(&random_weight(&mut rng, ty, 23, cols));
+        let tokens = [22u32, 0, 5, 5, 13];
+        let out = p.buffer(tokens.len() * cols + 3, &[]);
+        p.run(|be| be.embed(w, &tokens, out));
+        // Dequantization is the same few f32 operations on both.
+        p.compare(&format!("embed {ty}"), out, tokens.len() * cols, TOL_ELEMENTWISE);
+    }
+}
+
+#[test]
+fn elementwise_ops_and_copies() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(5);
+    let (n, cols) = (7, 75);
+    let len = n * cols;
+    let x = p.buffer(len + 10, &rng.vec(len + 10, 3.0));
+    let y = p.buffer(len, &rng.vec(len, 3.0));
+    let bias = p.upload(&random_weight(&mut rng, GgmlType::F32, 1, cols));
+    let norm = p.upload(&random_weight(&mut rng, GgmlType::F16, 1, cols));
+    p.run(|be| be.add(x, y, len - 3));
+    p.compare("add", x, len + 10, TOL_ELEMENTWISE);
+    p.run(|be| be.scale(x, len - 1, 0.37));
+    p.compare("scale", x, len + 10, TOL_ELEMENTWISE);
+    p.run(|be| be.add_bias(x, bias, n));
+    p.compare("add_bias", x, len + 10, TOL_ELEMENTWISE);
+    p.run(|be| be.rms_norm(x, norm, n, 1e-5));
+    p.compare("rms_norm", x, len + 10, TOL_REDUCTION);
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let g = p.buffer(len, &rng.vec(len, 12.0));
+        p.run(|be| be.gated_activation(g, y, len - 5, act));
+        p.compare(&format!("gated_activation {act:?}"), g, len, TOL_ELEMENTWISE);
+    }
+    let z = p.buffer(len, &rng.vec(len, 1.0));
+    p.run(|be| be.copy(x, 13, z, 101, 211));
+    p.compare("copy", z, len, 0.0);
+    p.run(|be| be.copy_within(z, 0, 300, 190));
+    p.compare("copy_within", z, len, 0.0);
+    let data = rng.vec(33, 1.0);
+    p.run(|be| be.write(z, 41, &data));
+    p.compare("write", z, len, 0.0);
+    let mut part = [0f32; 9];
+    p.gpu.read(z, 45, &mut part);
+    assert_eq!(part, data[4..13], "read at an offset");
+}
+
+#[test]
+fn rope_both_styles() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(9);
+    let (heads, head_dim) = (3, 18);
+    let positions = [0u32, 1, 2, 77, 4095];
+    let len = positions.len() * heads * head_dim;
+    for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+        let x = p.buffer(len, &rng.vec(len, 2.0));
+        let k = p.buffer(len, &rng.vec(len, 2.0));
+        // Two calls with the same positions share one angle table on the GPU.
+        p.run(|be| {
+            be.rope(x, &positions, heads, head_dim, 10000.0, style);
+            be.rope(k, &positions[..3], heads, head_dim, 10000.0, style);
+        });
+        p.compare(&format!("rope {style:?}"), x, len, TOL_ELEMENTWISE);
+        p.compare(&format!("rope {style:?}, fewer rows"), k, len, TOL_ELEMENTWISE);
+    }
+}
+
+#[test]
+fn store_kv_rounds_to_f16() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(13);
+    let row = 25;
+    let cache = p.cache(&mut rng, 16, row);
+    let src = p.buffer(4 * row, &rng.vec(4 * row, 100.0));
+    p.run(|be| be.store_kv(src, cache, row, &[9, 2, 15, 3]));
+    let (want, got) = p.cache_values(cache, 16, row);
+    assert!(
+        want.iter().zip(&got).all(|(a, b)| a == b),
+        "store_kv: the caches hold different values"
+    );
+    println!("store_kv: identical f16 values");
+}
+
+#[test]
+fn paged_attention_many_sequences() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(17);
+    for (n_head, n_kv_head, head_dim, window) in [(6, 2, 40, None), (4, 1, 256, Some(70)), (3, 3, 64, Some(5))] {
+        let page_size = 16;
+        let n_pages = 12;
+        let kv_dim = n_kv_head * head_dim;
+        let keys = p.cache(&mut rng, n_pages * page_size, kv_dim);
+        let values = p.cache(&mut rng, n_pages * page_size, kv_dim);
+        // A prefill of 5 at 0, one decode row at 130 (tiles of 64 keys), 3 rows at 20.
+        let seqs = [
+            AttnSeq {
+                row0: 0,
+                n_tokens: 5,
+                start_pos: 0,
+                page0: 0,
+                n_pages: 1,
+            },
+            AttnSeq {
+                row0: 5,
+                n_tokens: 1,
+                start_pos: 130,
+                page0: 1,
+                n_pages: 9,
+            },
+            AttnSeq {
+                row0: 6,
+                n_tokens: 3,
+                start_pos: 20,
+                page0: 10,
+                n_pages: 2,
+            },
+        ];
+        let page_table = [7u32, 3, 0, 11, 5, 1, 9, 2, 8, 10, 6, 4];
+        let rows = 9;
+        let q_len = rows * n_head * head_dim;
+        let q = p.buffer(q_len, &rng.vec(q_len, 2.0));
+        let out = p.buffer(q_len, &[]);
+        let shape = Attention {
+            n_head,
+            n_kv_head,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window,
+            page_size,
+        };
+        p.run(|be| be.attention(q, keys, values, shape, &seqs, &page_table, out));
+        p.compare(
+            &format!("attention {n_head}/{n_kv_head} heads of {head_dim}, window {window:?}"),
+            out,
+            q_len,
+            TOL_REDUCTION,
+        );
+    }
+}
+
+#[test]
+fn open_backend_follows_the_choice() {
+    use kiln_runtime::{open_backend, BackendChoice};
+    assert_eq!("gpu".parse::<BackendChoice>(), Ok(BackendChoice::Gpu));
+    assert_eq!("auto".parse::<BackendChoice>(), Ok(BackendChoice::Auto));
+    assert!("tpu".parse::<BackendChoice>().is_err());
+    let (be, reason) = open_backend(BackendChoice::Cpu, Some(1)).unwrap();
+    assert_eq!((be.name().as_str(), reason.as_str()), ("cpu", "cpu: chosen"));
+    if gpu().is_none() {
+        return;
+    }
+    let (be, reason) = open_backend(BackendChoice::Gpu, None).unwrap();
+    println!(
+        "--backend gpu: {reason}; auto: {}",
+        open_backend(BackendChoice::Auto, None).unwrap().1
+    );
+    assert!(
+        reason.starts_with("gpu: ") && be.name().starts_with("gpu ("),
+        "{reason}"
+    );
+    let real_gpu = kiln_runtime::adapters()
+        .iter()
+        .any(|a| a.get_info().device_type != wgpu::DeviceType::Cpu);
+    let (_, auto) = open_backend(BackendChoice::Auto, None).unwrap();
+    assert_eq!(auto.starts_with("gpu: "), real_gpu, "{auto}");
+}
