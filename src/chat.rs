@@ -49,10 +49,10 @@ pub fn run(engine: &Engine, args: ChatArgs) -> Result<(), Box<dyn std::error::Er
                 "{} has no chat template: plain completion (each input continues the text)",
                 engine.name()
             );
-            Chat::Plain {
+            Chat::Plain(Box::new(Plain {
                 session: engine.session(SessionOptions::default()),
                 generate: options.generate,
-            }
+            }))
         }
         Err(e) => return Err(e.into()),
     };
@@ -86,8 +86,8 @@ pub fn run(engine: &Engine, args: ChatArgs) -> Result<(), Box<dyn std::error::Er
                     c.reset();
                     eprintln!("(conversation cleared)");
                 }
-                ("reset", Chat::Plain { session, .. }) => {
-                    session.reset();
+                ("reset", Chat::Plain(plain)) => {
+                    plain.session.reset();
                     eprintln!("(text cleared)");
                 }
                 ("system", Chat::Templated(c)) => {
@@ -103,7 +103,7 @@ pub fn run(engine: &Engine, args: ChatArgs) -> Result<(), Box<dyn std::error::Er
                     Err(e) => eprintln!("error: {e}"),
                 },
                 ("stats", chat) => chat.print_stats(engine),
-                ("system" | "save" | "load", Chat::Plain { .. }) => {
+                ("system" | "save" | "load", Chat::Plain(_)) => {
                     eprintln!("(/{name} needs a chat template; this model has none)")
                 }
                 _ => eprintln!("unknown command /{name}; /help lists them"),
@@ -118,10 +118,13 @@ pub fn run(engine: &Engine, args: ChatArgs) -> Result<(), Box<dyn std::error::Er
 
 enum Chat {
     Templated(Box<Conversation>),
-    Plain {
-        session: kiln::Session,
-        generate: GenerateOptions,
-    },
+    /// A model with no chat template: each input continues the text.
+    Plain(Box<Plain>),
+}
+
+struct Plain {
+    session: kiln::Session,
+    generate: GenerateOptions,
 }
 
 impl Chat {
@@ -139,12 +142,12 @@ impl Chat {
                 c.options_mut().generate.cancel = Some(cancel);
                 c.send_with(input, print).map(|r| r.generation)
             }
-            Chat::Plain { session, generate } => {
+            Chat::Plain(plain) => {
                 let options = GenerateOptions {
                     cancel: Some(cancel),
-                    ..generate.clone()
+                    ..plain.generate.clone()
                 };
-                session.generate_with(input, &options, print)
+                plain.session.generate_with(input, &options, print)
             }
         };
         *current.lock().unwrap() = None;
@@ -169,7 +172,7 @@ impl Chat {
                     s.generated_tokens
                 );
             }
-            Chat::Plain { session, .. } => eprintln!("{} tokens in context", session.tokens().len()),
+            Chat::Plain(plain) => eprintln!("{} tokens in context", plain.session.tokens().len()),
         }
         eprintln!(
             "KV cache: {} of {} pages in use, {} cached, {} free ({} tokens a page, {:.1} MiB in all)",

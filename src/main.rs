@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use kiln::runtime::BackendChoice;
 use kiln::{registry, Engine, EngineOptions, GenerateOptions, Sampling, SessionOptions};
 
 #[derive(Parser)]
@@ -41,6 +42,9 @@ enum Command {
         /// Context length (default: the model's, at most 4096).
         #[arg(short = 'c', long)]
         ctx: Option<usize>,
+        /// auto (a real GPU when there is one, else the CPU), cpu or gpu.
+        #[arg(long, default_value = "auto")]
+        backend: BackendChoice,
     },
     /// Print the prompt a chat template makes of some messages, exactly (no newline added).
     Render {
@@ -86,6 +90,9 @@ enum Command {
         /// Context length (default: the model's, at most 4096).
         #[arg(short = 'c', long)]
         ctx: Option<usize>,
+        /// auto (a real GPU when there is one, else the CPU), cpu or gpu.
+        #[arg(long, default_value = "auto")]
+        backend: BackendChoice,
     },
     /// Perplexity of a text file, computed as llama-perplexity does.
     Perplexity {
@@ -121,7 +128,7 @@ enum Command {
         repetitions: usize,
         #[arg(short, long)]
         threads: Option<usize>,
-        /// cpu, gpu or auto (kiln has no GPU backend yet: auto is the CPU).
+        /// auto (a real GPU when there is one, else the CPU), cpu or gpu.
         #[arg(long, default_value = "auto")]
         backend: kiln_bench::Backend,
         /// Most tokens per forward pass (default: the engine's).
@@ -188,12 +195,14 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             seed,
             threads,
             ctx,
+            backend,
         } => {
             let engine = load(
                 &model,
                 EngineOptions {
                     threads,
                     n_ctx: ctx,
+                    backend,
                     ..Default::default()
                 },
             )?;
@@ -232,12 +241,14 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             seed,
             threads,
             ctx,
+            backend,
         } => {
             let engine = load(
                 &model,
                 EngineOptions {
                     threads,
                     n_ctx: ctx,
+                    backend,
                     ..Default::default()
                 },
             )?;

@@ -157,12 +157,8 @@ fn engine_runs_on_the_chosen_backend() {
             },
         )
         .unwrap();
-        let text = engine
-            .session(SessionOptions::default())
-            .generate(prompt, &options)
-            .unwrap()
-            .text;
-        text
+        let mut session = engine.session(SessionOptions::default());
+        session.generate(prompt, &options).unwrap().text
     };
     let gpu_text = run(BackendChoice::Gpu);
     assert_eq!(gpu_text, run(BackendChoice::Cpu));
@@ -322,8 +318,11 @@ fn lockstep(model: &str, prompt: &str) {
     cache.forward(llm.as_ref(), &mut be, &mut scratch, &ids[1..2], 1);
     for (op, err) in &be.worst {
         println!("{model}: {op}: max rel error {err:.2e}");
-        // f32 sums in another order (and attention's exp): a few ulps of the largest value.
-        assert!(*err <= 1e-5, "{model}: {op}: max rel error {err:e}");
+        // f32 sums in another order: a few ulps of the largest value. Attention also
+        // rounds its scores differently, and exp turns an absolute error of |score|·ε
+        // into a relative one: Qwen2.5's scores reach the hundreds.
+        let tol = if op == "attention" { 1e-4 } else { 1e-5 };
+        assert!(*err <= tol, "{model}: {op}: max rel error {err:e}");
     }
     assert!(be.worst.len() >= 8, "ops seen: {:?}", be.worst.keys());
 }

@@ -14,6 +14,11 @@
 //! to the 8-bit block format of the weight type, integer dot products per block, f32
 //! scales; the cache rounded to f16; ggml's SiLU and GELU. The two differ by f32
 //! summation order (and `exp` in attention).
+//!
+//! Limits: the cache holds its f16 values as f32 (one value a float, unlike the CPU's
+//! packed pairs); attention takes heads of at most 256; weight types the kernels do not
+//! read (Q5_1, Q2_K, Q3_K, Q5_K) are stored dequantized as F32, so their products see f32
+//! activations; activation buffers must fit one binding; no shader-f16 or subgroups.
 
 use std::collections::HashMap;
 
@@ -29,6 +34,12 @@ const PARAM_SLOT: u64 = 256;
 const PARAM_SLOTS: usize = 4096;
 /// Initial arena size in 32-bit words.
 const ARENA_WORDS: usize = 1 << 20;
+
+/// Storage bindings of the widest kernel (attention).
+const MAX_BINDINGS: usize = 5;
+
+/// The buffer slots of a bind group's storage bindings, `usize::MAX` past the last.
+type BindKey = [usize; MAX_BINDINGS];
 
 /// A kernel and, for the typed ones, its pipeline constant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -146,7 +157,7 @@ pub struct GpuBackend {
     part_bytes: u64,
     layouts: HashMap<Kernel, wgpu::BindGroupLayout>,
     pipelines: HashMap<Kernel, wgpu::ComputePipeline>,
-    bind_groups: HashMap<(Kernel, Vec<usize>), wgpu::BindGroup>,
+    bind_groups: HashMap<(Kernel, BindKey), wgpu::BindGroup>,
     /// Every buffer the backend owns, by slot; freed slots are `None`.
     slots: Vec<Option<wgpu::Buffer>>,
     /// Slot of each activation buffer, by `BufId`.
@@ -407,9 +418,13 @@ impl GpuBackend {
         }
         assert!(self.params_used < PARAM_SLOTS, "begin_op reserves parameter slots");
         let offset = self.params_used * PARAM_SLOT as usize;
-        self.params_cpu[offset..offset + 64].copy_from_slice(&words_bytes(&p));
+        for (dst, w) in self.params_cpu[offset..offset + 64].chunks_exact_mut(4).zip(p) {
+            dst.copy_from_slice(&w.to_le_bytes());
+        }
         self.params_used += 1;
-        let key = (kernel, slots.to_vec());
+        let mut bound = [usize::MAX; MAX_BINDINGS];
+        bound[..slots.len()].copy_from_slice(slots);
+        let key = (kernel, bound);
         if !self.bind_groups.contains_key(&key) {
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
@@ -436,7 +451,7 @@ impl GpuBackend {
                 layout: &self.layouts[&kernel],
                 entries: &entries,
             });
-            self.bind_groups.insert(key.clone(), group);
+            self.bind_groups.insert(key, group);
         }
         if self.pass.is_none() {
             let mut encoder = self
@@ -645,12 +660,13 @@ impl Backend for GpuBackend {
 
     fn embed(&mut self, table: WeightId, tokens: &[u32], out: BufId) {
         let w = &self.weights[table.0 as usize];
-        let parts = w.parts.clone();
         let (cols, row_words, code) = (w.cols, w.row_words, wtype(w.ty).expect("stored types have codes"));
-        self.begin_op(tokens.len(), parts.len());
+        let n_parts = w.parts.len();
+        self.begin_op(tokens.len(), n_parts);
         let at = self.push(tokens.iter().copied());
         let out = self.buf(out);
-        for (slot, first, n) in parts {
+        for part in 0..n_parts {
+            let (slot, first, n) = self.weights[table.0 as usize].parts[part];
             let u = [
                 tokens.len() as u32,
                 cols as u32,
@@ -683,7 +699,7 @@ impl Backend for GpuBackend {
         for &(weight, out) in products {
             let w = &self.weights[weight.0 as usize];
             let (rows, cols, row_words, ty) = (w.rows, w.cols, w.row_words, w.ty);
-            let parts = w.parts.clone();
+            let n_parts = w.parts.len();
             let format = qdot::activation_format(ty);
             // Products of one input in one format share its quantization.
             let act_words = match prepared {
@@ -696,7 +712,8 @@ impl Backend for GpuBackend {
             };
             let code = wtype(ty).expect("stored types have codes");
             let out = self.buf(out);
-            for (slot, first, part_rows) in parts {
+            for part in 0..n_parts {
+                let (slot, first, part_rows) = self.weights[weight.0 as usize].parts[part];
                 let row_groups = part_rows.div_ceil(4);
                 let u = [
                     part_rows as u32,
@@ -810,12 +827,9 @@ impl Backend for GpuBackend {
         assert!(a.head_dim <= 256, "the GPU attention kernel takes heads of at most 256");
         let n_rows: usize = seqs.iter().map(|s| s.n_tokens).sum();
         self.begin_op(3 * n_rows + page_table.len(), 1);
-        let items: Vec<u32> = seqs
-            .iter()
-            .flat_map(|s| {
-                (0..s.n_tokens).flat_map(move |i| [(s.row0 + i) as u32, (s.start_pos + i) as u32, s.page0 as u32])
-            })
-            .collect();
+        let items = seqs.iter().flat_map(|s| {
+            (0..s.n_tokens).flat_map(move |i| [(s.row0 + i) as u32, (s.start_pos + i) as u32, s.page0 as u32])
+        });
         let at_items = self.push(items);
         let at_pages = self.push(page_table.iter().copied());
         let u = [

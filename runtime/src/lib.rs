@@ -1,5 +1,6 @@
 //! kiln-runtime: the small backend interface every accelerator implements (upload
-//! weights, allocate activation buffers, run ops, read back), and the CPU backend.
+//! weights, allocate activation buffers, run ops, read back), the CPU backend, and the
+//! GPU backend on wgpu (Vulkan, Metal, DX12); [`open_backend`] picks one.
 //!
 //! Models are written once against [`Backend`]; they hold plain [`WeightId`] and
 //! [`BufId`] handles and never learn which device runs them.

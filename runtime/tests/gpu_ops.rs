@@ -222,6 +222,24 @@ fn matmul_every_weight_type() {
     }
 }
 
+/// More than 65535 workgroups of rows: the grid folds into two dimensions, and the
+/// groups past its end must write nothing (the rows after the output stay NaN).
+#[test]
+fn matmul_grid_folding() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(23);
+    let (rows, cols, n) = (4 * 65_535 + 9, 3, 2);
+    let w = p.upload(&random_weight(&mut rng, GgmlType::F32, rows, cols));
+    let x = p.buffer(n * cols, &rng.vec(n * cols, 1.0));
+    // Room for a whole tile of rows, where a stray group would write.
+    let out = p.buffer(10 * rows, &[]);
+    p.run(|be| be.matmul(w, x, n, out));
+    p.compare("matmul of 262149 rows", out, n * rows, TOL_MATMUL);
+    let mut after = vec![0f32; (10 - n) * rows];
+    p.gpu.read(out, n * rows, &mut after);
+    assert!(after.iter().all(|v| v.is_nan()), "matmul wrote past its output rows");
+}
+
 #[test]
 fn matmul_many_shared_and_mixed_formats() {
     let Some(mut p) = Pair::new() else { return };

@@ -141,6 +141,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let row = (g % P.u7) * 4u + lid / LANES;
     let lane = lid % LANES;
     let t0 = (g / P.u7) * TILE;
+    if t0 >= P.u2 {
+        // A group past the end of a folded grid.
+        return;
+    }
     let nt = min(TILE, P.u2 - t0);
     let cols = P.u1;
     var acc: array<f32, 8>;
