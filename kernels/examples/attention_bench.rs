@@ -48,6 +48,8 @@ fn main() {
             },
         ),
         ("smollm2 decode  ctx 4096", smol(1, 4095)),
+        // Batched sessions' decode: many short contexts.
+        ("smollm2 decode  ctx 128", smol(1, 127)),
     ];
     for (name, g) in shapes {
         if !wanted.is_empty() && !wanted.iter().any(|w| name.contains(w.as_str())) {

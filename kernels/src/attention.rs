@@ -368,7 +368,7 @@ unsafe fn run_avx512(it: &Item, sc: &mut Scratch) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2(it: &Item, sc: &mut Scratch) {
     // SAFETY: the features the kernel's intrinsics need are enabled here. Sixteen ymm
     // registers: 2-key score blocks and 2-row P·V blocks.
@@ -384,6 +384,8 @@ trait Simd {
     type V: Copy;
     unsafe fn splat(x: f32) -> Self::V;
     unsafe fn load(p: *const f32) -> Self::V;
+    /// `LANES` f16 values (bit patterns) widened to f32.
+    unsafe fn load_f16(p: *const u16) -> Self::V;
     unsafe fn store(p: *mut f32, v: Self::V);
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
@@ -455,17 +457,23 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
     let (maxes, rest) = stats.split_at_mut(mp);
     let (sums, alpha) = rest.split_at_mut(mp);
     // Transposed, scaled queries: qt[dd][lane]. Padding lanes get a zero query and the
-    // first lane's keys, so they stay finite; their results are dropped.
+    // first lane's keys, so they stay finite; their results are dropped. (Zeroing all of
+    // qt first and then writing the real lanes costs far less than writing every lane:
+    // at decode a group's few heads fill a fraction of a vector.)
+    if m < mp {
+        qt.fill(0.0);
+    }
     for lane in 0..mp {
-        let (t, query) = if lane < m {
+        let t = if lane < m {
             let t = it.tokens.start + lane % nt;
-            (t, Some(it.query(t, it.heads.start + lane / nt)))
+            let query = it.query(t, it.heads.start + lane / nt);
+            for (dd, &x) in query.iter().enumerate() {
+                qt[dd * mp + lane] = x * g.scale;
+            }
+            t
         } else {
-            (it.tokens.start, None)
+            it.tokens.start
         };
-        for dd in 0..d {
-            qt[dd * mp + lane] = query.map_or(0.0, |q| q[dd] * g.scale);
-        }
         let (first, pos) = g.visible(t);
         (lo[lane], hi[lane]) = (first as f32, pos as f32);
     }
@@ -473,7 +481,8 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
     // tokens bound what the tile sees, and what every lane sees.
     let (kmin, min_hi) = g.visible(it.tokens.start);
     let (max_lo, kmax) = g.visible(it.tokens.end - 1);
-    o.fill(0.0);
+    // P·V reads and writes lanes below mr only.
+    o[..mr * d].fill(0.0);
     maxes.fill(f32::NEG_INFINITY);
     sums.fill(0.0);
     // SAFETY: run_item checked that the rows of positions ≤ kmax lie in keys and values, and that
@@ -486,14 +495,13 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
                     let at = row0 * stride + it.kv_offset;
                     (k.as_ptr().add(at), v.as_ptr().add(at), stride)
                 }
-                _ => {
-                    for j in 0..nb {
-                        let at = (row0 + j) * stride + it.kv_offset;
-                        it.keys.widen(at, &mut kw[j * d..][..d]);
-                        it.values.widen(at, &mut vw[j * d..][..d]);
-                    }
+                (CacheRows::F16(k), CacheRows::F16(v)) => {
+                    let at = row0 * stride + it.kv_offset;
+                    widen_rows::<S>(&k[at..], stride, nb, d, kw);
+                    widen_rows::<S>(&v[at..], stride, nb, d, vw);
                     (kw.as_ptr(), vw.as_ptr(), d)
                 }
+                _ => unreachable!("run_item checked that keys and values share a format"),
             };
             // At most four vectors of lanes at a time: R × 4 accumulators fill the
             // registers.
@@ -536,6 +544,25 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
         for (i, &v) in o[lane * d..][..d].iter().enumerate() {
             // SAFETY: the caller's OutMatrix covers row t, columns of head h.
             unsafe { it.out.write(t, h * d + i, v * inv) };
+        }
+    }
+}
+
+/// Rows `0..nb` of `d` f16 values, `stride` apart in `src`, widened into `dst` (`d`
+/// apart).
+#[inline(always)]
+unsafe fn widen_rows<S: Simd>(src: &[u16], stride: usize, nb: usize, d: usize, dst: &mut [f32]) {
+    assert!(nb > 0 && src.len() >= (nb - 1) * stride + d && dst.len() >= nb * d);
+    let vectors = d / S::LANES * S::LANES;
+    for j in 0..nb {
+        let (from, to) = (&src[j * stride..][..d], &mut dst[j * d..][..d]);
+        for c in (0..vectors).step_by(S::LANES) {
+            // SAFETY: c + LANES ≤ d for both rows (asserted above); the caller has S's
+            // features.
+            unsafe { S::store(to.as_mut_ptr().add(c), S::load_f16(from.as_ptr().add(c))) };
+        }
+        for c in vectors..d {
+            to[c] = half::f16::from_bits(from[c]).to_f32();
         }
     }
 }
@@ -758,6 +785,10 @@ mod x86 {
             unsafe { _mm512_loadu_ps(p) }
         }
         #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m512 {
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        }
+        #[inline(always)]
         unsafe fn store(p: *mut f32, v: __m512) {
             unsafe { _mm512_storeu_ps(p, v) }
         }
@@ -822,6 +853,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m256 {
             unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m256 {
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
         }
         #[inline(always)]
         unsafe fn store(p: *mut f32, v: __m256) {
