@@ -53,13 +53,39 @@ impl std::str::FromStr for BackendChoice {
     }
 }
 
+/// An accelerator outside wgpu's reach (an NPU SDK, say) that can run kiln's ops: a
+/// plugin registers one with [`register_delegate`], and `auto` asks every registered
+/// delegate before it looks for a GPU. kiln ships none.
+pub trait Delegate: Send + Sync {
+    fn name(&self) -> String;
+    /// A backend on this accelerator, or why it cannot run here.
+    fn open(&self) -> std::result::Result<Box<dyn Backend>, String>;
+}
+
+static DELEGATES: std::sync::Mutex<Vec<Arc<dyn Delegate>>> = std::sync::Mutex::new(Vec::new());
+
+/// Makes `delegate` the first thing `auto` tries (delegates registered earlier come
+/// after it).
+pub fn register_delegate(delegate: Arc<dyn Delegate>) {
+    DELEGATES.lock().unwrap_or_else(|e| e.into_inner()).insert(0, delegate);
+}
+
 /// Opens the backend `choice` asks for (`threads` sizes the CPU backend) and says in one
 /// line which one it is and why: "gpu: NVIDIA H200 (Vulkan)", "cpu: no GPU adapter".
-/// Under `Auto`, any failure to start a GPU falls back to the CPU.
+/// Under `Auto`, registered delegates go first, and any failure to start a GPU falls back
+/// to the CPU.
 pub fn open_backend(choice: BackendChoice, threads: Option<usize>) -> Result<(Box<dyn Backend>, String)> {
     let cpu = |reason: String| -> Result<(Box<dyn Backend>, String)> {
         Ok((Box::new(CpuBackend::new(threads)), format!("cpu: {reason}")))
     };
+    if choice == BackendChoice::Auto {
+        let delegates = DELEGATES.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for delegate in delegates {
+            if let Ok(backend) = delegate.open() {
+                return Ok((backend, format!("delegate: {}", delegate.name())));
+            }
+        }
+    }
     let adapter = match pick_adapter(choice)? {
         Ok(adapter) => adapter,
         Err(reason) => return cpu(reason),
