@@ -1,6 +1,7 @@
 //! kiln-kernels: the numeric kernels, and nothing about models. Block formats of
 //! quantized tensors and their dequantization, dot products, matrix products,
-//! normalization, rotary embeddings, attention and activations, each on plain slices.
+//! normalization, rotary embeddings, attention and activations, each on plain slices;
+//! and the same ops as WGSL source for GPU backends ([`wgsl`]).
 
 pub mod attention;
 pub mod dequant;
