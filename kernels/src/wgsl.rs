@@ -1,7 +1,8 @@
 //! WGSL compute kernels for GPU backends, as source text. Each kernel is a module with
 //! one entry point `main`, to be compiled after [`COMMON`] (and after [`WEIGHTS`] for
-//! [`MATMUL`] and [`EMBED`]). Parameters come in a uniform `Params` slot (binding 0);
-//! every file's header says what its fields mean. The arithmetic mirrors the scalar
+//! [`MATMUL`] and [`EMBED`]; see [`CHUNKS`], [`MATVEC`] and [`MATVEC_VEC4`] for the
+//! others). Parameters come in a uniform `Params` slot (binding 0); every file's header
+//! says what its fields mean. The arithmetic mirrors the scalar
 //! kernels of this crate: activations quantized as `qdot` does, integer block dot
 //! products, f16 cache rounding, ggml's SiLU and GELU.
 
@@ -21,5 +22,16 @@ pub const GATED: &str = include_str!("wgsl/gated.wgsl");
 pub const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
 /// Activation rows to the 8-bit block (or rounded float) format of a weight type.
 pub const QUANTIZE: &str = include_str!("wgsl/quantize.wgsl");
+/// Chunk decoding and block dot products shared by the matmul and matvec kernels
+/// (compiled after [`WEIGHTS`], before [`MATMUL`] or [`MATVEC`]).
+pub const CHUNKS: &str = include_str!("wgsl/chunks.wgsl");
 pub const MATMUL: &str = include_str!("wgsl/matmul.wgsl");
+/// The few-rows product's per-lane part; one of [`MATVEC_WG`] (workgroup-memory sums)
+/// or [`MATVEC_SG`] (subgroup sums; needs the SUBGROUP device feature) follows it.
+pub const MATVEC: &str = include_str!("wgsl/matvec.wgsl");
+pub const MATVEC_WG: &str = include_str!("wgsl/matvec_wg.wgsl");
+pub const MATVEC_SG: &str = include_str!("wgsl/matvec_sg.wgsl");
+/// Q8_0, Q4_K and Q6_K few-rows products with 16-byte loads and subgroup sums (after
+/// [`COMMON`] only).
+pub const MATVEC_VEC4: &str = include_str!("wgsl/matvec_vec4.wgsl");
 pub const EMBED: &str = include_str!("wgsl/embed.wgsl");

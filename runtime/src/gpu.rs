@@ -10,6 +10,13 @@
 //! it. Pipelines are created once per kernel (and weight type); bind groups are cached by
 //! the buffers they bind.
 //!
+//! Products of up to `MATVEC_ROWS` input rows (decode) take the matvec kernels: one
+//! subgroup (or 32 lanes summed in workgroup memory, where the adapter has no subgroups)
+//! per weight row, and for Q8_0, Q4_K and Q6_K 16-byte loads of weights and activations,
+//! which is why those weights and the 8-bit activation blocks are stored in 16-byte units.
+//! Longer inputs take the tiled matmul kernel. `KILN_GPU_MATVEC=0`, `KILN_GPU_VEC4=0` and
+//! `KILN_GPU_SUBGROUPS=0` turn these paths off (for comparisons).
+//!
 //! Numerics follow the CPU backend's `Numerics::Quantized`: activations quantized per row
 //! to the 8-bit block format of the weight type, integer dot products per block, f32
 //! scales; the cache rounded to f16; ggml's SiLU and GELU. The two differ by f32
@@ -18,7 +25,7 @@
 //! Limits: the cache holds its f16 values as f32 (one value a float, unlike the CPU's
 //! packed pairs); attention takes heads of at most 256; weight types the kernels do not
 //! read (Q5_1, Q2_K, Q3_K, Q5_K) are stored dequantized as F32, so their products see f32
-//! activations; activation buffers must fit one binding; no shader-f16 or subgroups.
+//! activations; activation buffers must fit one binding; no shader-f16.
 
 use std::collections::HashMap;
 
@@ -56,8 +63,17 @@ enum Kernel {
     Attention,
     Quantize(u32),
     Matmul(u32),
+    /// Weight type, input rows (1..=MATVEC_ROWS), subgroup sums.
+    Matvec(u32, u32, bool),
+    /// Q8_0, Q4_K or Q6_K with 16-byte loads (subgroup sums): weight type, input rows.
+    MatvecVec4(u32, u32),
     Embed(u32),
 }
+
+/// Products of at most this many input rows take the matvec kernels.
+const MATVEC_ROWS: usize = 4;
+/// Invocations of a matvec workgroup.
+const MATVEC_WG: usize = 128;
 
 impl Kernel {
     /// Source (after the common prelude) and, per storage binding from 1 on, whether
@@ -76,6 +92,9 @@ impl Kernel {
             Kernel::Attention => (wgsl::ATTENTION, &[false, false, false, true, false]),
             Kernel::Quantize(_) => (wgsl::QUANTIZE, &[false, true]),
             Kernel::Matmul(_) => (wgsl::MATMUL, &[false, false, true]),
+            Kernel::Matvec(_, _, false) => (wgsl::MATVEC_WG, &[false, false, true]),
+            Kernel::Matvec(_, _, true) => (wgsl::MATVEC_SG, &[false, false, true]),
+            Kernel::MatvecVec4(..) => (wgsl::MATVEC_VEC4, &[false, false, true]),
             Kernel::Embed(_) => (wgsl::EMBED, &[false, false, true]),
         }
     }
@@ -103,19 +122,33 @@ fn afmt(format: ActFormat, cols: usize) -> (u32, usize) {
         ActFormat::F32 => (0, cols),
         ActFormat::F16 => (1, cols),
         ActFormat::BF16 => (2, cols),
-        ActFormat::Q8_0 => (3, cols / 32 * 10),
-        ActFormat::Q8_1 => (4, cols / 32 * 10),
-        ActFormat::Q8_K => (5, cols / 256 * 65),
+        ActFormat::Q8_0 => (3, cols / 32 * 12),
+        ActFormat::Q8_1 => (4, cols / 32 * 12),
+        ActFormat::Q8_K => (5, cols / 256 * 68),
     }
 }
 
 /// Appends one row of `ty` in the layout `weights.wgsl` reads, padded to whole words.
 fn repack_row(ty: GgmlType, row: &[u8], out: &mut Vec<u8>) {
     let start = out.len();
+    if ty == GgmlType::Q8_0 {
+        // Groups of 4 blocks: [qs ×4, d ×4, 0 ×4], a short last group padded with zeros.
+        for group in row.chunks(4 * ty.type_size()) {
+            let mut d = [0u8; 16];
+            for (i, b) in group.chunks_exact(ty.type_size()).enumerate() {
+                out.extend_from_slice(&b[2..]);
+                d[2 * i..2 * i + 2].copy_from_slice(&b[..2]);
+            }
+            let missing = 4 - group.len() / ty.type_size();
+            out.resize(out.len() + 32 * missing, 0);
+            out.extend_from_slice(&d);
+        }
+        return;
+    }
     for b in row.chunks_exact(ty.type_size()) {
         match ty {
             // [d, qs] → [qs, d]; [d, qh, qs] → [qs, qh, d].
-            GgmlType::Q4_0 | GgmlType::Q8_0 => {
+            GgmlType::Q4_0 => {
                 out.extend_from_slice(&b[2..]);
                 out.extend_from_slice(&b[..2]);
                 out.extend_from_slice(&[0, 0]);
@@ -126,9 +159,10 @@ fn repack_row(ty: GgmlType, row: &[u8], out: &mut Vec<u8>) {
                 out.extend_from_slice(&b[..2]);
                 out.extend_from_slice(&[0, 0]);
             }
+            // Padded to 16 bytes, for the matvec kernel's 16-byte loads.
             GgmlType::Q6_K => {
                 out.extend_from_slice(b);
-                out.extend_from_slice(&[0, 0]);
+                out.extend_from_slice(&[0; 14]);
             }
             _ => out.extend_from_slice(b),
         }
@@ -152,6 +186,13 @@ pub struct GpuBackend {
     device: wgpu::Device,
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
+    /// Rows a subgroup-summed matvec workgroup covers, where the device has subgroups.
+    subgroup_rows: Option<usize>,
+    /// Whether products of few rows take the matvec kernels.
+    matvec: bool,
+    /// Whether Q8_0, Q4_K and Q6_K ones take the 16-byte-load kernel
+    /// (`KILN_GPU_VEC4=0` declines).
+    vec4: bool,
     max_binding: u64,
     /// Largest part a weight is split into (`max_binding` unless tests lower it).
     part_bytes: u64,
@@ -216,12 +257,25 @@ pub fn adapters() -> Vec<wgpu::Adapter> {
 }
 
 impl GpuBackend {
-    /// A backend on `adapter`, taking its full limits (no optional features are needed).
+    /// A backend on `adapter`, taking its full limits and, where the adapter has them,
+    /// subgroup operations (for the matvec kernels; `KILN_GPU_SUBGROUPS=0` declines them,
+    /// `KILN_GPU_MATVEC=0` sends every product to the tiled matmul kernel).
     pub fn new(adapter: &wgpu::Adapter) -> Result<Self> {
         let limits = adapter.limits();
+        let info = adapter.get_info();
+        let env_off = |name: &str| std::env::var(name).is_ok_and(|v| v == "0");
+        let subgroup_rows = (adapter.features().contains(wgpu::Features::SUBGROUP)
+            && (1..=MATVEC_WG as u32).contains(&info.subgroup_min_size)
+            && !env_off("KILN_GPU_SUBGROUPS"))
+        .then(|| MATVEC_WG / info.subgroup_min_size as usize);
+        let features = if subgroup_rows.is_some() {
+            wgpu::Features::SUBGROUP
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("kiln"),
-            required_features: wgpu::Features::empty(),
+            required_features: features,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -242,7 +296,10 @@ impl GpuBackend {
         let mut be = GpuBackend {
             device,
             queue,
-            info: adapter.get_info(),
+            info,
+            subgroup_rows,
+            matvec: !env_off("KILN_GPU_MATVEC"),
+            vec4: !env_off("KILN_GPU_VEC4"),
             max_binding,
             part_bytes: max_binding,
             layouts: HashMap::new(),
@@ -321,9 +378,16 @@ impl GpuBackend {
             return;
         }
         let (source, writes) = kernel.spec();
+        // (naga takes subgroup operations with the device feature, without `enable`.)
         let mut text = String::from(wgsl::COMMON);
-        if matches!(kernel, Kernel::Matmul(_) | Kernel::Embed(_)) {
+        if matches!(kernel, Kernel::Matmul(_) | Kernel::Matvec(..) | Kernel::Embed(_)) {
             text.push_str(wgsl::WEIGHTS);
+        }
+        if matches!(kernel, Kernel::Matmul(_) | Kernel::Matvec(..)) {
+            text.push_str(wgsl::CHUNKS);
+        }
+        if matches!(kernel, Kernel::Matvec(..)) {
+            text.push_str(wgsl::MATVEC);
         }
         text.push_str(source);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -363,6 +427,8 @@ impl GpuBackend {
         });
         let constants: Vec<(&str, f64)> = match kernel {
             Kernel::Matmul(t) | Kernel::Embed(t) => vec![("WTYPE", t as f64)],
+            Kernel::Matvec(t, nt, _) => vec![("WTYPE", t as f64), ("NT", nt as f64)],
+            Kernel::MatvecVec4(t, nt) => vec![("WTYPE", t as f64), ("NT", nt as f64)],
             Kernel::Quantize(f) => vec![("AFMT", f as f64)],
             _ => Vec::new(),
         };
@@ -498,14 +564,20 @@ impl GpuBackend {
             self.acts = self.new_slot(self.acts_words * 4, "kiln activations");
             self.drop_slot(old);
         }
-        let invocations = n * cols / format.block_size();
+        // One invocation per element: floats 256 a workgroup, blocks 256 / block size.
+        let blocks = n * cols / format.block_size();
+        let groups = if code <= 2 {
+            blocks.div_ceil(256)
+        } else {
+            blocks.div_ceil(256 / format.block_size())
+        };
         let slots = [self.buf(x), self.acts];
         self.dispatch(
             Kernel::Quantize(code),
             &slots,
-            &[n as u32, cols as u32, row_words as u32, invocations as u32],
+            &[n as u32, cols as u32, row_words as u32, blocks as u32],
             &[],
-            invocations.div_ceil(256),
+            groups,
         );
         row_words
     }
@@ -714,6 +786,30 @@ impl Backend for GpuBackend {
             let out = self.buf(out);
             for part in 0..n_parts {
                 let (slot, first, part_rows) = self.weights[weight.0 as usize].parts[part];
+                if self.matvec && n <= MATVEC_ROWS {
+                    let sg = self.subgroup_rows;
+                    let per_group = sg.unwrap_or(MATVEC_WG / 32);
+                    let u = [
+                        part_rows as u32,
+                        cols as u32,
+                        n as u32,
+                        rows as u32,
+                        first as u32,
+                        row_words as u32,
+                        act_words as u32,
+                        per_group as u32,
+                    ];
+                    // Q8_0 (in groups of 4), Q4_K and (padded) Q6_K rows are whole
+                    // 16-byte blocks, and so are Q8_0 and Q8_K activation rows.
+                    let vec4 = matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K);
+                    let kernel = if sg.is_some() && vec4 && self.vec4 {
+                        Kernel::MatvecVec4(code, n as u32)
+                    } else {
+                        Kernel::Matvec(code, n as u32, sg.is_some())
+                    };
+                    self.dispatch(kernel, &[slot, self.acts, out], &u, &[], part_rows.div_ceil(per_group));
+                    continue;
+                }
                 let row_groups = part_rows.div_ceil(4);
                 let u = [
                     part_rows as u32,

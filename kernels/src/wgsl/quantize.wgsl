@@ -1,20 +1,28 @@
 // Converts u0 rows of u1 floats of x to the activation format AFMT, u2 words a row
 // (see matmul.wgsl), as kiln_kernels::qdot::quantize_activations does:
 //   0 F32, 1 F16, 2 BF16 (one rounded f32 word per element), 3 Q8_0, 4 Q8_1, 5 Q8_K.
-// One invocation per element (floats) or per block; u3 = invocations.
+// Floats: one invocation per element. Blocks: one invocation per element too, a
+// workgroup holding 8 blocks of 32 or one of 256, whose maximum (and, for Q8_K, the
+// first element of that magnitude) is found by tree reductions in workgroup memory.
+// u3 = elements (floats) or blocks.
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> A: array<u32>;
 
 override AFMT: u32;
 
+var<workgroup> mx: array<f32, 256>;
+var<workgroup> first: array<u32, 256>;
+var<workgroup> qs: array<i32, 256>;
+
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let i = flat_group(wid, nwg) * 256u + lid;
-    if i >= P.u3 {
-        return;
-    }
+    let g = flat_group(wid, nwg);
     let cols = P.u1;
     if AFMT <= 2u {
+        let i = g * 256u + lid;
+        if i >= P.u3 {
+            return;
+        }
         let t = i / cols;
         let e = i % cols;
         var v = x[i];
@@ -27,52 +35,86 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         return;
     }
     let bs = select(32u, 256u, AFMT == 5u);
-    let per_row = cols / bs;
-    let t = i / per_row;
-    let b = i % per_row;
-    let src = t * cols + b * bs;
-    var amax = 0.0;
-    var maxv = 0.0;
-    for (var j = 0u; j < bs; j++) {
-        let v = x[src + j];
-        if abs(v) > amax {
-            amax = abs(v);
-            maxv = v;
-        }
-    }
-    if AFMT == 5u {
-        let dst = t * P.u2 + b * 65u;
-        if amax == 0.0 {
-            for (var k = 0u; k < 65u; k++) {
-                A[dst + k] = 0u;
-            }
-            return;
-        }
-        let iscale = -127.0 / maxv;
-        for (var k = 0u; k < 64u; k++) {
-            var word = 0u;
-            for (var j = 0u; j < 4u; j++) {
-                let q = min(127, i32(round(iscale * x[src + 4u * k + j])));
-                word |= (u32(q) & 0xffu) << (8u * j);
-            }
-            A[dst + 1u + k] = word;
-        }
-        A[dst] = bitcast<u32>(1.0 / iscale);
+    if g * (256u / bs) >= P.u3 {
+        // A group past the end of a folded grid.
         return;
     }
-    let dst = t * P.u2 + b * 10u;
+    let j = lid % bs;
+    let b = g * (256u / bs) + lid / bs;
+    let valid = b < P.u3;
+    let per_row = cols / bs;
+    let t = b / per_row;
+    let src = t * cols + (b % per_row) * bs;
+    var v = 0.0;
+    if valid {
+        v = x[src + j];
+    }
+    mx[lid] = abs(v);
+    workgroupBarrier();
+    for (var step = bs / 2u; step > 0u; step = step >> 1u) {
+        if j < step {
+            mx[lid] = max(mx[lid], mx[lid + step]);
+        }
+        workgroupBarrier();
+    }
+    let amax = mx[lid - j];
+    if AFMT == 5u {
+        // The serial scan keeps the first element of the largest magnitude.
+        first[lid] = select(bs, j, abs(v) == amax);
+        workgroupBarrier();
+        for (var step = bs / 2u; step > 0u; step = step >> 1u) {
+            if j < step {
+                first[lid] = min(first[lid], first[lid + step]);
+            }
+            workgroupBarrier();
+        }
+        let dst = t * P.u2 + (b % per_row) * 68u;
+        // An all-zero block is all zero words.
+        let zero = amax == 0.0;
+        var maxv = 1.0;
+        if valid && !zero {
+            maxv = x[src + first[lid - j]];
+        }
+        let iscale = -127.0 / maxv;
+        qs[lid] = select(min(127, i32(round(iscale * v))), 0, zero);
+        workgroupBarrier();
+        if valid && j < 64u {
+            let q0 = lid - j + 4u * j;
+            var word = 0u;
+            for (var k = 0u; k < 4u; k++) {
+                word |= (u32(qs[q0 + k]) & 0xffu) << (8u * k);
+            }
+            A[dst + j] = word;
+        }
+        if valid && j == 0u {
+            A[dst + 64u] = select(bitcast<u32>(1.0 / iscale), 0u, zero);
+        }
+        if valid && j >= 65u && j < 68u {
+            A[dst + j] = 0u;
+        }
+        return;
+    }
+    let dst = t * P.u2 + (b % per_row) * 12u;
     let d = amax / 127.0;
     let id = select(0.0, 127.0 / amax, amax != 0.0);
-    var sum = 0;
-    for (var k = 0u; k < 8u; k++) {
+    qs[lid] = i32(round(v * id));
+    workgroupBarrier();
+    if valid && j < 8u {
+        let q0 = lid - j + 4u * j;
         var word = 0u;
-        for (var j = 0u; j < 4u; j++) {
-            let q = i32(round(x[src + 4u * k + j] * id));
-            sum += q;
-            word |= (u32(q) & 0xffu) << (8u * j);
+        for (var k = 0u; k < 4u; k++) {
+            word |= (u32(qs[q0 + k]) & 0xffu) << (8u * k);
         }
-        A[dst + k] = word;
+        A[dst + j] = word;
     }
-    A[dst + 8u] = bitcast<u32>(round_f16(d));
-    A[dst + 9u] = bitcast<u32>(round_f16(d * f32(sum)));
+    if valid && j == 0u {
+        var sum = 0;
+        for (var k = 0u; k < 32u; k++) {
+            sum += qs[lid + k];
+        }
+        A[dst + 8u] = bitcast<u32>(round_f16(d));
+        A[dst + 9u] = bitcast<u32>(round_f16(d * f32(sum)));
+        A[dst + 10u] = 0u;
+        A[dst + 11u] = 0u;
+    }
 }

@@ -2,8 +2,10 @@
 // selected by the pipeline constant WTYPE:
 //   0 F32 (1 word/element), 1 F16, 2 BF16 (2 elements/word),
 //   3 Q4_0: blocks of 5 words [qs ×4, d],        4 Q4_1: 5 words [d | m << 16, qs ×4],
-//   5 Q5_0: 6 words [qs ×4, qh, d],              6 Q8_0: 9 words [qs ×8, d],
-//   7 Q4_K: GGUF's 144-byte blocks (36 words),   8 Q6_K: GGUF's 210 bytes + 2 padding (53 words).
+//   5 Q5_0: 6 words [qs ×4, qh, d],
+//   6 Q8_0: groups of 4 blocks in 36 words [qs ×8 ×4, d0 | d1 << 16, d2 | d3 << 16, 0, 0]
+//     (a row's last group padded with zero blocks),
+//   7 Q4_K: GGUF's 144-byte blocks (36 words),   8 Q6_K: GGUF's 210 bytes + 14 padding (56 words).
 // f16 fields sit in the low half of their word unless noted.
 @group(0) @binding(1) var<storage, read> W: array<u32>;
 
@@ -65,9 +67,10 @@ fn dequant(rb: u32, e: u32) -> f32 {
             return f32(i32(q) - 16) * wf16(W[blk + 5u], false);
         }
         case 6u: {
-            let blk = rb + (e / 32u) * 9u;
+            let blk = rb + (e / 128u) * 36u;
+            let i = (e / 32u) % 4u;
             let j = e % 32u;
-            return f32(sbyte(W[blk + j / 4u], j % 4u)) * wf16(W[blk + 8u], false);
+            return f32(sbyte(W[blk + 8u * i + j / 4u], j % 4u)) * wf16(W[blk + 32u + i / 2u], (i % 2u) == 1u);
         }
         case 7u: {
             let blk = rb + (e / 256u) * 36u;
@@ -81,7 +84,7 @@ fn dequant(rb: u32, e: u32) -> f32 {
             return d1 * f32(q) - m1;
         }
         case 8u: {
-            let blk = rb + (e / 256u) * 53u;
+            let blk = rb + (e / 256u) * 56u;
             let j = e % 256u;
             let half = j / 128u;
             let k = (j % 128u) / 32u;

@@ -1,0 +1,165 @@
+// Q8_0, Q4_K and Q6_K weights (WTYPE 6, 7, 8) times Q8_0 / Q8_K activations for a few
+// input rows (NT ≤ 4), summed with subgroup operations: matvec.wgsl's paths with 16-byte
+// loads. A Q8_0 group of 4 blocks is 9 vec4s [qs ×8 words] ×4, [d0 | d1 << 16, d2 | d3
+// << 16, 0, 0]; a Q8_0 activation block 3 [qs ×8 words], [d, s, 0, 0].
+// A Q4_K block is 9 vec4s [d | dmin << 16, scales ×3], [qs ×32 words]; a Q6_K block 14
+// [ql ×32 words], [qh ×16], [scales ×4], [d, 0, 0, 0]; a Q8_K block 17 [qs ×64 words],
+// [d, 0, 0, 0]. Each subgroup takes whole rows (u7 a workgroup), each lane pairs of
+// chunks that share their quant words (Q4_K: 2j, 2j + 1, the low and high nibbles of the
+// same 32 bytes; Q6_K: k, k + 2 of a half block; Q8_0: single blocks). Parameters as
+// matmul.wgsl's.
+@group(0) @binding(1) var<storage, read> W4: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> A4: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+override NT: u32;
+override WTYPE: u32;
+
+// Byte j (0..12) of the scale words h.y, h.z, h.w.
+fn scale_byte(h: vec4<u32>, j: u32) -> u32 {
+    let w = select(select(h.w, h.z, j < 8u), h.y, j < 4u);
+    return ubyte(w, j % 4u);
+}
+
+// (scale, min) of sub-block j, as weights.wgsl's scale_min_k4.
+fn scale_min(h: vec4<u32>, j: u32) -> vec2<i32> {
+    if j < 4u {
+        return vec2<i32>(i32(scale_byte(h, j) & 63u), i32(scale_byte(h, j + 4u) & 63u));
+    }
+    let sc = (scale_byte(h, j + 4u) & 0x0fu) | ((scale_byte(h, j - 4u) >> 6u) << 4u);
+    let mn = (scale_byte(h, j + 4u) >> 4u) | ((scale_byte(h, j) >> 6u) << 4u);
+    return vec2<i32>(i32(sc), i32(mn));
+}
+
+// The partial products of pair p (64 elements) of the row at vec4 rb.
+fn pair_q4k(rb: u32, p: u32, acc: ptr<function, array<f32, 4>>) {
+    let ones = vec4<u32>(0x01010101u);
+    let m4 = vec4<u32>(0x0f0f0f0fu);
+    let sb = p / 4u;
+    let j = p % 4u;
+    let blk = rb + sb * 9u;
+    let h = W4[blk];
+    let q0 = W4[blk + 1u + 2u * j];
+    let q1 = W4[blk + 2u + 2u * j];
+    let d = f16_bits_to_f32(h.x & 0xffffu);
+    let m = f16_bits_to_f32(h.x >> 16u);
+    let sm0 = scale_min(h, 2u * j);
+    let sm1 = scale_min(h, 2u * j + 1u);
+    let lo0 = q0 & m4;
+    let lo1 = q1 & m4;
+    let hi0 = (q0 >> vec4<u32>(4u)) & m4;
+    let hi1 = (q1 >> vec4<u32>(4u)) & m4;
+    for (var t = 0u; t < NT; t++) {
+        let base = t * (P.u6 / 4u) + sb * 17u;
+        let x0 = A4[base + 4u * j];
+        let x1 = A4[base + 4u * j + 1u];
+        let x2 = A4[base + 4u * j + 2u];
+        let x3 = A4[base + 4u * j + 3u];
+        let da = bitcast<f32>(A4[base + 16u].x);
+        let s0 = dot16(lo0, x0) + dot16(lo1, x1);
+        let s1 = dot16(hi0, x2) + dot16(hi1, x3);
+        let t0 = dot16(x0, ones) + dot16(x1, ones);
+        let t1 = dot16(x2, ones) + dot16(x3, ones);
+        (*acc)[t] += (d * da) * f32(sm0.x * s0) - (m * da) * f32(sm0.y * t0);
+        (*acc)[t] += (d * da) * f32(sm1.x * s1) - (m * da) * f32(sm1.y * t1);
+    }
+}
+
+// Block c (32 elements) of a Q8_0 row at vec4 rb.
+fn block_q80(rb: u32, c: u32, acc: ptr<function, array<f32, 4>>) {
+    let blk = rb + (c / 4u) * 9u;
+    let i = c % 4u;
+    let q0 = W4[blk + 2u * i];
+    let q1 = W4[blk + 2u * i + 1u];
+    let dw = W4[blk + 8u][i / 2u];
+    let d = f16_bits_to_f32(select(dw & 0xffffu, dw >> 16u, (i % 2u) == 1u));
+    for (var t = 0u; t < NT; t++) {
+        let base = t * (P.u6 / 4u) + c * 3u;
+        let s = dot16(q0, A4[base]) + dot16(q1, A4[base + 1u]);
+        let da = bitcast<f32>(A4[base + 2u].x);
+        (*acc)[t] += f32(s) * (d * da);
+    }
+}
+
+// 6-bit quants of 16 bytes as signed bytes: low 4 bits from l, high 2 from h >> hs.
+fn q6(l: vec4<u32>, h: vec4<u32>, hs: u32) -> vec4<u32> {
+    let q = (l & vec4<u32>(0x0f0f0f0fu)) | (((h >> vec4<u32>(hs)) & vec4<u32>(0x03030303u)) << vec4<u32>(4u));
+    return (q + vec4<u32>(0x60606060u)) ^ vec4<u32>(0x80808080u);
+}
+
+fn pair_q6k(rb: u32, p: u32, acc: ptr<function, array<f32, 4>>) {
+    let sb = p / 4u;
+    let half = (p % 4u) / 2u;
+    let kl = p % 2u;
+    let blk = rb + sb * 14u;
+    let l0 = W4[blk + 4u * half + 2u * kl];
+    let l1 = W4[blk + 4u * half + 2u * kl + 1u];
+    let h0 = W4[blk + 8u + 2u * half];
+    let h1 = W4[blk + 9u + 2u * half];
+    let sc = W4[blk + 12u];
+    let d = f16_bits_to_f32(W4[blk + 13u].x & 0xffffu);
+    let hs = 2u * kl;
+    let qa0 = q6(l0, h0, hs);
+    let qa1 = q6(l1, h1, hs);
+    let qb0 = q6(l0 >> vec4<u32>(4u), h0, hs + 4u);
+    let qb1 = q6(l1 >> vec4<u32>(4u), h1, hs + 4u);
+    let ca = 4u * half + kl;
+    let cb = ca + 2u;
+    let sa = sc[ca / 2u];
+    let sbw = sc[cb / 2u];
+    let ba = 2u * (ca % 2u);
+    let bb = 2u * (cb % 2u);
+    let sca = vec2<i32>(sbyte(sa, ba), sbyte(sa, ba + 1u));
+    let scb = vec2<i32>(sbyte(sbw, bb), sbyte(sbw, bb + 1u));
+    for (var t = 0u; t < NT; t++) {
+        let base = t * (P.u6 / 4u) + sb * 17u;
+        let da = bitcast<f32>(A4[base + 16u].x);
+        let a0 = dot16(qa0, A4[base + 2u * ca]);
+        let a1 = dot16(qa1, A4[base + 2u * ca + 1u]);
+        let b0 = dot16(qb0, A4[base + 2u * cb]);
+        let b1 = dot16(qb1, A4[base + 2u * cb + 1u]);
+        (*acc)[t] += (d * da) * f32(sca.x * a0 + sca.y * a1);
+        (*acc)[t] += (d * da) * f32(scb.x * b0 + scb.y * b1);
+    }
+}
+
+fn dot16(w: vec4<u32>, x: vec4<u32>) -> i32 {
+    return dot4I8Packed(w.x, x.x) + dot4I8Packed(w.y, x.y) + dot4I8Packed(w.z, x.z) + dot4I8Packed(w.w, x.w);
+}
+
+@compute @workgroup_size(128)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) sl: u32,
+    @builtin(subgroup_size) ss: u32,
+    @builtin(subgroup_id) sid: u32,
+    @builtin(num_subgroups) nsg: u32,
+) {
+    let g = flat_group(wid, nwg);
+    // Units a lane takes: Q8_0 blocks of 32, Q4_K / Q6_K pairs of chunks.
+    let units = select(P.u1 / 64u, P.u1 / 32u, WTYPE == 6u);
+    for (var r = sid; r < P.u7; r += nsg) {
+        let row = g * P.u7 + r;
+        if row >= P.u0 {
+            break;
+        }
+        let rb = row * (P.u5 / 4u);
+        var acc: array<f32, 4>;
+        for (var p = sl; p < units; p += ss) {
+            if WTYPE == 6u {
+                block_q80(rb, p, &acc);
+            } else if WTYPE == 7u {
+                pair_q4k(rb, p, &acc);
+            } else {
+                pair_q6k(rb, p, &acc);
+            }
+        }
+        for (var t = 0u; t < NT; t++) {
+            let s = subgroupAdd(acc[t]);
+            if sl == 0u {
+                out[t * P.u3 + P.u4 + row] = s;
+            }
+        }
+    }
+}
