@@ -20,6 +20,10 @@ pub const ROPE: &str = include_str!("wgsl/rope.wgsl");
 pub const STORE_KV: &str = include_str!("wgsl/store_kv.wgsl");
 pub const GATED: &str = include_str!("wgsl/gated.wgsl");
 pub const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
+/// Attention for few query rows with each row's keys split across workgroups (partial
+/// softmax sums), merged by [`ATTENTION_COMBINE`].
+pub const ATTENTION_SPLIT: &str = include_str!("wgsl/attention_split.wgsl");
+pub const ATTENTION_COMBINE: &str = include_str!("wgsl/attention_combine.wgsl");
 /// Activation rows to the 8-bit block (or rounded float) format of a weight type.
 pub const QUANTIZE: &str = include_str!("wgsl/quantize.wgsl");
 /// Chunk decoding and block dot products shared by the matmul and matvec kernels

@@ -61,6 +61,9 @@ enum Kernel {
     StoreKv,
     Gated,
     Attention,
+    /// Attention with each query row's keys split across workgroups, and its merge.
+    AttentionSplit,
+    AttentionCombine,
     Quantize(u32),
     Matmul(u32),
     /// Weight type, input rows (1..=MATVEC_ROWS), subgroup sums.
@@ -74,6 +77,9 @@ enum Kernel {
 const MATVEC_ROWS: usize = 4;
 /// Invocations of a matvec workgroup.
 const MATVEC_WG: usize = 128;
+/// Attention calls with fewer (query row, head) pairs than this split each row's keys
+/// into ranges of whole 64-key tiles, for about this many workgroups.
+const ATTN_SPLIT_GROUPS: usize = 512;
 
 impl Kernel {
     /// Source (after the common prelude) and, per storage binding from 1 on, whether
@@ -90,6 +96,8 @@ impl Kernel {
             Kernel::StoreKv => (wgsl::STORE_KV, &[false, true, false]),
             Kernel::Gated => (wgsl::GATED, &[true, false, false]),
             Kernel::Attention => (wgsl::ATTENTION, &[false, false, false, true, false]),
+            Kernel::AttentionSplit => (wgsl::ATTENTION_SPLIT, &[false, false, false, true, false]),
+            Kernel::AttentionCombine => (wgsl::ATTENTION_COMBINE, &[false, true, false]),
             Kernel::Quantize(_) => (wgsl::QUANTIZE, &[false, true]),
             Kernel::Matmul(_) => (wgsl::MATMUL, &[false, false, true]),
             Kernel::Matvec(_, _, false) => (wgsl::MATVEC_WG, &[false, false, true]),
@@ -215,6 +223,12 @@ pub struct GpuBackend {
     acts: usize,
     acts_words: usize,
     gelu: usize,
+    /// Partial sums of split attention, and the words it holds.
+    attn_part: usize,
+    attn_part_words: usize,
+    /// Whether attention of few rows splits keys across workgroups (tests turn it off;
+    /// so does `KILN_GPU_ATTN_SPLIT=0`).
+    attn_split: bool,
     staging: wgpu::Buffer,
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
@@ -317,6 +331,9 @@ impl GpuBackend {
             acts: 0,
             acts_words: 1,
             gelu: 0,
+            attn_part: 0,
+            attn_part_words: 1,
+            attn_split: !env_off("KILN_GPU_ATTN_SPLIT"),
             staging,
             encoder: None,
             pass: None,
@@ -324,6 +341,7 @@ impl GpuBackend {
         };
         be.arena = be.new_slot(ARENA_WORDS * 4, "kiln arena");
         be.acts = be.new_slot(4, "kiln activations");
+        be.attn_part = be.new_slot(4, "kiln attention partials");
         // ggml's GELU table, indexed by the input's f16 bits: an input just under 10
         // rounds to 10.0 in f16 and reads the table there.
         let table: Vec<u32> = (0..=u16::MAX)
@@ -342,6 +360,12 @@ impl GpuBackend {
     /// limit), so that tests can make weights split into several parts.
     pub fn set_weight_part_bytes(&mut self, bytes: u64) {
         self.part_bytes = bytes.min(self.max_binding);
+    }
+
+    /// Whether attention of few query rows splits each row's keys across workgroups
+    /// (on by default; tests turn it off to exercise the one-workgroup-per-row kernel).
+    pub fn set_attention_split(&mut self, on: bool) {
+        self.attn_split = on;
     }
 
     /// The adapter's name and API, e.g. "NVIDIA H200 (Vulkan)".
@@ -922,7 +946,26 @@ impl Backend for GpuBackend {
     ) {
         assert!(a.head_dim <= 256, "the GPU attention kernel takes heads of at most 256");
         let n_rows: usize = seqs.iter().map(|s| s.n_tokens).sum();
-        self.begin_op(3 * n_rows + page_table.len(), 1);
+        // Keys the longest row sees, in tiles of 64.
+        let max_keys = seqs
+            .iter()
+            .filter(|s| s.n_tokens > 0)
+            .map(|s| {
+                let keys = s.start_pos + s.n_tokens;
+                a.window.map_or(keys, |w| keys.min(w))
+            })
+            .max()
+            .unwrap_or(0);
+        let tiles = max_keys.div_ceil(64);
+        let heads = n_rows * a.n_head;
+        let mut splits = 1;
+        let mut chunk = 0;
+        if self.attn_split && a.head_dim.is_multiple_of(4) && heads > 0 && heads < ATTN_SPLIT_GROUPS && tiles > 1 {
+            let want = ATTN_SPLIT_GROUPS.div_ceil(heads).min(tiles);
+            chunk = tiles.div_ceil(want) * 64;
+            splits = max_keys.div_ceil(chunk);
+        }
+        self.begin_op(3 * n_rows + page_table.len(), 2);
         let items = seqs.iter().flat_map(|s| {
             (0..s.n_tokens).flat_map(move |i| [(s.row0 + i) as u32, (s.start_pos + i) as u32, s.page0 as u32])
         });
@@ -938,8 +981,32 @@ impl Backend for GpuBackend {
             at_items,
             at_pages,
         ];
-        let slots = [self.buf(q), self.buf(keys), self.buf(values), self.buf(out), self.arena];
-        self.dispatch(Kernel::Attention, &slots, &u, &[a.scale], n_rows * a.n_head);
+        if splits <= 1 {
+            let slots = [self.buf(q), self.buf(keys), self.buf(values), self.buf(out), self.arena];
+            self.dispatch(Kernel::Attention, &slots, &u, &[a.scale], heads);
+            return;
+        }
+        let words = heads * splits * (a.head_dim + 2);
+        if words > self.attn_part_words {
+            let old = self.attn_part;
+            self.attn_part_words = words.next_power_of_two();
+            self.attn_part = self.new_slot(self.attn_part_words * 4, "kiln attention partials");
+            self.drop_slot(old);
+        }
+        let mut u_split = [0u32; 10];
+        u_split[..8].copy_from_slice(&u);
+        u_split[8] = splits as u32;
+        u_split[9] = chunk as u32;
+        let slots = [
+            self.buf(q),
+            self.buf(keys),
+            self.buf(values),
+            self.attn_part,
+            self.arena,
+        ];
+        self.dispatch(Kernel::AttentionSplit, &slots, &u_split, &[a.scale], heads * splits);
+        let slots = [self.attn_part, self.buf(out), self.arena];
+        self.dispatch(Kernel::AttentionCombine, &slots, &u_split, &[], heads);
     }
 
     fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation) {

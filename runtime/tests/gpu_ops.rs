@@ -424,7 +424,6 @@ fn paged_attention_many_sequences() {
         let rows = 9;
         let q_len = rows * n_head * head_dim;
         let q = p.buffer(q_len, &rng.vec(q_len, 2.0));
-        let out = p.buffer(q_len, &[]);
         let shape = Attention {
             n_head,
             n_kv_head,
@@ -433,13 +432,19 @@ fn paged_attention_many_sequences() {
             window,
             page_size,
         };
-        p.run(|be| be.attention(q, keys, values, shape, &seqs, &page_table, out));
-        p.compare(
-            &format!("attention {n_head}/{n_kv_head} heads of {head_dim}, window {window:?}"),
-            out,
-            q_len,
-            TOL_REDUCTION,
-        );
+        // Keys split across workgroups (few rows) and one workgroup per row and head.
+        for split in [true, false] {
+            p.gpu.set_attention_split(split);
+            let out = p.buffer(q_len, &[]);
+            p.run(|be| be.attention(q, keys, values, shape, &seqs, &page_table, out));
+            p.compare(
+                &format!("attention {n_head}/{n_kv_head} heads of {head_dim}, window {window:?}, split {split}"),
+                out,
+                q_len,
+                TOL_REDUCTION,
+            );
+        }
+        p.gpu.set_attention_split(true);
     }
 }
 

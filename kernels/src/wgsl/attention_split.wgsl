@@ -1,0 +1,120 @@
+// Flash-decoding half of causal attention over the paged f32 cache, for few query rows:
+// the keys each (query row, head) sees are split into u8 ranges of u9 keys (whole tiles
+// of 64), one workgroup per (row, head, range), so that short batches still fill the
+// device. Each workgroup runs attention.wgsl's online softmax over its range and writes
+// its unnormalized weighted sum of values, running max and sum of exponentials to
+// `part` at ((item * u1 + h) * u8 + range) * (u3 + 2): u3 sums, then max, then sum (an
+// empty range writes max -3e38, sums 0). attention_combine.wgsl merges the ranges.
+// Fields as attention.wgsl, plus u8 and u9; u3 is a multiple of 4 (keys and queries are
+// read as vec4).
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> keys: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> values: array<f32>;
+@group(0) @binding(4) var<storage, read_write> part: array<f32>;
+@group(0) @binding(5) var<storage, read> arena: array<u32>;
+
+const TILE: u32 = 64u;
+
+var<workgroup> qv: array<vec4<f32>, 64>;
+var<workgroup> p: array<f32, 64>;
+var<workgroup> rows: array<u32, 64>;
+var<workgroup> info: vec3<u32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let g = flat_group(wid, nwg);
+    let split = g % P.u8;
+    let ih = g / P.u8;
+    let item = ih / P.u1;
+    let h = ih % P.u1;
+    if item >= P.u0 {
+        return;
+    }
+    if lid == 0u {
+        let at = P.u6 + 3u * item;
+        info = vec3<u32>(arena[at], arena[at + 1u], arena[at + 2u]);
+    }
+    let seq = workgroupUniformLoad(&info);
+    let row = seq.x;
+    let pos = seq.y;
+    let page0 = seq.z;
+    let hd = P.u3;
+    let hd4 = hd / 4u;
+    let ps = P.u4;
+    let kv_off = (h / (P.u1 / P.u2)) * hd;
+    let kv_stride = P.u2 * hd;
+    let qbase = (row * P.u1 + h) * hd;
+    for (var d = lid; d < hd4; d += TILE) {
+        qv[d] = q[qbase / 4u + d];
+    }
+    var first = 0u;
+    if P.u5 != 0u && pos + 1u > P.u5 {
+        first = pos + 1u - P.u5;
+    }
+    let kbeg = first + split * P.u9;
+    let kend = min(kbeg + P.u9, pos + 1u);
+    var m = -3.0e38;
+    var l = 0.0;
+    var acc: array<f32, 4>;
+    for (var k0 = kbeg; k0 < kend; k0 += TILE) {
+        workgroupBarrier();
+        let key = k0 + lid;
+        var s = -3.0e38;
+        if key < kend {
+            let r = arena[P.u7 + page0 + key / ps] * ps + key % ps;
+            rows[lid] = r;
+            let kb = (r * kv_stride + kv_off) / 4u;
+            var d0 = 0.0;
+            var d1 = 0.0;
+            for (var d = 0u; d < hd4; d += 2u) {
+                d0 += dot(qv[d], keys[kb + d]);
+                if d + 1u < hd4 {
+                    d1 += dot(qv[d + 1u], keys[kb + d + 1u]);
+                }
+            }
+            s = (d0 + d1) * P.f0;
+        }
+        p[lid] = s;
+        workgroupBarrier();
+        var tmax = m;
+        for (var j = 0u; j < TILE; j++) {
+            tmax = max(tmax, p[j]);
+        }
+        let corr = exp(m - tmax);
+        var e = 0.0;
+        if key < kend {
+            e = exp(s - tmax);
+        }
+        workgroupBarrier();
+        p[lid] = e;
+        workgroupBarrier();
+        let n = min(TILE, kend - k0);
+        var sum = 0.0;
+        for (var j = 0u; j < n; j++) {
+            sum += p[j];
+        }
+        l = l * corr + sum;
+        for (var u = 0u; u < 4u; u++) {
+            let d = lid + u * TILE;
+            if d < hd {
+                var a = acc[u] * corr;
+                for (var j = 0u; j < n; j++) {
+                    a = fma(p[j], values[rows[j] * kv_stride + kv_off + d], a);
+                }
+                acc[u] = a;
+            }
+        }
+        m = tmax;
+    }
+    let pbase = g * (hd + 2u);
+    for (var u = 0u; u < 4u; u++) {
+        let d = lid + u * TILE;
+        if d < hd {
+            part[pbase + d] = acc[u];
+        }
+    }
+    if lid == 0u {
+        part[pbase + hd] = m;
+        part[pbase + hd + 1u] = l;
+    }
+}
