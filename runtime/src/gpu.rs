@@ -44,6 +44,8 @@ const ARENA_WORDS: usize = 1 << 20;
 
 /// Storage bindings of the widest kernel (attention).
 const MAX_BINDINGS: usize = 5;
+/// Weight bytes uploaded between waits for the staging memory to be released.
+const UPLOAD_BATCH_BYTES: usize = 256 << 20;
 
 /// The buffer slots of a bind group's storage bindings, `usize::MAX` past the last.
 type BindKey = [usize; MAX_BINDINGS];
@@ -202,6 +204,8 @@ pub struct GpuBackend {
     /// (`KILN_GPU_VEC4=0` declines).
     vec4: bool,
     max_binding: u64,
+    /// Weight bytes written since the last wait (see `upload`).
+    staged_bytes: usize,
     /// Largest part a weight is split into (`max_binding` unless tests lower it).
     part_bytes: u64,
     layouts: HashMap<Kernel, wgpu::BindGroupLayout>,
@@ -315,6 +319,7 @@ impl GpuBackend {
             matvec: !env_off("KILN_GPU_MATVEC"),
             vec4: !env_off("KILN_GPU_VEC4"),
             max_binding,
+            staged_bytes: 0,
             part_bytes: max_binding,
             layouts: HashMap::new(),
             pipelines: HashMap::new(),
@@ -654,6 +659,14 @@ impl Backend for GpuBackend {
             self.queue
                 .write_buffer(self.slot(slot), 0, &packed[first * row_bytes..(first + n) * row_bytes]);
             parts.push((slot, first, n));
+        }
+        // wgpu stages written bytes in host memory until a submission completes: without
+        // this a whole model's weights would sit there twice during the load.
+        self.staged_bytes += packed.len();
+        if self.staged_bytes >= UPLOAD_BATCH_BYTES {
+            self.queue.submit([]);
+            let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+            self.staged_bytes = 0;
         }
         let vector = (rows == 1).then(|| {
             let mut v = vec![0f32; cols];
