@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use kiln::runtime::BackendChoice;
 use kiln::{registry, Engine, EngineOptions, GenerateOptions, Sampling, SessionOptions};
 
@@ -16,6 +16,30 @@ use kiln::{registry, Engine, EngineOptions, GenerateOptions, Sampling, SessionOp
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where and how a model runs, for the commands that run one interactively.
+#[derive(Args)]
+struct RunArgs {
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Context length (default: the model's, at most 4096).
+    #[arg(short = 'c', long)]
+    ctx: Option<usize>,
+    /// auto (a real GPU when there is one, else the CPU), cpu or gpu.
+    #[arg(long, default_value = "auto")]
+    backend: BackendChoice,
+}
+
+impl RunArgs {
+    fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            threads: self.threads,
+            n_ctx: self.ctx,
+            backend: self.backend,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -37,14 +61,8 @@ enum Command {
         temperature: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(short, long)]
-        threads: Option<usize>,
-        /// Context length (default: the model's, at most 4096).
-        #[arg(short = 'c', long)]
-        ctx: Option<usize>,
-        /// auto (a real GPU when there is one, else the CPU), cpu or gpu.
-        #[arg(long, default_value = "auto")]
-        backend: BackendChoice,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Print the prompt a chat template makes of some messages, exactly (no newline added).
     Render {
@@ -85,14 +103,8 @@ enum Command {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(short, long)]
-        threads: Option<usize>,
-        /// Context length (default: the model's, at most 4096).
-        #[arg(short = 'c', long)]
-        ctx: Option<usize>,
-        /// auto (a real GPU when there is one, else the CPU), cpu or gpu.
-        #[arg(long, default_value = "auto")]
-        backend: BackendChoice,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Perplexity of a text file, computed as llama-perplexity does.
     Perplexity {
@@ -193,19 +205,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             max_tokens,
             temperature,
             seed,
-            threads,
-            ctx,
-            backend,
+            run,
         } => {
-            let engine = load(
-                &model,
-                EngineOptions {
-                    threads,
-                    n_ctx: ctx,
-                    backend,
-                    ..Default::default()
-                },
-            )?;
+            let engine = load(&model, run.engine_options())?;
             let generate = chat::generate_options(max_tokens, temperature, seed);
             chat::run(&engine, chat::ChatArgs { system, generate })?;
         }
@@ -239,19 +241,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             top_k,
             top_p,
             seed,
-            threads,
-            ctx,
-            backend,
+            run,
         } => {
-            let engine = load(
-                &model,
-                EngineOptions {
-                    threads,
-                    n_ctx: ctx,
-                    backend,
-                    ..Default::default()
-                },
-            )?;
+            let engine = load(&model, run.engine_options())?;
             let mut session = engine.session(SessionOptions::default());
             let options = GenerateOptions {
                 max_tokens,
