@@ -25,10 +25,8 @@ pub fn render(args: RenderArgs) -> Result<String, Box<dyn std::error::Error>> {
         (None, Some(model)) => {
             let checkpoint = Checkpoint::open(&registry::resolve(model)?)?;
             let source = models::chat_template(&checkpoint).ok_or_else(|| format!("{model} has no chat template"))?;
-            let tok = models::load_tokenizer(&checkpoint)?;
-            let text =
-                |id: Option<u32>| id.map_or(String::new(), |id| String::from_utf8_lossy(tok.token_bytes(id)).into());
-            (source, text(tok.bos), text(tok.eos.first().copied()))
+            let (bos, eos) = models::load_tokenizer(&checkpoint)?.bos_eos_texts();
+            (source, bos, eos)
         }
         (None, None) => return Err("give --template FILE or --model M".into()),
     };

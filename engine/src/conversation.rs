@@ -4,7 +4,6 @@
 //! history again. Tool calls in a reply come back parsed.
 
 use std::path::Path;
-use std::sync::Arc;
 
 pub use kiln_prompts::ToolCall;
 use kiln_prompts::{ChatInput, ChatTemplate};
@@ -127,7 +126,7 @@ pub struct ConversationStats {
 
 pub struct Conversation {
     session: Session,
-    template: Arc<ChatTemplate>,
+    template: ChatTemplate,
     bos: String,
     eos: String,
     options: ConversationOptions,
@@ -145,13 +144,12 @@ impl Conversation {
             .or(engine.chat_template())
             .ok_or(EngineError::NoChatTemplate)?;
         let template = ChatTemplate::new(source).map_err(|e| EngineError::Template(e.to_string()))?;
-        let tok = engine.tokenizer();
-        let text = |id: Option<u32>| id.map_or(String::new(), |id| String::from_utf8_lossy(tok.token_bytes(id)).into());
+        let (bos, eos) = engine.tokenizer().bos_eos_texts();
         let mut conversation = Conversation {
             session: engine.session(SessionOptions::default()),
-            template: Arc::new(template),
-            bos: text(tok.bos),
-            eos: text(tok.eos.first().copied()),
+            template,
+            bos,
+            eos,
             options,
             messages: Vec::new(),
             stats: ConversationStats::default(),

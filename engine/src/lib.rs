@@ -277,7 +277,7 @@ impl Engine {
     /// The key/value cache's geometry and how many pages are used, cached and free.
     pub fn kv_stats(&self) -> KvStats {
         let core = &self.shared.core;
-        let page_bytes = 2 * core.model.hyper().n_layer * core.page_floats() * std::mem::size_of::<f32>();
+        let page_bytes = core.lock_device().store.bytes_per_page();
         let pages = core.lock_state().pool.counts();
         KvStats {
             page_size: self.shared.page_size,

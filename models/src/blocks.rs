@@ -34,6 +34,11 @@ impl KvStore {
         self.page_size * self.row_floats
     }
 
+    /// Bytes one page takes (keys and values of every layer).
+    pub fn bytes_per_page(&self) -> usize {
+        2 * self.layers.len() * self.page_floats() * std::mem::size_of::<f32>()
+    }
+
     /// Bytes one page takes on `be` (keys and values of every layer).
     pub fn page_bytes(be: &dyn Backend, hyper: &Hyper, page_size: usize) -> usize {
         2 * hyper.n_layer * page_size * be.kv_row_floats(hyper.kv_dim()) * std::mem::size_of::<f32>()

@@ -394,6 +394,14 @@ impl TokenizerInfo {
         String::from_utf8_lossy(&self.decode_bytes(ids)).into_owned()
     }
 
+    /// The texts a chat template receives as `bos_token` and `eos_token` (empty where
+    /// the vocabulary has no such token).
+    pub fn bos_eos_texts(&self) -> (String, String) {
+        let text =
+            |id: Option<u32>| id.map_or(String::new(), |id| String::from_utf8_lossy(self.token_bytes(id)).into());
+        (text(self.bos), text(self.eos.first().copied()))
+    }
+
     /// Whether a token ends generation.
     pub fn is_eog(&self, id: u32) -> bool {
         self.eos.contains(&id)
