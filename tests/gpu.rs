@@ -160,9 +160,19 @@ fn engine_runs_on_the_chosen_backend() {
         let mut session = engine.session(SessionOptions::default());
         session.generate(prompt, &options).unwrap().text
     };
-    let gpu_text = run(BackendChoice::Gpu);
-    assert_eq!(gpu_text, run(BackendChoice::Cpu));
-    println!("engine on the GPU: {gpu_text:?}");
+    let (gpu_text, cpu_text) = (run(BackendChoice::Gpu), run(BackendChoice::Cpu));
+    println!("engine on the GPU: {gpu_text:?}\non the CPU: {cpu_text:?}");
+    // Both greedy, but in other arithmetic (the CPU's is llama.cpp's: f16-accumulated
+    // attention among others): they may part at a near tie (see NEAR_TIE), not at once.
+    let same = gpu_text
+        .chars()
+        .zip(cpu_text.chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(
+        same >= 16,
+        "the GPU's text parts from the CPU's after {same} characters"
+    );
 }
 
 /// Runs every op on both backends; after each op compares the buffer it wrote and copies
@@ -318,10 +328,11 @@ fn lockstep(model: &str, prompt: &str) {
     cache.forward(llm.as_ref(), &mut be, &mut scratch, &ids[1..2], 1);
     for (op, err) in &be.worst {
         println!("{model}: {op}: max rel error {err:.2e}");
-        // f32 sums in another order: a few ulps of the largest value. Attention also
-        // rounds its scores differently, and exp turns an absolute error of |score|·ε
-        // into a relative one: Qwen2.5's scores reach the hundreds.
-        let tol = if op == "attention" { 1e-4 } else { 1e-5 };
+        // f32 sums in another order: a few ulps of the largest value. Attention differs
+        // more: for calls this short the CPU accumulates the weighted values in f16 as
+        // llama.cpp does (each update rounded to 11 bits, ~2.4e-4 relative, over tens of
+        // keys; measured up to 2.1e-3), where the GPU keeps f32.
+        let tol = if op == "attention" { 5e-3 } else { 1e-5 };
         assert!(*err <= tol, "{model}: {op}: max rel error {err:e}");
     }
     assert!(be.worst.len() >= 8, "ops seen: {:?}", be.worst.keys());

@@ -44,19 +44,21 @@ struct GreedyCase {
 
 /// kiln's greedy decoding against llama.cpp's on the same GGUF, 32 tokens per prompt.
 ///
-/// kiln computes as llama.cpp does (activations quantized to 8-bit blocks, integer dot
-/// products, an f16 key/value cache, ggml's SiLU and GELU table), but it accumulates
-/// attention in f32 where llama.cpp decodes with an f16 accumulator, and its sums run in
-/// another order. On these small models that is enough
-/// to flip near-ties: llama.cpp's own logits move by ~0.1 when its cache switches from f16
-/// to f32, and once one token differs the continuations part for good.
+/// kiln's CPU path computes what llama.cpp's x86 CPU backend computes, bit for bit, for
+/// a sequence run as llama-simple runs it (the prompt in one batch, then one token per
+/// step): activations quantized to 8-bit blocks, integer dot products whose f32 sums
+/// follow each ggml kernel's order (including the kernel llama.cpp picks for the batch
+/// size), the f16 key/value cache with llama.cpp's f16-accumulating attention, ggml's
+/// RoPE, RMSNorm, SiLU and GELU roundings. Near-ties between the top two tokens are
+/// common in these small models and flip on any difference, so only that exactness
+/// makes the continuations agree.
 ///
-/// So agreement is measured where both engines see the same context: teacher-forced on
-/// llama.cpp's prompt and continuation, kiln's most likely next token must equal
-/// llama.cpp's choice at ≥ 93% of all positions (measured: 95.9% Gemma 3, 96.1% SmolLM2,
-/// 98.4% Qwen2.5), and the first generated token must agree for ≥ 90% of prompts
-/// (measured: all). Free-running agreement of the first 20 characters (the goal is 90%)
-/// is reported, not asserted: it swings with single near-ties.
+/// Asserted: the first 20 characters of the free-running continuation equal llama.cpp's
+/// for ≥ 90% of the prompts (the issue's bar; measured: all 16, and every whole 32-token
+/// continuation, for all three models). Also, teacher-forced on llama.cpp's prompt and
+/// continuation as one batch (a batch shape llama.cpp never ran, so not bit-exact),
+/// kiln's most likely next token must equal llama.cpp's choice at ≥ 93% of positions and
+/// for the first generated token of ≥ 90% of prompts.
 fn greedy_agrees_with_llama_cpp(model: &str) {
     let cases: Vec<GreedyCase> =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join(format!("greedy/{model}.json"))).unwrap())
@@ -116,7 +118,7 @@ fn greedy_agrees_with_llama_cpp(model: &str) {
         sampling: Sampling::greedy(),
         ..Default::default()
     };
-    let mut free_agree = 0;
+    let (mut free_agree, mut whole_agree) = (0, 0);
     for case in &cases {
         let ours = engine
             .session(SessionOptions::default())
@@ -125,11 +127,17 @@ fn greedy_agrees_with_llama_cpp(model: &str) {
             .text;
         let (a, b): (String, String) = (ours.chars().take(20).collect(), case.output.chars().take(20).collect());
         free_agree += (a == b) as usize;
+        whole_agree += (ours == case.output) as usize;
     }
     eprintln!(
-        "{model}: teacher-forced top-1 agrees at {forced_agree}/{positions} positions; first token {first_token_agree}/{n}; \
-         free-running first 20 characters {free_agree}/{n}",
+        "{model}: free-running first 20 characters {free_agree}/{n}, whole continuations {whole_agree}/{n}; \
+         teacher-forced top-1 agrees at {forced_agree}/{positions} positions; first token {first_token_agree}/{n}",
         n = cases.len()
+    );
+    assert!(
+        free_agree * 10 >= cases.len() * 9,
+        "{model}: free-running first 20 characters agree for {free_agree}/{} prompts",
+        cases.len()
     );
     assert!(
         forced_agree * 100 >= positions * 93,

@@ -5,8 +5,8 @@
 //!
 //! GFLOP/s count 4 · head_dim flops per visible (query, key) pair and head; GB/s count
 //! the keys and values visible to the first query, read once (f32): the bound for decode.
-//! The last column is the SIMD kernel over an f16 cache of the same values (as the CPU
-//! backend keeps it).
+//! The last column is the kernel over an f16 cache of the same values, as the CPU backend
+//! keeps it (for calls of few queries, the f16-accumulator kernel).
 
 use std::time::Instant;
 
@@ -25,6 +25,7 @@ fn main() {
         kv_stride: 256,
         scale: 1.0 / 16.0,
         window: Some(512),
+        f16_cache: false,
     };
     let smol = |n_tokens, start_pos| AttnGeometry {
         n_tokens,
@@ -35,6 +36,7 @@ fn main() {
         kv_stride: 3 * 64,
         scale: 1.0 / 8.0,
         window: None,
+        f16_cache: false,
     };
     let shapes = [
         ("gemma3  prefill 512", gemma(512, 0)),
@@ -77,6 +79,7 @@ fn main() {
         let first_row = g.window.map_or(0, |w| (g.start_pos + 1).saturating_sub(w));
         let bytes = (2 * (rows - first_row) * g.n_kv_head * d * 4) as f64;
         let mut time = |level: SimdLevel, f16: bool| -> f64 {
+            let g = AttnGeometry { f16_cache: f16, ..g };
             // SAFETY: out holds n_tokens rows of n_head × head_dim; items run one at a time.
             let o = unsafe { OutMatrix::new(out.as_mut_ptr(), g.n_head * d) };
             let run = || {

@@ -83,7 +83,7 @@ fn main() {
                     for i in 0..threads {
                         let (r0, r1) = (i * per, rows.min((i + 1) * per));
                         let (w, acts) = (&weights[r0 * rb..r1 * rb], &acts);
-                        s.spawn(move || gemm(ty, w, r1 - r0, cols, acts, tokens, o.offset_cols(r0)));
+                        s.spawn(move || gemm(ty, w, r1 - r0, cols, acts, tokens, &[], o.offset_cols(r0)));
                     }
                 });
             };

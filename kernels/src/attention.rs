@@ -2,19 +2,34 @@
 //! take independently: grouped-query heads read their shared keys and values in place
 //! (no copies per head), and a sliding window limits what each query sees.
 //!
-//! The kernel is flash attention in f32: an item is a tile of queries × the heads of one
-//! KV group (up to four SIMD vectors of query lanes). For each block of keys it computes
-//! the score block like a small GEMM (a key element broadcast against the transposed
-//! queries, queries in lanes), masks it (causal, window), runs the online softmax with
-//! the queries still in lanes, and accumulates `P·V` in f32. It differs from
-//! [`ops::attend`] only in summation order, a polynomial `exp` (~2 ulp), the scale folded
-//! into the query, and normalization at the end: ~1e-6 relative.
+//! Two kernels, chosen per call from its geometry alone (so a sequence's results never
+//! depend on what else runs):
+//!
+//! - **f16 accumulator**, for calls of fewer than 64 queries (short prefill chunks and
+//!   decode steps) over an f16 cache: llama.cpp's CPU flash attention for a handful of queries, operation
+//!   for operation, so that kiln decodes the tokens llama.cpp decodes. Per head: the
+//!   query rounded to f16; for each key in order, the score as ggml's AVX-512
+//!   `ggml_vec_dot_f16` sums it (16-lane products, its reduction tree), times the scale;
+//!   an online softmax with libm's `expf` and `S = fma(S, ms, vs)`; the weighted values
+//!   accumulated in f16, every update rounded; at the end the accumulator times `1 / S`.
+//!   An item is one query × the heads of one KV group, each head its own chain, so every
+//!   key and value row is widened once per group. A decode step over 512 keys or more
+//!   takes the f32 kernel, where llama.cpp itself starts splitting the keys across
+//!   threads.
+//! - **f32 flash attention** (everything else): an item is a tile of queries × the heads
+//!   of one KV group (up to four SIMD vectors of query lanes). For each block of keys it
+//!   computes the score block like a small GEMM (a key element broadcast against the
+//!   transposed queries, queries in lanes), masks it (causal, window), runs the online
+//!   softmax with the queries still in lanes, and accumulates `P·V` in f32. It differs
+//!   from [`ops::attend`] only in summation order, a polynomial `exp` (~2 ulp), the scale
+//!   folded into the query, and normalization at the end: ~1e-6 relative.
 //!
 //! The cache holds f32 rows, or f16 rows ([`CacheRows`]) that each block of keys and
 //! values is widened from into L1 scratch before the f32 kernel reads it.
 //!
-//! It runs at the best [`SimdLevel`] of the CPU (AVX-512, else AVX2 + FMA); the scalar
-//! level runs [`ops::attend`] per (query, head).
+//! The f32 kernel runs at the best [`SimdLevel`] of the CPU (AVX-512, else AVX2 + FMA);
+//! its scalar level runs [`ops::attend`] per (query, head). The f16-accumulator kernel
+//! is the same operations at every level.
 
 use std::array;
 use std::cell::RefCell;
@@ -37,11 +52,27 @@ pub struct AttnGeometry {
     pub scale: f32,
     /// A query at position p sees keys in `p + 1 - window ..= p`.
     pub window: Option<usize>,
+    /// The cache holds f16 rows ([`CacheRows::F16`]); calls of few queries then take the
+    /// f16-accumulator kernel (see the module documentation).
+    pub f16_cache: bool,
 }
+
+/// Calls of fewer queries than this take the f16-accumulator kernel (llama.cpp's
+/// `GGML_FA_TILE_Q`: from 64 queries on it tiles in f32).
+const F16_ACC_MAX_TOKENS: usize = 64;
+/// Single-query calls over at least this many keys take the f32 kernel.
+const F16_ACC_MAX_KEYS: usize = 512;
 
 impl AttnGeometry {
     fn group(&self) -> usize {
         self.n_head / self.n_kv_head
+    }
+
+    /// Whether this call runs the f16-accumulator kernel (see the module docs).
+    fn f16_accumulator(&self) -> bool {
+        self.f16_cache
+            && self.n_tokens < F16_ACC_MAX_TOKENS
+            && (self.n_tokens > 1 || self.start_pos + 1 < F16_ACC_MAX_KEYS)
     }
 
     /// The keys query `t` sees: `first..=pos`.
@@ -157,6 +188,14 @@ struct Split {
 
 fn split(g: &AttnGeometry) -> Split {
     let group = g.group();
+    if g.f16_accumulator() {
+        return Split {
+            heads: group,
+            parts: 1,
+            tokens: 1,
+            tiles: g.n_tokens,
+        };
+    }
     let heads = group.min(TILE_LANES);
     let tokens = (TILE_LANES / heads).max(1);
     Split {
@@ -226,10 +265,10 @@ pub fn run_item_at(
     assert!(q.len() >= g.n_tokens * g.n_head * d, "attention: query length");
     assert!(
         matches!(
-            (keys, values),
-            (CacheRows::F32(_), CacheRows::F32(_)) | (CacheRows::F16(_), CacheRows::F16(_))
+            (keys, values, g.f16_cache),
+            (CacheRows::F32(_), CacheRows::F32(_), false) | (CacheRows::F16(_), CacheRows::F16(_), true)
         ),
-        "attention: keys and values in one format"
+        "attention: keys and values in the format the geometry says"
     );
     let rows = keys.len().min(values.len()) / g.kv_stride;
     assert!(
@@ -256,6 +295,7 @@ pub fn run_item_at(
         out,
     };
     SCRATCH.with_borrow_mut(|sc| match level {
+        _ if g.f16_accumulator() => f16_acc(level, &job, sc),
         SimdLevel::Scalar => run_portable(&job, sc),
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => {
@@ -358,6 +398,110 @@ fn run_portable(it: &Item, sc: &mut Scratch) {
             }
         }
     }
+}
+
+/// The f16-accumulator kernel at `level`: the same operations at every level (the
+/// SIMD levels only let the compiler vectorize them), so the same bits.
+fn f16_acc(level: SimdLevel, it: &Item, sc: &mut Scratch) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512Vnni => {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+            unsafe fn avx512(it: &Item, sc: &mut Scratch) {
+                f16_acc_item(it, sc)
+            }
+            // SAFETY: the level was detected on this CPU (run_item_at checked it).
+            unsafe { avx512(it, sc) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2(it: &Item, sc: &mut Scratch) {
+                f16_acc_item(it, sc)
+            }
+            // SAFETY: as above.
+            unsafe { avx2(it, sc) }
+        }
+        _ => f16_acc_item(it, sc),
+    }
+}
+
+/// One item of the f16-accumulator kernel (see the module docs).
+#[inline(always)]
+fn f16_acc_item(it: &Item, sc: &mut Scratch) {
+    let g = it.g;
+    let (d, hp) = (g.head_dim, it.heads.len());
+    let q = aligned(&mut sc.q, hp * d);
+    let acc = aligned(&mut sc.o, hp * d);
+    let (maxes, sums) = aligned(&mut sc.stats, 2 * hp).split_at_mut(hp);
+    let key = aligned(&mut sc.kb, d);
+    let value = aligned(&mut sc.vb, d);
+    for t in it.tokens.clone() {
+        let (first, pos) = g.visible(t);
+        for (hi, h) in it.heads.clone().enumerate() {
+            q[hi * d..][..d].copy_from_slice(it.query(t, h));
+        }
+        ops::round_to_f16_in_place(q);
+        acc.fill(0.0);
+        maxes.fill(f32::NEG_INFINITY);
+        sums.fill(0.0);
+        for p in first..=pos {
+            let row = it.pages.row(p) * g.kv_stride + it.kv_offset;
+            it.keys.widen(row, key);
+            it.values.widen(row, value);
+            for hi in 0..hp {
+                let acc = &mut acc[hi * d..][..d];
+                let score = dot_f16_ggml(key, &q[hi * d..][..d]) * g.scale;
+                let (rescale, weight) = if score > maxes[hi] {
+                    let rescale = (maxes[hi] - score).exp();
+                    maxes[hi] = score;
+                    acc.iter_mut().for_each(|a| *a *= rescale);
+                    ops::round_to_f16_in_place(acc);
+                    (rescale, 1.0)
+                } else {
+                    (1.0, (score - maxes[hi]).exp())
+                };
+                for (a, v) in acc.iter_mut().zip(value.iter()) {
+                    *a = v.mul_add(weight, *a);
+                }
+                ops::round_to_f16_in_place(acc);
+                sums[hi] = sums[hi].mul_add(rescale, weight);
+            }
+        }
+        for (hi, h) in it.heads.clone().enumerate() {
+            let inv = if sums[hi] == 0.0 { 0.0 } else { 1.0 / sums[hi] };
+            for (i, &a) in acc[hi * d..][..d].iter().enumerate() {
+                // SAFETY: the caller's OutMatrix covers row t, columns of head h.
+                unsafe { it.out.write(t, h * d + i, a * inv) };
+            }
+        }
+    }
+}
+
+/// `k · q` as ggml's AVX-512 `ggml_vec_dot_f16` sums it: per 64 elements, four 16-lane
+/// FMA accumulators; then `(a0 + a2) + (a1 + a3)`, the 16 lanes reduced as GCC's
+/// `_mm512_reduce_add_ps` does (halves, quarters, then pairs), and elements past the
+/// last multiple of 64 added one by one in f64.
+#[inline(always)]
+fn dot_f16_ggml(k: &[f32], q: &[f32]) -> f32 {
+    let d = k.len();
+    let full = d / 64 * 64;
+    let mut sum = [[0f32; 16]; 4];
+    for (kc, qc) in k[..full].chunks_exact(64).zip(q[..full].chunks_exact(64)) {
+        for (j, s) in sum.iter_mut().enumerate() {
+            for (l, s) in s.iter_mut().enumerate() {
+                *s = kc[16 * j + l].mul_add(qc[16 * j + l], *s);
+            }
+        }
+    }
+    let x: [f32; 16] = array::from_fn(|l| (sum[0][l] + sum[2][l]) + (sum[1][l] + sum[3][l]));
+    let halves: [f32; 8] = array::from_fn(|i| x[8 + i] + x[i]);
+    let quarters: [f32; 4] = array::from_fn(|i| halves[4 + i] + halves[i]);
+    let mut total = ((quarters[0] + quarters[2]) + (quarters[1] + quarters[3])) as f64;
+    for (a, b) in k[full..].iter().zip(&q[full..]) {
+        total += (a * b) as f64;
+    }
+    total as f32
 }
 
 #[cfg(target_arch = "x86_64")]

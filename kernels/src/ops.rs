@@ -108,15 +108,22 @@ pub enum RopeStyle {
     Neox,
 }
 
-/// The angular frequency of pair `i` of a `rope_dims`-dimensional head: at position
-/// `pos` the pair turns by `pos as f32 * rope_freq(..)`.
-#[inline]
-pub fn rope_freq(i: usize, rope_dims: usize, theta: f32) -> f32 {
-    1.0 / theta.powf(2.0 * i as f32 / rope_dims as f32)
+/// The `(sin, cos)` of every rotated pair at position `pos`, appended to `out`, computed
+/// as ggml does: the angle of pair `i` is `pos · s^i` with `s = theta^(-2 / rope_dims)`,
+/// built by multiplying by `s` pair after pair (in f32, rounding at each step), then
+/// libm's `sinf`/`cosf`.
+pub fn rope_angles(pos: u32, rope_dims: usize, theta: f32, out: &mut Vec<(f32, f32)>) {
+    let step = theta.powf(-2.0 / rope_dims as f32);
+    let mut angle = pos as f32;
+    for _ in 0..rope_dims / 2 {
+        out.push((angle.sin(), angle.cos()));
+        angle *= step;
+    }
 }
 
 /// Rotates one head by precomputed `(sin, cos)` per pair (`table.len()` pairs rotate);
-/// heads of one position share a table.
+/// heads of one position share a table. Each output is one product and one fused
+/// multiply-add, as ggml's x86 build contracts `x0·cos − x1·sin` and `x0·sin + x1·cos`.
 #[inline]
 pub fn rope_with(head: &mut [f32], table: &[(f32, f32)], style: RopeStyle) {
     let half = table.len();
@@ -126,8 +133,8 @@ pub fn rope_with(head: &mut [f32], table: &[(f32, f32)], style: RopeStyle) {
             RopeStyle::Neox => (i, i + half),
         };
         let (x0, x1) = (head[a], head[b]);
-        head[a] = x0 * cos - x1 * sin;
-        head[b] = x0 * sin + x1 * cos;
+        head[a] = x0.mul_add(cos, -(x1 * sin));
+        head[b] = x0.mul_add(sin, x1 * cos);
     }
 }
 
@@ -281,7 +288,10 @@ fn gelu_f16_table() -> &'static [f32] {
                 let x = half::f16::from_bits(bits).to_f32();
                 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
                 const COEF_A: f32 = 0.044_715;
-                round_to_f16(0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh()))
+                // `1 + a·x·x` as one fused multiply-add, as GCC contracts ggml's
+                // `ggml_gelu_f32`.
+                let inner = (SQRT_2_OVER_PI * x) * (COEF_A * x).mul_add(x, 1.0);
+                round_to_f16((0.5 * x) * (1.0 + inner.tanh()))
             })
             .collect()
     })
@@ -415,6 +425,37 @@ pub fn f16_to_f32_slice(src: &[u16], dst: &mut [f32]) {
     }
 }
 
+/// Rounds every value of `x` to the nearest f16 (ties to even), in place.
+pub fn round_to_f16_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::gemm::simd_level() >= crate::gemm::SimdLevel::Avx2 {
+            // SAFETY: the CPU supports F16C, checked just above.
+            return unsafe { round_to_f16_f16c(x) };
+        }
+    }
+    for v in x {
+        *v = round_to_f16(*v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn round_to_f16_f16c(x: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        // SAFETY: c holds 8 floats.
+        unsafe {
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(c.as_ptr()));
+            _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+        }
+    }
+    for v in chunks.into_remainder() {
+        *v = round_to_f16(*v);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn f32_to_f16_f16c(src: &[f32], dst: &mut [u16]) {
@@ -486,7 +527,8 @@ mod tests {
         let d = 8;
         let x: Vec<f32> = (0..d).map(|i| i as f32 + 1.0).collect();
         let mut inter = x.clone();
-        let table: Vec<(f32, f32)> = (0..d / 2).map(|i| (5.0 * rope_freq(i, d, 10000.0)).sin_cos()).collect();
+        let mut table = Vec::new();
+        rope_angles(5, d, 10000.0, &mut table);
         rope_with(&mut inter, &table, RopeStyle::Interleaved);
         let mut neox: Vec<f32> = (0..d / 2)
             .map(|i| x[2 * i])

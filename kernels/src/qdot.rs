@@ -31,6 +31,7 @@
 //!   ggml's SIMD versions reorder the f32 sums, which moves the result by a few ulps of
 //!   the sum of magnitudes; the integer parts are identical.
 
+use crate::gemm::RowShape;
 use crate::quant::{GgmlType, QK_K};
 use half::{bf16, f16};
 
@@ -307,26 +308,33 @@ fn quantize_q8_k_block(x: &[f32], y: &mut [u8]) {
 /// If `n` is not a whole number of blocks, or either slice is not exactly the bytes of
 /// `n` elements.
 pub fn dot(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize) -> f32 {
+    dot_in(weight_ty, weight_row, acts, n, RowShape::default())
+}
+
+/// [`dot`] for an activation row of the given [`RowShape`], which picks the order of the
+/// f32 sums of Q4_K and Q6_K as llama.cpp's kernel for such a row has it; other types
+/// ignore it.
+pub fn dot_in(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize, shape: RowShape) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::ops::has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { dot_avx2(weight_ty, weight_row, acts, n) };
+            return unsafe { dot_avx2(weight_ty, weight_row, acts, n, shape) };
         }
     }
-    dot_portable(weight_ty, weight_row, acts, n)
+    dot_portable(weight_ty, weight_row, acts, n, shape)
 }
 
-/// [`dot`] compiled for AVX2 + FMA: the same operations (fused multiply-adds stay exactly
-/// where the portable code asks for them), vectorized and without libm calls.
+/// [`dot_in`] compiled for AVX2 + FMA: the same operations (fused multiply-adds stay
+/// exactly where the portable code asks for them), vectorized and without libm calls.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize) -> f32 {
-    dot_portable(weight_ty, weight_row, acts, n)
+unsafe fn dot_avx2(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize, shape: RowShape) -> f32 {
+    dot_portable(weight_ty, weight_row, acts, n, shape)
 }
 
 #[inline(always)]
-fn dot_portable(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize) -> f32 {
+fn dot_portable(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize, shape: RowShape) -> f32 {
     let fmt = activation_format(weight_ty);
     let (Some(wb), Some(ab)) = (weight_ty.row_bytes(n), fmt.row_bytes(n)) else {
         panic!("qdot::dot: {n} elements is not a whole number of {weight_ty} blocks");
@@ -354,9 +362,9 @@ fn dot_portable(weight_ty: GgmlType, weight_row: &[u8], acts: &[u8], n: usize) -
         GgmlType::Q8_0 => dot_q8_0(weight_row, acts),
         GgmlType::Q2_K => dot_q2_k(weight_row, acts),
         GgmlType::Q3_K => dot_q3_k(weight_row, acts),
-        GgmlType::Q4_K => dot_q4_k(weight_row, acts),
+        GgmlType::Q4_K => dot_q4_k(weight_row, acts, shape.in_group_of_4),
         GgmlType::Q5_K => dot_q5_k(weight_row, acts),
-        GgmlType::Q6_K => dot_q6_k(weight_row, acts),
+        GgmlType::Q6_K => dot_q6_k(weight_row, acts, shape.in_batch_of_8),
     }
 }
 
@@ -433,98 +441,127 @@ fn q8_0_block(b: &[u8]) -> (f32, &[u8]) {
     (f16_at(b, 0), &b[2..2 + QK8])
 }
 
-/// Q4_0 × Q8_0: per block `Σ (q_w - 8) q_a` in integers, then
-/// `sumf += ((sumi * d_w) * d_a)` (ggml's order of the f32 products).
+/// The 32-element block types in the order of ggml's x86 (AVX2) dot products, which
+/// llama.cpp's CPU backend runs on any x86 build with AVX2, AVX-512 included:
+///
+/// * per block, eight lanes of integer sums, lane `l` over elements `4l..4l + 4` in
+///   ggml's element order (low nibbles are elements 0..16, high nibbles 16..32);
+/// * `acc[l] = fma(lane[l], d_w * d_a, acc[l])`, block after block;
+/// * the lanes summed as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`;
+/// * for Q4_1/Q5_1, plus `Σ m_w * s_a` accumulated by fused multiply-adds.
+///
+/// Summing in exactly this order (not only with the same integers) is what lets greedy
+/// decoding follow llama.cpp's tokens: small models have many near-ties, and an ulp of
+/// difference in one activation can flip an 8-bit rounding a few layers later.
 #[inline(always)]
-fn dot_q4_0(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (wb, ab) in w.chunks_exact(18).zip(a.chunks_exact(34)) {
-        let dw = f16_at(wb, 0);
-        let (da, qa) = q8_0_block(ab);
-        let qs = &wb[2..18];
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let v0 = (qs[j] & 0x0F) as i32 - 8;
-            let v1 = (qs[j] >> 4) as i32 - 8;
-            sumi += v0 * qa[j] as i8 as i32 + v1 * qa[j + 16] as i8 as i32;
+fn dot_blocks32(nb: usize, mut block: impl FnMut(usize) -> (f32, [i32; 8], f32, f32)) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut mins = 0f32;
+    for b in 0..nb {
+        let (scale, lanes, m, s) = block(b);
+        for (a, &l) in acc.iter_mut().zip(&lanes) {
+            *a = (l as f32).mul_add(scale, *a);
         }
-        sumf = (sumi as f32 * dw).mul_add(da, sumf);
+        mins = m.mul_add(s, mins);
     }
-    sumf
+    hsum8(&acc) + mins
 }
 
-/// Q4_1 × Q8_1: per block `sumf += (d_w * d_a) * Σ q_w q_a + m_w * s_a`.
+/// ggml's `hsum_float_8`: `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`.
+#[inline(always)]
+pub fn hsum8(a: &[f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+/// Lane sums of a block: lane `l` is `Σ w[j] a[j]` for `j` in `4l..4l + 4`.
+#[inline(always)]
+fn lane_sums(w: &[i32; 32], a: &[u8]) -> [i32; 8] {
+    let mut lanes = [0i32; 8];
+    for (j, (&x, &y)) in w.iter().zip(a).enumerate() {
+        lanes[j / 4] += x * y as i8 as i32;
+    }
+    lanes
+}
+
+/// The 32 four-bit values of a block's `qs`, in element order, minus `off`.
+#[inline(always)]
+fn q4_values(qs: &[u8], off: i32) -> [i32; 32] {
+    let mut v = [0i32; 32];
+    for j in 0..16 {
+        v[j] = (qs[j] & 0x0F) as i32 - off;
+        v[j + 16] = (qs[j] >> 4) as i32 - off;
+    }
+    v
+}
+
+/// Q4_0 × Q8_0: `(q_w - 8) q_a` per element; scale `d_w * d_a`.
+#[inline(always)]
+fn dot_q4_0(w: &[u8], a: &[u8]) -> f32 {
+    dot_blocks32(w.len() / 18, |b| {
+        let (wb, ab) = (&w[18 * b..][..18], &a[34 * b..][..34]);
+        let (da, qa) = q8_0_block(ab);
+        let lanes = lane_sums(&q4_values(&wb[2..18], 8), qa);
+        (f16_at(wb, 0) * da, lanes, 0.0, 0.0)
+    })
+}
+
+/// Q4_1 × Q8_1: `q_w q_a` per element; scale `d_w * d_a`, plus `m_w * s_a` per block.
 #[inline(always)]
 fn dot_q4_1(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (wb, ab) in w.chunks_exact(20).zip(a.chunks_exact(36)) {
-        let (dw, mw) = (f16_at(wb, 0), f16_at(wb, 2));
-        let (da, sa) = (f16_at(ab, 0), f16_at(ab, 2));
-        let qs = &wb[4..20];
-        let qa = &ab[4..36];
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let v0 = (qs[j] & 0x0F) as i32;
-            let v1 = (qs[j] >> 4) as i32;
-            sumi += v0 * qa[j] as i8 as i32 + v1 * qa[j + 16] as i8 as i32;
-        }
-        sumf += (dw * da).mul_add(sumi as f32, mw * sa);
-    }
-    sumf
+    dot_blocks32(w.len() / 20, |b| {
+        let (wb, ab) = (&w[20 * b..][..20], &a[36 * b..][..36]);
+        let lanes = lane_sums(&q4_values(&wb[4..20], 0), &ab[4..36]);
+        (f16_at(wb, 0) * f16_at(ab, 0), lanes, f16_at(wb, 2), f16_at(ab, 2))
+    })
 }
 
 /// The 32 five-bit values of a Q5_0/Q5_1 block (`qh`, `qs` as stored), unsigned 0..32.
 #[inline(always)]
 fn q5_values(qh: u32, qs: &[u8]) -> [i32; 32] {
-    let mut v = [0i32; 32];
-    for j in 0..16 {
-        v[j] = ((qs[j] & 0x0F) as u32 | (((qh >> j) & 1) << 4)) as i32;
-        v[j + 16] = ((qs[j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4)) as i32;
+    let mut v = q4_values(qs, 0);
+    for (j, x) in v.iter_mut().enumerate() {
+        *x |= (((qh >> j) & 1) << 4) as i32;
     }
     v
 }
 
-/// Q5_0 × Q8_0: per block `sumf += (d_w * d_a) * Σ (q_w - 16) q_a`.
+/// Q5_0 × Q8_0: `(q_w - 16) q_a` per element; scale `d_w * d_a`.
 #[inline(always)]
 fn dot_q5_0(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (wb, ab) in w.chunks_exact(22).zip(a.chunks_exact(34)) {
-        let dw = f16_at(wb, 0);
+    dot_blocks32(w.len() / 22, |b| {
+        let (wb, ab) = (&w[22 * b..][..22], &a[34 * b..][..34]);
         let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
-        let v = q5_values(qh, &wb[6..22]);
+        let mut v = q5_values(qh, &wb[6..22]);
+        v.iter_mut().for_each(|x| *x -= 16);
         let (da, qa) = q8_0_block(ab);
-        let sumi: i32 = v.iter().zip(i8s(qa)).map(|(&x, y)| (x - 16) * y).sum();
-        sumf = (dw * da).mul_add(sumi as f32, sumf);
-    }
-    sumf
+        (f16_at(wb, 0) * da, lane_sums(&v, qa), 0.0, 0.0)
+    })
 }
 
-/// Q5_1 × Q8_1: per block `sumf += (d_w * d_a) * Σ q_w q_a + m_w * s_a`.
+/// Q5_1 × Q8_1: `q_w q_a` per element; scale `d_w * d_a`, plus `m_w * s_a` per block.
 #[inline(always)]
 fn dot_q5_1(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (wb, ab) in w.chunks_exact(24).zip(a.chunks_exact(36)) {
-        let (dw, mw) = (f16_at(wb, 0), f16_at(wb, 2));
+    dot_blocks32(w.len() / 24, |b| {
+        let (wb, ab) = (&w[24 * b..][..24], &a[36 * b..][..36]);
         let qh = u32::from_le_bytes([wb[4], wb[5], wb[6], wb[7]]);
-        let v = q5_values(qh, &wb[8..24]);
-        let (da, sa) = (f16_at(ab, 0), f16_at(ab, 2));
-        let sumi: i32 = v.iter().zip(i8s(&ab[4..36])).map(|(&x, y)| x * y).sum();
-        sumf += (dw * da).mul_add(sumi as f32, mw * sa);
-    }
-    sumf
+        let lanes = lane_sums(&q5_values(qh, &wb[8..24]), &ab[4..36]);
+        (f16_at(wb, 0) * f16_at(ab, 0), lanes, f16_at(wb, 2), f16_at(ab, 2))
+    })
 }
 
-/// Q8_0 × Q8_0: per block `sumf += sumi * (d_w * d_a)`.
+/// Q8_0 × Q8_0: `q_w q_a` per element; scale `d_w * d_a`.
 #[inline(always)]
 fn dot_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumf = 0.0f32;
-    for (wb, ab) in w.chunks_exact(34).zip(a.chunks_exact(34)) {
+    dot_blocks32(w.len() / 34, |b| {
+        let (wb, ab) = (&w[34 * b..][..34], &a[34 * b..][..34]);
         let (dw, qw) = q8_0_block(wb);
         let (da, qa) = q8_0_block(ab);
-        let sumi: i32 = i8s(qw).zip(i8s(qa)).map(|(x, y)| x * y).sum();
-        sumf = (sumi as f32).mul_add(dw * da, sumf);
-    }
-    sumf
+        let mut v = [0i32; 32];
+        for (x, &q) in v.iter_mut().zip(qw) {
+            *x = q as i8 as i32;
+        }
+        (dw * da, lane_sums(&v, qa), 0.0, 0.0)
+    })
 }
 
 /// A Q8_K block: `(d, qs, bsums)`.
@@ -687,19 +724,46 @@ fn dot_q45_k(w: &[u8], a: &[u8], wsize: usize, decode: impl Fn(&[u8], &mut [i8; 
     reduce_lanes(sumf, &sums)
 }
 
-/// Q4_K × Q8_K; see [`dot_q45_k`].
+/// Q4_K × Q8_K in the order of ggml's x86 repacked kernels, which llama.cpp's CPU
+/// backend runs for every Q4_K matrix of a multiple of 8 rows. Per super-block, the exact
+/// integer sums `Σ_sub scale · Σ q_w q_a` and `Σ_sub min · bsums` go to two f32
+/// accumulators by `fma(sum, d_w * d_a, acc)` and `fma(mins, dmin_w * d_a, acc_min)`;
+/// the result is `acc - acc_min`. A token that llama.cpp multiplies in a group of four
+/// (`quad`: `ggml_gemm_q4_K_8x8_q8_K`) takes those two steps per pair of sub-blocks (64
+/// elements) instead of per super-block (`ggml_gemv_q4_K_8x8_q8_K`).
 #[inline(always)]
-fn dot_q4_k(w: &[u8], a: &[u8]) -> f32 {
-    dot_q45_k(w, a, 144, |wb, q| {
-        let qs = &wb[16..144];
-        for chunk in 0..4 {
-            for l in 0..32 {
-                let b = qs[32 * chunk + l];
-                q[64 * chunk + l] = (b & 0x0F) as i8;
-                q[64 * chunk + 32 + l] = (b >> 4) as i8;
+fn dot_q4_k(w: &[u8], a: &[u8], quad: bool) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (wb, ab) in w.chunks_exact(144).zip(a.chunks_exact(Q8K_SIZE)) {
+        let (da, qa, bsums) = q8_k_block(ab);
+        let (d, dmin) = (f16_at(wb, 0) * da, f16_at(wb, 2) * da);
+        let (mut sum, mut mins) = (0i32, 0i32);
+        for pair in 0..4 {
+            let bytes = &wb[16 + 32 * pair..][..32];
+            for half in 0..2 {
+                let sub = 2 * pair + half;
+                let (sc, mn) = scale_min_k4(sub, &wb[4..16]);
+                let qa = &qa[32 * sub..][..32];
+                let dot: i32 = bytes
+                    .iter()
+                    .zip(qa)
+                    .map(|(&b, &y)| ((b >> (4 * half)) & 0x0F) as i32 * y as i8 as i32)
+                    .sum();
+                sum += sc * dot;
+                mins += mn * (bsums[2 * sub] + bsums[2 * sub + 1]);
+            }
+            if quad {
+                acc = (sum as f32).mul_add(d, acc);
+                acc_min = (mins as f32).mul_add(dmin, acc_min);
+                (sum, mins) = (0, 0);
             }
         }
-    })
+        if !quad {
+            acc = (sum as f32).mul_add(d, acc);
+            acc_min = (mins as f32).mul_add(dmin, acc_min);
+        }
+    }
+    acc - acc_min
 }
 
 /// Q5_K × Q8_K; see [`dot_q45_k`].
@@ -719,37 +783,55 @@ fn dot_q5_k(w: &[u8], a: &[u8]) -> f32 {
     })
 }
 
-/// Q6_K × Q8_K (ggml's generic code): signed quants `q - 32`, signed 8-bit scale per
-/// 16 elements, lanes as in [`dot_q3_k`].
+/// Q6_K × Q8_K as llama.cpp's x86 CPU backend computes it. A row multiplied alone or in
+/// a batch of fewer than 8 goes through `ggml_vec_dot_q6_K_q8_K` (AVX2): per super-block
+/// eight i32 lanes, lane `l` summing `scale · q_w q_a` over elements `32c + 4l .. 32c + 4l
+/// + 4` of every 32-element chunk `c` with the unsigned quants (0..64), less
+/// `32 · Σ bsum · scale` over the 16-element groups `2l` and `2l + 1`; then
+/// `acc[l] = fma(d_a * d_w, lane, acc[l])`, the lanes summed as [`hsum8`]. A row in a
+/// batch of 8 or more (`tiled`) goes through the tiled K-quant GEMM: per super-block the
+/// whole exact sum `S`, then `acc = fma((f32) S · d_w, d_a, acc)`.
 #[inline(always)]
-fn dot_q6_k(w: &[u8], a: &[u8]) -> f32 {
-    let mut sums = [0.0f32; 8];
-    let mut q = [0i8; QK_K];
+fn dot_q6_k(w: &[u8], a: &[u8], tiled: bool) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut total = 0f32;
+    let mut q = [0i32; QK_K];
     for (wb, ab) in w.chunks_exact(210).zip(a.chunks_exact(Q8K_SIZE)) {
-        let (da, qa, _) = q8_k_block(ab);
+        let (da, qa, bsums) = q8_k_block(ab);
         for half in 0..2 {
             let ql = &wb[64 * half..64 * half + 64];
             let qh = &wb[128 + 32 * half..128 + 32 * half + 32];
             let out = &mut q[128 * half..128 * half + 128];
             for l in 0..32 {
-                out[l] = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i8 - 32;
-                out[l + 32] = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-                out[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-                out[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                out[l] = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32;
+                out[l + 32] = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32;
+                out[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32;
+                out[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32;
             }
         }
-        let scales = &wb[192..208];
-        let mut aux32 = [0i32; 8];
-        for (sub, &sc) in scales.iter().enumerate() {
-            let r = 16 * sub..16 * sub + 16;
-            lanes_add(&mut aux32, sc as i8 as i32, &q[r.clone()], &qa[r]);
+        let scales: [i32; 16] = std::array::from_fn(|g| wb[192 + g] as i8 as i32);
+        let mut lanes = [0i32; 8];
+        for (e, (&x, &y)) in q.iter().zip(qa).enumerate() {
+            lanes[(e % 32) / 4] += scales[e / 16] * x * y as i8 as i32;
         }
-        let d = f16_at(wb, 208) * da;
-        for (s, &x) in sums.iter_mut().zip(&aux32) {
-            *s = d.mul_add(x as f32, *s);
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane -= 32 * (bsums[2 * l] * scales[2 * l] + bsums[2 * l + 1] * scales[2 * l + 1]);
+        }
+        let dw = f16_at(wb, 208);
+        if tiled {
+            total = (lanes.iter().sum::<i32>() as f32 * dw).mul_add(da, total);
+        } else {
+            let d = da * dw;
+            for (s, &x) in acc.iter_mut().zip(&lanes) {
+                *s = d.mul_add(x as f32, *s);
+            }
         }
     }
-    reduce_lanes(0.0, &sums)
+    if tiled {
+        total
+    } else {
+        hsum8(&acc)
+    }
 }
 
 #[cfg(test)]

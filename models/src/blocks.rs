@@ -130,6 +130,9 @@ pub struct Scratch {
     pub page_table: Vec<u32>,
     /// Rows of the pass whose logits are wanted, in order.
     pub logit_rows: Vec<u32>,
+    /// Tokens and logits wanted of each sequence of the pass.
+    pub seq_tokens: Vec<usize>,
+    pub seq_logits: Vec<usize>,
     /// Every token of the pass.
     pub tokens: Vec<u32>,
     pub page_size: usize,
@@ -155,6 +158,8 @@ impl Scratch {
             attn_seqs: Vec::with_capacity(n),
             page_table: Vec::new(),
             logit_rows: Vec::with_capacity(max_logits),
+            seq_tokens: Vec::new(),
+            seq_logits: Vec::new(),
             tokens: Vec::with_capacity(n),
             page_size: 0,
         }
@@ -271,6 +276,10 @@ impl AttnWeights {
 pub struct AttnPlan {
     pub rope_theta: f32,
     pub rope_style: RopeStyle,
+    /// Queries are multiplied by `query_scale` after the rotation, and scores by `scale`
+    /// (llama.cpp scales Gemma's queries and other models' scores; the same numbers,
+    /// rounded differently).
+    pub query_scale: f32,
     pub scale: f32,
     pub window: Option<usize>,
 }
@@ -306,6 +315,9 @@ pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, 
         plan.rope_theta,
         plan.rope_style,
     );
+    if plan.query_scale != 1.0 {
+        be.scale(s.q, n * h.n_head * h.head_dim, plan.query_scale);
+    }
     be.store_kv(s.k, kv.0, h.kv_dim(), &s.kv_rows);
     be.store_kv(s.v, kv.1, h.kv_dim(), &s.kv_rows);
     let shape = Attention {
@@ -344,11 +356,14 @@ pub fn feed_forward(be: &mut dyn Backend, h: &Hyper, w: &FfnWeights, s: &Scratch
     be.matmul(w.down, s.gate, n, s.xb);
 }
 
-/// Final norm and classifier over the rows of the residual stream that want logits
-/// (`s.logit_rows`), whose logits fill that many rows of `s.logits`.
-pub fn logits(be: &mut dyn Backend, h: &Hyper, norm: WeightId, output: WeightId, s: &Scratch) -> BufId {
+/// Keeps only the rows of the residual stream that want logits (`s.logit_rows`), moved
+/// to its first rows in order, and returns their count. Models call it before the last
+/// layer's feed-forward, whose other rows nothing reads (the cache holds keys and values
+/// only), as llama.cpp does; the backend is told the new batch shape.
+pub fn keep_logit_rows(be: &mut dyn Backend, h: &Hyper, s: &Scratch) -> usize {
     let d = h.d_model;
-    // Runs of consecutive rows (a sequence's last tokens) move in one copy.
+    // Runs of consecutive rows (a sequence's last tokens) move in one copy; rows only
+    // move towards the front, and a run never overlaps where it lands unless in place.
     let rows = &s.logit_rows;
     let mut i = 0;
     while i < rows.len() {
@@ -356,21 +371,41 @@ pub fn logits(be: &mut dyn Backend, h: &Hyper, norm: WeightId, output: WeightId,
         while j < rows.len() && rows[j] == rows[j - 1] + 1 {
             j += 1;
         }
-        be.copy(s.x, rows[i] as usize * d, s.xb, i * d, (j - i) * d);
+        let from = rows[i] as usize;
+        if from != i {
+            let len = j - i;
+            let mut done = 0;
+            // Overlapping ranges go in pieces no longer than the distance moved.
+            let step = from - i;
+            while done < len {
+                let take = step.min(len - done);
+                be.copy_within(s.x, (from + done) * d, (i + done) * d, take * d);
+                done += take;
+            }
+        }
         i = j;
     }
-    be.rms_norm(s.xb, norm, rows.len(), h.norm_eps);
-    be.matmul(output, s.xb, rows.len(), s.logits);
+    be.set_batch(&s.seq_logits);
+    rows.len()
+}
+
+/// Final norm and classifier over the first `n` rows of the residual stream (those
+/// [`keep_logit_rows`] kept), whose logits fill that many rows of `s.logits`.
+pub fn logits(be: &mut dyn Backend, h: &Hyper, norm: WeightId, output: WeightId, s: &Scratch, n: usize) -> BufId {
+    be.copy(s.x, 0, s.xb, 0, n * h.d_model);
+    be.rms_norm(s.xb, norm, n, h.norm_eps);
+    be.matmul(output, s.xb, n, s.logits);
     s.logits
 }
 
 /// Lays out a pass over `batch`: the tokens of every sequence one after another, their
-/// positions, cache rows, attention calls and logit rows. Returns the token count.
+/// positions, cache rows, attention calls and logit rows, and tells the backend the
+/// batch's shape. Returns the token count.
 ///
 /// # Panics
 /// If the batch does not fit the scratch, or a sequence's page table does not cover its
 /// positions inside the store: callers size and check both.
-pub fn begin(kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> usize {
+pub fn begin(be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> usize {
     let n: usize = batch.iter().map(|q| q.tokens.len()).sum();
     let n_logits: usize = batch.iter().map(|q| q.n_logits).sum();
     assert!(
@@ -384,6 +419,8 @@ pub fn begin(kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> usize {
     s.attn_seqs.clear();
     s.page_table.clear();
     s.logit_rows.clear();
+    s.seq_tokens.clear();
+    s.seq_logits.clear();
     s.tokens.clear();
     s.page_size = kv.page_size;
     let ps = kv.page_size;
@@ -399,6 +436,8 @@ pub fn begin(kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> usize {
             "a page table does not cover positions 0..{end} in the store"
         );
         s.tokens.extend_from_slice(q.tokens);
+        s.seq_tokens.push(q.tokens.len());
+        s.seq_logits.push(q.n_logits);
         for pos in q.start..end {
             s.positions.push(pos as u32);
             s.kv_rows.push((q.pages[pos / ps] as usize * ps + pos % ps) as u32);
@@ -414,5 +453,6 @@ pub fn begin(kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> usize {
         s.logit_rows
             .extend((row0 + q.tokens.len() - q.n_logits..row0 + q.tokens.len()).map(|r| r as u32));
     }
+    be.set_batch(&s.seq_tokens);
     n
 }

@@ -130,10 +130,10 @@ impl Model for Gemma3 {
 
     fn forward(&self, be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> BufId {
         let h = &self.hyper;
-        let (n, d) = (blocks::begin(kv, s, batch), h.d_model);
+        let (mut n, d) = (blocks::begin(be, kv, s, batch), h.d_model);
         be.embed(self.embed, &s.tokens, s.x);
         be.scale(s.x, n * d, self.embed_scale);
-        for (layer, kv) in self.layers.iter().zip(&kv.layers) {
+        for (i, (layer, kv)) in self.layers.iter().zip(&kv.layers).enumerate() {
             let plan = AttnPlan {
                 rope_theta: if layer.sliding {
                     self.local_rope_theta
@@ -141,7 +141,8 @@ impl Model for Gemma3 {
                     h.rope_theta
                 },
                 rope_style: RopeStyle::Neox,
-                scale: self.attn_scale,
+                query_scale: self.attn_scale,
+                scale: 1.0,
                 window: if layer.sliding { h.sliding_window } else { None },
             };
             // Attention: x += norm(attn(norm(x))).
@@ -150,6 +151,12 @@ impl Model for Gemma3 {
             blocks::attention(be, h, &layer.attn, s, *kv, plan);
             be.rms_norm(s.xb, layer.post_attn_norm, n, h.norm_eps);
             be.add(s.x, s.xb, n * d);
+            if i + 1 == self.layers.len() {
+                n = blocks::keep_logit_rows(be, h, s);
+                if n == 0 {
+                    return s.logits;
+                }
+            }
             // Feed-forward: x += norm(ffn(norm(x))).
             be.copy(s.x, 0, s.xb, 0, n * d);
             be.rms_norm(s.xb, layer.ffn_norm, n, h.norm_eps);
@@ -157,6 +164,6 @@ impl Model for Gemma3 {
             be.rms_norm(s.xb, layer.post_ffn_norm, n, h.norm_eps);
             be.add(s.x, s.xb, n * d);
         }
-        blocks::logits(be, h, self.output_norm, self.output, s)
+        blocks::logits(be, h, self.output_norm, self.output, s, n)
     }
 }

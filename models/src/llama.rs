@@ -74,26 +74,33 @@ impl Model for Llama {
 
     fn forward(&self, be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> BufId {
         let h = &self.hyper;
-        let n = blocks::begin(kv, s, batch);
+        let mut n = blocks::begin(be, kv, s, batch);
         let plan = AttnPlan {
             rope_theta: h.rope_theta,
             rope_style: self.rope_style,
+            query_scale: 1.0,
             scale: 1.0 / (h.head_dim as f32).sqrt(),
             window: None,
         };
         be.embed(self.embed, &s.tokens, s.x);
-        for (layer, kv) in self.layers.iter().zip(&kv.layers) {
+        for (i, (layer, kv)) in self.layers.iter().zip(&kv.layers).enumerate() {
             // Attention: x += attn(norm(x)).
             be.copy(s.x, 0, s.xb, 0, n * h.d_model);
             be.rms_norm(s.xb, layer.attn_norm, n, h.norm_eps);
             blocks::attention(be, h, &layer.attn, s, *kv, plan);
             be.add(s.x, s.xb, n * h.d_model);
+            if i + 1 == self.layers.len() {
+                n = blocks::keep_logit_rows(be, h, s);
+                if n == 0 {
+                    return s.logits;
+                }
+            }
             // Feed-forward: x += ffn(norm(x)).
             be.copy(s.x, 0, s.xb, 0, n * h.d_model);
             be.rms_norm(s.xb, layer.ffn_norm, n, h.norm_eps);
             blocks::feed_forward(be, h, &layer.ffn, s, n, Activation::Silu);
             be.add(s.x, s.xb, n * h.d_model);
         }
-        blocks::logits(be, h, self.output_norm, self.output, s)
+        blocks::logits(be, h, self.output_norm, self.output, s, n)
     }
 }

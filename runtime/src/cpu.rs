@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use kiln_kernels::attention::{self, AttnGeometry, CacheRows, KvPages};
 use kiln_kernels::dequant::dequantize_row;
-use kiln_kernels::gemm::{self, OutMatrix};
+use kiln_kernels::gemm::{self, OutMatrix, RowShape};
 use kiln_kernels::{ops, qdot};
 
 use crate::pool::ThreadPool;
@@ -30,7 +30,8 @@ pub struct CpuBackend {
     acts: Vec<u8>,
     /// (sin, cos) per position and rotated pair of the current rope call.
     rope_table: Vec<(f32, f32)>,
-    rope_freqs: Vec<f32>,
+    /// The shape of each row of the current batch ([`Backend::set_batch`]).
+    shapes: Vec<RowShape>,
     /// Each sequence's geometry and first work item in the current attention call.
     attn_calls: Vec<(AttnGeometry, usize)>,
     weights: Vec<WeightSource>,
@@ -52,7 +53,7 @@ impl CpuBackend {
             numerics,
             acts: Vec::new(),
             rope_table: Vec::new(),
-            rope_freqs: Vec::new(),
+            shapes: Vec::new(),
             attn_calls: Vec::new(),
             weights: Vec::new(),
             vectors: Vec::new(),
@@ -200,6 +201,13 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn set_batch(&mut self, rows_per_sequence: &[usize]) {
+        self.shapes.clear();
+        for &len in rows_per_sequence {
+            self.shapes.extend(RowShape::of_sequence(len));
+        }
+    }
+
     fn matmul(&mut self, weight: WeightId, x: BufId, n: usize, out: BufId) {
         self.matmul_many(x, n, &[(weight, out)]);
     }
@@ -244,8 +252,10 @@ impl Backend for CpuBackend {
             buffers,
             numerics,
             acts,
+            shapes,
             ..
         } = self;
+        let shapes: &[RowShape] = if shapes.len() == n { shapes } else { &[] };
         let cols = weights[products[0].0 .0 as usize].cols;
         let x = &buffers[x.0 as usize][..n * cols];
         let task = |k: usize| {
@@ -281,7 +291,16 @@ impl Backend for CpuBackend {
                         let (w, band, out) = task(k);
                         let row_bytes = w.ty.row_bytes(cols).expect("validated at upload");
                         let bytes = &w.bytes.as_slice()[band.start * row_bytes..band.end * row_bytes];
-                        gemm::gemm(w.ty, bytes, band.len(), cols, acts, n, out.offset_cols(band.start));
+                        gemm::gemm(
+                            w.ty,
+                            bytes,
+                            band.len(),
+                            cols,
+                            acts,
+                            n,
+                            shapes,
+                            out.offset_cols(band.start),
+                        );
                     }
                 });
             }
@@ -340,13 +359,9 @@ impl Backend for CpuBackend {
     fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle) {
         // Every head of a position turns by the same angles: compute them once.
         let half = head_dim / 2;
-        self.rope_freqs.clear();
-        self.rope_freqs
-            .extend((0..half).map(|i| ops::rope_freq(i, head_dim, theta)));
         self.rope_table.clear();
         for &pos in positions {
-            self.rope_table
-                .extend(self.rope_freqs.iter().map(|f| (pos as f32 * f).sin_cos()));
+            ops::rope_angles(pos, head_dim, theta, &mut self.rope_table);
         }
         let table = &self.rope_table;
         let row = n_heads * head_dim;
@@ -421,6 +436,7 @@ impl Backend for CpuBackend {
                 kv_stride,
                 scale: a.scale,
                 window: a.window,
+                f16_cache: self.numerics == Numerics::Quantized,
             };
             calls.push((geometry, total));
             total += attention::work_items(&geometry);

@@ -899,17 +899,12 @@ impl Backend for GpuBackend {
         let at = match &self.rope_cache {
             Some(t) if t.positions == positions && t.head_dim == head_dim && t.theta == theta => t.at,
             _ => {
-                // The same angles as the CPU backend: f32 sin/cos on the host.
-                let freqs: Vec<f32> = (0..half).map(|i| ops::rope_freq(i, head_dim, theta)).collect();
-                let table: Vec<u32> = positions
-                    .iter()
-                    .flat_map(|&p| {
-                        freqs.iter().flat_map(move |f| {
-                            let (s, c) = (p as f32 * f).sin_cos();
-                            [s.to_bits(), c.to_bits()]
-                        })
-                    })
-                    .collect();
+                // The same angles as the CPU backend, computed on the host.
+                let mut angles = Vec::with_capacity(positions.len() * half);
+                for &p in positions {
+                    ops::rope_angles(p, head_dim, theta, &mut angles);
+                }
+                let table: Vec<u32> = angles.iter().flat_map(|(s, c)| [s.to_bits(), c.to_bits()]).collect();
                 let at = self.push(table);
                 self.rope_cache = Some(RopeTable {
                     positions: positions.to_vec(),

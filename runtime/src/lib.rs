@@ -282,6 +282,14 @@ pub trait Backend: Send {
     /// Copies `len` floats inside one buffer; the two ranges do not overlap.
     fn copy_within(&mut self, buf: BufId, src_offset: usize, dst_offset: usize, len: usize);
 
+    /// Declares how the rows of the matrix products that follow split into sequences:
+    /// `rows_per_sequence` in order, summing to their row count. The CPU backend uses it
+    /// to compute as llama.cpp does, which takes the first `len - len % 4` rows of each
+    /// sequence in groups of four (see `kiln_kernels::gemm::gemm`). A product over
+    /// another number of rows treats every row alone.
+    fn set_batch(&mut self, rows_per_sequence: &[usize]) {
+        let _ = rows_per_sequence;
+    }
     /// Rows of an embedding table, one per token, dequantized into `out`.
     fn embed(&mut self, table: WeightId, tokens: &[u32], out: BufId);
     /// `out[t] = weight · x[t]` for `n` rows of `x` (each `cols` long); out rows are `rows` long.

@@ -1,35 +1,40 @@
 //! SIMD kernels for the K-quant super-block types: Q4_K, Q6_K.
 //!
-//! Both keep the arithmetic of [`crate::qdot`]: per super-block of 256 an exact integer
-//! sum `Σ_sub scale_sub · Σ q_w q_a` (Q6_K with `q_w − 32`; Q4_K with a separate
-//! `Σ_sub min_sub · bsum_sub`), then one f32 multiply-add by `d_w · d_a` (and
-//! `dmin_w · d_a`). Only the order of the f32 sums differs from the scalar reference.
+//! Both compute what [`crate::qdot::dot_in`] computes, bit for bit: exact integer sums
+//! per super-block (or part of one), taken to f32 in the order llama.cpp's x86 kernel for
+//! the row's [`RowShape`] has it.
+//!
+//! * Q4_K alone (`ggml_gemv_q4_K_8x8_q8_K`): per super-block `acc = fma(Σ, d_w·d_a, acc)`
+//!   and `acc_min = fma(Σ_min, dmin_w·d_a, acc_min)`; in a group of four
+//!   (`ggml_gemm_q4_K_8x8_q8_K`) the same two steps per pair of sub-blocks; the result is
+//!   `acc − acc_min`.
+//! * Q6_K alone or in a batch under 8 (`ggml_vec_dot_q6_K_q8_K`): eight i32 lanes per
+//!   super-block (lane `l` over elements `4l..4l + 4` of each 32-element chunk, less its
+//!   share of `32 · Σ scale · bsum`), `acc[l] = fma(d_a·d_w, lane, acc[l])`, then
+//!   `hsum_float_8`; in a batch of 8 (the tiled GEMM) `acc = fma(Σ · d_w, d_a, acc)`.
 //!
 //! * Few tokens (decode): each weight row is streamed once per token, several rows per
 //!   pass sharing the activation loads. The quants are unsigned, so `vpmaddubsw` takes
 //!   them against the signed activations directly; `vpmaddwd`/`vpdpwssd` with the
 //!   sub-block scale in every word then applies the scales in integers. Q4_K's mins and
-//!   Q6_K's −32 offset come from the activation block sums (`bsums`).
+//!   Q6_K's −32 offset come from the activation block sums (`bsums`). The lanes of the
+//!   integer sums are arranged so that ggml's partial sums (Q4_K's pairs of sub-blocks,
+//!   Q6_K's eight lanes) are sums of whole halves.
 //! * Many tokens (prefill, AVX-512): each panel of 32 weight rows is unpacked once into
 //!   i16 values already multiplied by their sub-block scale (`sc · q` ≤ 945 for Q4_K,
 //!   `|sc · (q − 32)|` ≤ 4096 for Q6_K) and transposed so that one zmm holds one pair of
 //!   columns of 16 rows; activations are widened to i16 once per call. The micro-kernel
 //!   then takes one `vpdpwssd` (activation pair broadcast from memory) per 32
 //!   multiply-adds, reuses each weight load across a tile of tokens, and keeps one
-//!   accumulator lane per row, so no horizontal sums.
-//!
-//! An output's bits must not depend on how many tokens or which band of rows it was
-//! computed with. At AVX-512 both paths therefore take a super-block to f32 alike: the
-//! whole integer sum (decode adds up its lanes in integers first, exact), then
-//! `acc += ((f32) Σ · d_w − (f32) Σ_min · dmin_w) · d_a`, one fused step for the mins
-//! and one for `d_a`, into one f32 accumulator per output. At AVX2 every token count
-//! takes the decode scheme, whose rows are computed alike in groups of 4 and alone.
+//!   accumulator lane per row, so no horizontal sums. It visits Q4_K's columns one pair
+//!   of sub-blocks at a time. Q6_K rows that are not in a batch of 8 take the decode path.
+//! * AVX2 takes the decode scheme, 256 bits wide, for every token count.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use super::{OutMatrix, SimdLevel};
+use super::{hsum8, OutMatrix, RowShape, SimdLevel};
 use crate::quant::{GgmlType, QK_K};
 
 /// Bytes of a Q8_K activation block: `d: f32`, `qs: [i8; 256]`, `bsums: [i16; 16]`.
@@ -63,6 +68,7 @@ pub(super) unsafe fn gemm(
     cols: usize,
     acts: &[u8],
     n_tokens: usize,
+    shapes: &[RowShape],
     out: OutMatrix,
 ) -> bool {
     let nsb = cols / QK_K;
@@ -72,6 +78,7 @@ pub(super) unsafe fn gemm(
         nsb,
         acts,
         n_tokens,
+        shapes,
         out,
     };
     // SAFETY: the caller guarantees the CPU features of `level` and the slice sizes.
@@ -95,12 +102,25 @@ struct Problem<'a> {
     nsb: usize,
     acts: &'a [u8],
     n_tokens: usize,
+    /// One per token, or empty (every token alone).
+    shapes: &'a [RowShape],
     out: OutMatrix,
 }
 
 impl Problem<'_> {
     fn row_bytes(&self, q6: bool) -> usize {
         self.nsb * if q6 { Q6K_BYTES } else { Q4K_BYTES }
+    }
+
+    /// Whether token `t` takes the other order of its type: Q4_K in a group of four,
+    /// Q6_K in a batch of 8.
+    fn grouped(&self, q6: bool, t: usize) -> bool {
+        let shape = self.shapes.get(t).copied().unwrap_or_default();
+        if q6 {
+            shape.in_batch_of_8
+        } else {
+            shape.in_group_of_4
+        }
     }
 }
 
@@ -182,14 +202,19 @@ mod x512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn gemm<const Q6: bool>(k: &Problem) {
-        if k.n_tokens < PREFILL_MIN_TOKENS {
-            for t in 0..k.n_tokens {
+        let many = k.n_tokens >= PREFILL_MIN_TOKENS;
+        // The micro-kernel computes Q6_K's batch-of-8 order: rows in smaller batches
+        // take the decode path (afterwards, over what it wrote).
+        let any_batched = !Q6 || (0..k.n_tokens).any(|t| k.grouped(true, t));
+        if many && any_batched {
+            // SAFETY: the caller's contract.
+            unsafe { prefill::<Q6>(k) };
+        }
+        for t in 0..k.n_tokens {
+            if !many || (Q6 && !k.grouped(true, t)) {
                 // SAFETY: the caller's contract; t < n_tokens.
                 unsafe { decode::<Q6>(k, t) };
             }
-        } else {
-            // SAFETY: the caller's contract.
-            unsafe { prefill::<Q6>(k) };
         }
     }
 
@@ -248,10 +273,12 @@ mod x512 {
         let w = k.weights.as_ptr();
         let pass = DECODE_ROWS * row_bytes;
         let ahead = PREFETCH_BYTES.div_ceil(pass) * pass;
+        let grouped = k.grouped(Q6, t);
         let mut r = 0;
         while r + DECODE_ROWS <= k.n_rows {
             // SAFETY: rows r..r + DECODE_ROWS exist; `a` is one whole activation row.
-            let v = unsafe { decode_rows::<Q6, DECODE_ROWS>(w.add(r * row_bytes), row_bytes, k.nsb, a, ahead) };
+            let v =
+                unsafe { decode_rows::<Q6, DECODE_ROWS>(w.add(r * row_bytes), row_bytes, k.nsb, a, ahead, grouped) };
             for (i, &x) in v.iter().enumerate() {
                 // SAFETY: (t, r + i) is in the caller's band.
                 unsafe { k.out.write(t, r + i, x) };
@@ -261,7 +288,7 @@ mod x512 {
         for r in r..k.n_rows {
             // SAFETY: as above, for one row.
             unsafe {
-                let [x] = decode_rows::<Q6, 1>(w.add(r * row_bytes), row_bytes, k.nsb, a, ahead);
+                let [x] = decode_rows::<Q6, 1>(w.add(r * row_bytes), row_bytes, k.nsb, a, ahead, grouped);
                 k.out.write(t, r, x);
             }
         }
@@ -276,9 +303,9 @@ mod x512 {
     /// their high ones; Q6_K `ql` bytes 0..32 and 64..96 carry chunks 0 and 4 (low
     /// nibbles) and 2 and 6 (high), with the matching `qh` bits of bytes 0..64.
     ///
-    /// Each row's integer sums of a super-block are summed across lanes, row `i` in lane
-    /// `i` of an xmm, and taken to f32 as [`micro`] does (see [`sb_f32`]), so a result is
-    /// the same bits whichever path and row group computed it.
+    /// Lane `i` of an xmm holds row `i`'s f32 state, taken from its integer sums in the
+    /// order of the module documentation for `grouped` (see [`Sb`]), so a result is the
+    /// same bits whichever path and row group computed it.
     ///
     /// Each weight block is prefetched `ahead` bytes on (prefetches do not fault, so
     /// past the band's end they only cost a wasted line).
@@ -293,8 +320,9 @@ mod x512 {
         nsb: usize,
         a: *const u8,
         ahead: usize,
+        grouped: bool,
     ) -> [f32; R] {
-        let mut accf = _mm_setzero_ps();
+        let mut state = Sb::new();
         let m4 = _mm512_set1_epi8(0x0F);
         let m2 = _mm512_set1_epi8(0x30);
         // Sub-block scale words per 128-bit lane of the four quant vectors.
@@ -314,9 +342,10 @@ mod x512 {
             ]
         };
         for sb in 0..nsb {
-            // Per row: the integer dot in 16 lanes, `d` (Q4_K: `d`, `dmin`) as f16 bits,
-            // Q4_K's eight 6-bit mins.
+            // Per row: the integer dot in 16 lanes (Q4_K: sub-blocks 0..4 and 4..8 apart),
+            // `d` (Q4_K: `d`, `dmin`) as f16 bits, Q4_K's eight 6-bit mins.
             let mut isum = [_mm512_setzero_si512(); 4];
+            let mut isum_hi = [_mm512_setzero_si512(); 4];
             let mut dbits = [0u32; 4];
             let mut mins = [0u64; 4];
             // SAFETY: block sb of the activation row and of each of the R weight rows.
@@ -382,65 +411,165 @@ mod x512 {
                             _mm512_and_si512(_mm512_srli_epi16::<4>(p1), m4),
                         ];
                         let sw = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
-                        let mut acc = _mm512_setzero_si512();
-                        for j in 0..4 {
+                        // Halves of `lo`: sub-blocks 0 + 1 and 2 + 3; of `hi`: 4 + 5, 6 + 7.
+                        let mut lo = _mm512_setzero_si512();
+                        let mut hi = _mm512_setzero_si512();
+                        for j in 0..2 {
                             let p = _mm512_maddubs_epi16(v[j], av[j]);
-                            acc = dpwssd!(acc, p, _mm512_permutexvar_epi16(idx[j], sw));
+                            lo = dpwssd!(lo, p, _mm512_permutexvar_epi16(idx[j], sw));
+                            let p = _mm512_maddubs_epi16(v[j + 2], av[j + 2]);
+                            hi = dpwssd!(hi, p, _mm512_permutexvar_epi16(idx[j + 2], sw));
                         }
-                        isum[i] = acc;
+                        isum[i] = lo;
+                        isum_hi[i] = hi;
                         dbits[i] = rd_u32(wb);
                         mins[i] = mn;
                     }
                 }
                 let da = _mm_set1_ps(rd_f32(ab));
-                accf = sb_f32::<Q6>(&isum, dbits, mins, bsums, da, accf);
+                if Q6 {
+                    state.q6(&isum, dbits, da, grouped);
+                } else {
+                    state.q4(&isum, &isum_hi, dbits, mins, bsums, da, grouped);
+                }
             }
         }
-        let mut res = [0f32; 4];
-        // SAFETY: `res` has 4 f32.
-        unsafe { _mm_storeu_ps(res.as_mut_ptr(), accf) };
+        let res = state.finish::<Q6>(grouped);
         std::array::from_fn(|i| res[i])
     }
 
-    /// `acc + f · d_a` per row lane, where `f` is a super-block's dot before the
-    /// activation scale, exactly as [`micro`] computes it: `(f32) Σ · d_w`, for Q4_K
-    /// less `(f32) Σ_j min_j · bsum_j · dmin_w` in one fused step. `isum[i]` holds row
-    /// `i`'s integer dot spread over 16 lanes (whose order of summation cannot matter),
-    /// `dbits[i]` its f16 `d` (Q4_K: `d | dmin << 16`), `mins[i]` its Q4_K mins (one per
-    /// byte); rows past the caller's `R` are zero and give zero lanes.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn sb_f32<const Q6: bool>(
-        isum: &[__m512i; 4],
-        dbits: [u32; 4],
-        mins: [u64; 4],
-        bsums: __m256i,
-        da: __m128,
+    /// The f32 state of up to four rows of the decode path (row `i` in lane `i`), fed one
+    /// super-block at a time.
+    struct Sb {
+        /// Q4_K's `acc` and `acc_min`; Q6_K's batch-of-8 `acc`.
         acc: __m128,
-    ) -> __m128 {
-        let s = _mm_cvtepi32_ps(hsum4_epi32(isum));
-        let d4 = _mm_setr_epi32(dbits[0] as i32, dbits[1] as i32, dbits[2] as i32, dbits[3] as i32);
-        let f = if Q6 {
-            _mm_mul_ps(s, _mm_cvtph_ps(_mm_packus_epi32(d4, d4)))
-        } else {
+        acc_min: __m128,
+        /// Q6_K's eight lanes per row, alone or in a small batch.
+        lanes: [__m256; 4],
+    }
+
+    impl Sb {
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        fn new() -> Sb {
+            Sb {
+                acc: _mm_setzero_ps(),
+                acc_min: _mm_setzero_ps(),
+                lanes: [_mm256_setzero_ps(); 4],
+            }
+        }
+
+        /// A Q6_K super-block: `isum[i]` is row `i`'s sums, ggml's lane `l` being the sum
+        /// of lanes `l` and `l + 8`; `dbits[i]` its f16 `d`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        fn q6(&mut self, isum: &[__m512i; 4], dbits: [u32; 4], da: __m128, batched: bool) {
+            let d4 = _mm_setr_epi32(dbits[0] as i32, dbits[1] as i32, dbits[2] as i32, dbits[3] as i32);
+            let dw = _mm_cvtph_ps(_mm_packus_epi32(d4, d4));
+            if batched {
+                let s = _mm_cvtepi32_ps(hsum4_epi32(isum));
+                self.acc = _mm_fmadd_ps(_mm_mul_ps(s, dw), da, self.acc);
+            } else {
+                let d = _mm_mul_ps(da, dw);
+                let mut dd = [0f32; 4];
+                // SAFETY: `dd` has 4 f32.
+                unsafe { _mm_storeu_ps(dd.as_mut_ptr(), d) };
+                for (i, lanes) in self.lanes.iter_mut().enumerate() {
+                    let l8 = _mm256_add_epi32(_mm512_castsi512_si256(isum[i]), _mm512_extracti64x4_epi64::<1>(isum[i]));
+                    *lanes = _mm256_fmadd_ps(_mm256_set1_ps(dd[i]), _mm256_cvtepi32_ps(l8), *lanes);
+                }
+            }
+        }
+
+        /// A Q4_K super-block: the halves of `lo[i]` and `hi[i]` are row `i`'s sums of
+        /// sub-blocks 0..2, 2..4, 4..6 and 6..8; `dbits[i]` its `d | dmin << 16`, `mins[i]`
+        /// its mins (a byte each); `bsums` the activation sums per 16.
+        #[allow(clippy::too_many_arguments)]
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        fn q4(
+            &mut self,
+            lo: &[__m512i; 4],
+            hi: &[__m512i; 4],
+            dbits: [u32; 4],
+            mins: [u64; 4],
+            bsums: __m256i,
+            da: __m128,
+            grouped: bool,
+        ) {
+            let d4 = _mm_setr_epi32(dbits[0] as i32, dbits[1] as i32, dbits[2] as i32, dbits[3] as i32);
             // [d0, d1, d2, d3, dmin0, dmin1, dmin2, dmin3].
             let split = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
             let dd = _mm256_cvtph_ps(_mm_shuffle_epi8(d4, split));
-            // Σ_j min_j · bsum_j per row: the four rows' mins in the four 128-bit lanes,
-            // multiplied by the sums per 32, summed within each lane.
+            let d = _mm_mul_ps(_mm256_castps256_ps128(dd), da);
+            let dmin = _mm_mul_ps(_mm256_extractf128_ps::<1>(dd), da);
+            // Σ min_j · bsum_j per pair of sub-blocks, the four rows' mins in the four
+            // 128-bit lanes: dword k of lane i is row i's pair k.
             let bs2 = _mm256_cvtepi32_epi16(_mm256_madd_epi16(bsums, _mm256_set1_epi16(1)));
             let mn = _mm256_setr_epi64x(mins[0] as i64, mins[1] as i64, mins[2] as i64, mins[3] as i64);
-            let p = _mm512_madd_epi16(_mm512_cvtepu8_epi16(mn), _mm512_broadcast_i32x4(bs2));
-            let p = _mm512_add_epi32(p, _mm512_shuffle_epi32::<0b01_00_11_10>(p));
-            let p = _mm512_add_epi32(p, _mm512_shuffle_epi32::<0b10_11_00_01>(p));
-            let m = _mm512_castsi512_si128(_mm512_permutexvar_epi32(
-                _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-                p,
-            ));
-            let f = _mm_mul_ps(s, _mm256_castps256_ps128(dd));
-            _mm_fnmadd_ps(_mm_cvtepi32_ps(m), _mm256_extractf128_ps::<1>(dd), f)
-        };
-        _mm_fmadd_ps(f, da, acc)
+            let pm = _mm512_madd_epi16(_mm512_cvtepu8_epi16(mn), _mm512_broadcast_i32x4(bs2));
+            // Pair k of every row: dword k of each lane.
+            let pair_min = |k: i32| {
+                _mm512_castsi512_si128(_mm512_permutexvar_epi32(
+                    _mm512_setr_epi32(k, k + 4, k + 8, k + 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                    pm,
+                ))
+            };
+            let (s01, s23) = hsum4_halves_epi32(lo);
+            let (s45, s67) = hsum4_halves_epi32(hi);
+            if grouped {
+                for (k, s) in [s01, s23, s45, s67].into_iter().enumerate() {
+                    self.acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s), d, self.acc);
+                    self.acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(pair_min(k as i32)), dmin, self.acc_min);
+                }
+            } else {
+                let s = _mm_add_epi32(_mm_add_epi32(s01, s23), _mm_add_epi32(s45, s67));
+                let m = _mm_add_epi32(
+                    _mm_add_epi32(pair_min(0), pair_min(1)),
+                    _mm_add_epi32(pair_min(2), pair_min(3)),
+                );
+                self.acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s), d, self.acc);
+                self.acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(m), dmin, self.acc_min);
+            }
+        }
+
+        /// The rows' results.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        fn finish<const Q6: bool>(&self, grouped: bool) -> [f32; 4] {
+            let mut res = [0f32; 4];
+            if Q6 && !grouped {
+                for (r, lanes) in res.iter_mut().zip(&self.lanes) {
+                    *r = hsum8(*lanes);
+                }
+            } else {
+                let v = if Q6 {
+                    self.acc
+                } else {
+                    _mm_sub_ps(self.acc, self.acc_min)
+                };
+                // SAFETY: `res` has 4 f32.
+                unsafe { _mm_storeu_ps(res.as_mut_ptr(), v) };
+            }
+            res
+        }
+    }
+
+    /// The sums of the low and of the high 256-bit halves of four vectors of i32:
+    /// `([Σ lo a0, .., Σ lo a3], [Σ hi a0, .., Σ hi a3])`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn hsum4_halves_epi32(a: &[__m512i; 4]) -> (__m128i, __m128i) {
+        // Per 128-bit lane: the four vectors' sums of that lane, as in `hsum4_epi32`.
+        let x = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+        let y = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
+        let z = _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+        let lo = _mm512_castsi512_si256(z);
+        let hi = _mm512_extracti64x4_epi64::<1>(z);
+        (
+            _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256::<1>(lo)),
+            _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256::<1>(hi)),
+        )
     }
 
     /// `[Σ a0, Σ a1, Σ a2, Σ a3]` of four vectors of i32.
@@ -530,6 +659,7 @@ mod x512 {
                         out: k.out.offset_cols(r0),
                         t0,
                         rows,
+                        grouped: std::array::from_fn(|t| t < nt && k.grouped(Q6, t0 + t)),
                     };
                     // SAFETY: tokens t0..t0 + nt are packed; rows < PANEL_ROWS of the
                     // band at r0.
@@ -787,11 +917,18 @@ mod x512 {
         t0: usize,
         /// Valid rows of the panel.
         rows: usize,
+        /// Per token: Q4_K in a group of four (the sums go to f32 per pair of sub-blocks).
+        grouped: [bool; TILE_T],
     }
 
+    /// The column pairs of a packed Q4_K super-block holding sub-blocks `2g` and `2g + 1`
+    /// (see [`pack_acts`]): four runs of 8, starting here.
+    const Q4K_GROUP_RUNS: [[usize; 4]; 4] = [[0, 16, 32, 48], [8, 24, 40, 56], [64, 80, 96, 112], [72, 88, 104, 120]];
+
     /// `T` tokens × 32 rows: per super-block, integer dot products over the 128 column
-    /// pairs (one `vpdpwssd` per 16 rows and token), converted once and scaled by
-    /// `d_w · d_a` (Q4_K: minus the mins term scaled by `dmin_w · d_a`).
+    /// pairs (one `vpdpwssd` per 16 rows and token), taken to f32 in the order of the
+    /// module documentation: Q6_K (batch of 8) per super-block; Q4_K per pair of
+    /// sub-blocks for grouped tokens and per super-block for the others.
     ///
     /// # Safety
     /// `k.panel` is packed for `k.nsb` super-blocks; `T` tokens are packed at `k.acts`,
@@ -802,6 +939,7 @@ mod x512 {
         let np = pairs(Q6);
         let tstride = k.nsb * np;
         let mut accf = [[_mm512_setzero_ps(); T]; RB];
+        let mut accm = [[_mm512_setzero_ps(); T]; RB];
         for sb in 0..k.nsb {
             // SAFETY: super-block sb of the panel and of each token's packed row.
             unsafe {
@@ -816,40 +954,66 @@ mod x512 {
                         }
                     }
                 };
-                let mut acc = [[_mm512_setzero_si512(); T]; RB];
-                for p in 0..128 {
-                    dots(&mut acc, p);
-                }
-                // The f32 steps of `sb_f32` (decode), one by one: the paths must agree.
                 let dv: [__m512; RB] = std::array::from_fn(|rb| _mm512_load_ps(w.add(np * RB + rb).cast()));
-                let mut f = [[_mm512_setzero_ps(); T]; RB];
-                for rb in 0..RB {
-                    for t in 0..T {
-                        f[rb][t] = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[rb][t]), dv[rb]);
+                let da: [__m512; T] = std::array::from_fn(|t| _mm512_set1_ps(*k.ascale.add(t * k.nsb + sb)));
+                if Q6 {
+                    let mut acc = [[_mm512_setzero_si512(); T]; RB];
+                    for p in 0..128 {
+                        dots(&mut acc, p);
                     }
-                }
-                if !Q6 {
-                    let mut macc = [[_mm512_setzero_si512(); T]; RB];
-                    for p in 128..132 {
-                        dots(&mut macc, p);
-                    }
-                    let dm: [__m512; RB] = std::array::from_fn(|rb| _mm512_load_ps(w.add((np + 1) * RB + rb).cast()));
                     for rb in 0..RB {
                         for t in 0..T {
-                            f[rb][t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(macc[rb][t]), dm[rb], f[rb][t]);
+                            let f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[rb][t]), dv[rb]);
+                            accf[rb][t] = _mm512_fmadd_ps(f, da[t], accf[rb][t]);
+                        }
+                    }
+                    continue;
+                }
+                let dm: [__m512; RB] = std::array::from_fn(|rb| _mm512_load_ps(w.add((np + 1) * RB + rb).cast()));
+                let mut total = [[_mm512_setzero_si512(); T]; RB];
+                let mut total_min = [[_mm512_setzero_si512(); T]; RB];
+                for (g, runs) in Q4K_GROUP_RUNS.iter().enumerate() {
+                    let mut acc = [[_mm512_setzero_si512(); T]; RB];
+                    for &run in runs {
+                        for p in run..run + 8 {
+                            dots(&mut acc, p);
+                        }
+                    }
+                    let mut macc = [[_mm512_setzero_si512(); T]; RB];
+                    dots(&mut macc, 128 + g);
+                    for rb in 0..RB {
+                        for t in 0..T {
+                            if k.grouped[t] {
+                                let d = _mm512_mul_ps(dv[rb], da[t]);
+                                let dmin = _mm512_mul_ps(dm[rb], da[t]);
+                                accf[rb][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[rb][t]), d, accf[rb][t]);
+                                accm[rb][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(macc[rb][t]), dmin, accm[rb][t]);
+                            } else {
+                                total[rb][t] = _mm512_add_epi32(total[rb][t], acc[rb][t]);
+                                total_min[rb][t] = _mm512_add_epi32(total_min[rb][t], macc[rb][t]);
+                            }
                         }
                     }
                 }
-                for t in 0..T {
-                    let da = _mm512_set1_ps(*k.ascale.add(t * k.nsb + sb));
-                    for rb in 0..RB {
-                        accf[rb][t] = _mm512_fmadd_ps(f[rb][t], da, accf[rb][t]);
+                for rb in 0..RB {
+                    for t in 0..T {
+                        if !k.grouped[t] {
+                            let d = _mm512_mul_ps(dv[rb], da[t]);
+                            let dmin = _mm512_mul_ps(dm[rb], da[t]);
+                            accf[rb][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[rb][t]), d, accf[rb][t]);
+                            accm[rb][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total_min[rb][t]), dmin, accm[rb][t]);
+                        }
                     }
                 }
             }
         }
-        for (rb, accs) in accf.iter().enumerate() {
-            for (t, &v) in accs.iter().enumerate() {
+        for rb in 0..RB {
+            for t in 0..T {
+                let v = if Q6 {
+                    accf[rb][t]
+                } else {
+                    _mm512_sub_ps(accf[rb][t], accm[rb][t])
+                };
                 let mut lanes = [0f32; 16];
                 // SAFETY: `lanes` has 16 f32.
                 unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
@@ -880,17 +1044,18 @@ mod x256 {
             let n = (k.n_rows - r).min(DECODE_ROWS);
             for t in 0..k.n_tokens {
                 let a = k.acts[t * act_bytes..][..act_bytes].as_ptr();
+                let grouped = k.grouped(Q6, t);
                 // SAFETY: rows r..r + n exist; `a` is one whole activation row; (t, r..r
                 // + n) is in the caller's band.
                 unsafe {
                     if n == DECODE_ROWS {
-                        let v = rows::<Q6, DECODE_ROWS>(w.add(r * row_bytes), row_bytes, k.nsb, a);
+                        let v = rows::<Q6, DECODE_ROWS>(w.add(r * row_bytes), row_bytes, k.nsb, a, grouped);
                         for (i, &x) in v.iter().enumerate() {
                             k.out.write(t, r + i, x);
                         }
                     } else {
                         for i in r..r + n {
-                            let [x] = rows::<Q6, 1>(w.add(i * row_bytes), row_bytes, k.nsb, a);
+                            let [x] = rows::<Q6, 1>(w.add(i * row_bytes), row_bytes, k.nsb, a, grouped);
                             k.out.write(t, i, x);
                         }
                     }
@@ -901,8 +1066,10 @@ mod x256 {
     }
 
     /// The dots of `R` consecutive weight rows (at `w`, `row_bytes` apart) with one
-    /// activation row `a`; each 32 weight bytes hold one 32-element chunk per nibble,
-    /// so the activations are used as stored.
+    /// activation row `a`, in the order of the module documentation for `grouped`; each
+    /// 32 weight bytes hold one 32-element chunk per nibble (a Q4_K pair of sub-blocks),
+    /// so the activations are used as stored, and a 32-element chunk's `vpmaddwd` lanes
+    /// are ggml's.
     ///
     /// # Safety
     /// `R` rows of `nsb` blocks at `w`, `nsb` Q8_K blocks at `a`.
@@ -913,24 +1080,26 @@ mod x256 {
         row_bytes: usize,
         nsb: usize,
         a: *const u8,
+        grouped: bool,
     ) -> [f32; R] {
-        let mut accf = [_mm256_setzero_ps(); R];
-        let mut accm = [_mm_setzero_ps(); R];
+        let mut lanes = [_mm256_setzero_ps(); R];
+        let mut acc = [0f32; R];
+        let mut acc_min = [0f32; R];
         let m4 = _mm256_set1_epi8(0x0F);
         let m2 = _mm256_set1_epi8(0x30);
         for sb in 0..nsb {
             // SAFETY: block sb of the activation row and of each of the R weight rows.
             unsafe {
                 let ab = a.add(sb * Q8K_BYTES);
-                let da = _mm_set1_ps(rd_f32(ab));
+                let da = rd_f32(ab);
                 let q = ab.add(4);
                 let bsums = _mm256_loadu_si256(ab.add(BSUMS).cast());
                 if Q6 {
-                    for (i, f) in accf.iter_mut().enumerate() {
+                    for (i, l) in lanes.iter_mut().enumerate() {
                         let wb = w.add(i * row_bytes + sb * Q6K_BYTES);
                         let sc = _mm_loadu_si128(wb.add(192).cast());
                         let scb = _mm256_broadcastsi128_si256(sc);
-                        let mut acc = _mm256_setzero_si256();
+                        let mut sum = _mm256_setzero_si256();
                         for h in 0..2 {
                             let qa = _mm256_loadu_si256(wb.add(64 * h).cast());
                             let qb = _mm256_loadu_si256(wb.add(64 * h + 32).cast());
@@ -961,53 +1130,81 @@ mod x256 {
                                 let ctl = |s: usize| _mm_set1_epi16(((s as i16) << 8) | 0x80);
                                 let ctl = _mm256_set_m128i(ctl(2 * c + 1), ctl(2 * c));
                                 let s = _mm256_srai_epi16::<8>(_mm256_shuffle_epi8(scb, ctl));
-                                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, s));
+                                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, s));
                             }
                         }
-                        // The stored quants are q + 32: subtract 32 · Σ scale · bsum.
+                        // The stored quants are q + 32: subtract 32 · Σ scale · bsum,
+                        // lane l taking the groups 2l and 2l + 1.
                         let offs = _mm256_madd_epi16(_mm256_cvtepi8_epi16(sc), bsums);
-                        acc = _mm256_sub_epi32(acc, _mm256_slli_epi32::<5>(offs));
-                        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(wb.add(208).cast::<u16>().read_unaligned() as i32));
-                        let dd = _mm256_broadcastss_ps(_mm_mul_ps(d, da));
-                        *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), dd, *f);
+                        sum = _mm256_sub_epi32(sum, _mm256_slli_epi32::<5>(offs));
+                        let dw = half::f16::from_bits(wb.add(208).cast::<u16>().read_unaligned()).to_f32();
+                        if grouped {
+                            acc[i] = (hsum_epi32(sum) as f32 * dw).mul_add(da, acc[i]);
+                        } else {
+                            *l = _mm256_fmadd_ps(_mm256_set1_ps(da * dw), _mm256_cvtepi32_ps(sum), *l);
+                        }
                     }
                 } else {
                     let s2 = _mm256_madd_epi16(bsums, _mm256_set1_epi16(1));
                     // Sums of the activations per 32, as words.
                     let bs2 = _mm_packs_epi32(_mm256_castsi256_si128(s2), _mm256_extracti128_si256::<1>(s2));
-                    for (i, (f, m)) in accf.iter_mut().zip(accm.iter_mut()).enumerate() {
+                    for i in 0..R {
                         let wb = w.add(i * row_bytes + sb * Q4K_BYTES);
                         let (sc, mn) = q4k_scales_mins(wb.add(4));
                         let scb = _mm256_set1_epi64x(sc as i64);
                         // Scale j zero-extended into every word.
                         let scale = |j: i16| _mm256_shuffle_epi8(scb, _mm256_set1_epi16(j | -0x8000));
-                        let mut acc = _mm256_setzero_si256();
-                        for c in 0..4 {
+                        // Σ min · bsum per pair of sub-blocks.
+                        let mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)), bs2);
+                        let mut m = [0i32; 4];
+                        _mm_storeu_si128(m.as_mut_ptr().cast(), mins);
+                        let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(rd_u32(wb) as i32));
+                        let d = _mm_cvtss_f32(dd) * da;
+                        let dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd)) * da;
+                        let (mut sum, mut sum_min) = (0i32, 0i32);
+                        for (c, &pair_min) in m.iter().enumerate() {
                             let x = _mm256_loadu_si256(wb.add(16 + 32 * c).cast());
                             let lo = _mm256_and_si256(x, m4);
                             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), m4);
                             let plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q.add(64 * c).cast()));
                             let phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(q.add(64 * c + 32).cast()));
-                            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(plo, scale(2 * c as i16)));
-                            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(phi, scale(2 * c as i16 + 1)));
+                            let pair = _mm256_add_epi32(
+                                _mm256_madd_epi16(plo, scale(2 * c as i16)),
+                                _mm256_madd_epi16(phi, scale(2 * c as i16 + 1)),
+                            );
+                            if grouped {
+                                acc[i] = (hsum_epi32(pair) as f32).mul_add(d, acc[i]);
+                                acc_min[i] = (pair_min as f32).mul_add(dmin, acc_min[i]);
+                            } else {
+                                sum += hsum_epi32(pair);
+                                sum_min += pair_min;
+                            }
                         }
-                        let mins = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)), bs2);
-                        // [d, dmin] · d_a.
-                        let dd = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(rd_u32(wb) as i32)), da);
-                        *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_broadcastss_ps(dd), *f);
-                        *m = _mm_fmadd_ps(_mm_cvtepi32_ps(mins), _mm_permute_ps::<0x55>(dd), *m);
+                        if !grouped {
+                            acc[i] = (sum as f32).mul_add(d, acc[i]);
+                            acc_min[i] = (sum_min as f32).mul_add(dmin, acc_min[i]);
+                        }
                     }
                 }
             }
         }
-        let mut res = [0f32; R];
-        for (o, (f, m)) in res.iter_mut().zip(accf.iter().zip(&accm)) {
-            let s = _mm_add_ps(_mm256_castps256_ps128(*f), _mm256_extractf128_ps::<1>(*f));
-            let s = _mm_sub_ps(s, *m);
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-            *o = _mm_cvtss_f32(s);
-        }
-        res
+        std::array::from_fn(|i| {
+            if !Q6 {
+                acc[i] - acc_min[i]
+            } else if grouped {
+                acc[i]
+            } else {
+                hsum8(lanes[i])
+            }
+        })
+    }
+
+    /// The sum of the eight i32 lanes (exact, any order).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum_epi32(v: __m256i) -> i32 {
+        let x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let x = _mm_add_epi32(x, _mm_shuffle_epi32::<0b01_00_11_10>(x));
+        _mm_cvtsi128_si32(_mm_add_epi32(x, _mm_shuffle_epi32::<0b10_11_00_01>(x)))
     }
 }

@@ -126,16 +126,66 @@ fn detect() -> SimdLevel {
     SimdLevel::Scalar
 }
 
+/// ggml's `hsum_float_8`, the last step of its x86 dot products:
+/// `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum8(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let x = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+    let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)))
+}
+
+/// Where llama.cpp's CPU backend would place an activation row when it multiplies it,
+/// which picks its kernel and so the order of some f32 sums: as one of a group of four
+/// rows (its repacked 4-row Q4_K GEMM rounds per 64 elements, [`qdot::dot_in`]) and in a
+/// batch of at least 8 rows (its tiled K-quant GEMM takes Q6_K's super-blocks to f32 in
+/// another order). llama.cpp decides both per call from the row count; kiln decides them
+/// per sequence ([`RowShape::of_sequence`]), as llama.cpp would run that sequence alone,
+/// so a sequence's results never depend on what else is batched with it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowShape {
+    pub in_group_of_4: bool,
+    pub in_batch_of_8: bool,
+}
+
+impl RowShape {
+    /// The shapes of the `len` rows of one sequence's chunk, in order: the first
+    /// `len - len % 4` are in groups of four, and all are in a batch of 8 when `len ≥ 8`.
+    pub fn of_sequence(len: usize) -> impl Iterator<Item = RowShape> {
+        let grouped = len - len % 4;
+        (0..len).map(move |i| RowShape {
+            in_group_of_4: i < grouped,
+            in_batch_of_8: len >= 8,
+        })
+    }
+}
+
 /// `out[t][r] = dot(weights row r, acts row t)` for `r < n_rows`, `t < n_tokens`.
 ///
 /// `weights` holds `n_rows` consecutive rows of `cols` elements of `ty` as stored in
 /// GGUF; `acts` holds `n_tokens` consecutive rows quantized by
 /// [`qdot::quantize_activations`] to [`qdot::activation_format`]`(ty)`.
 ///
+/// `shapes` gives each token's [`RowShape`]; empty means every token alone (a row of
+/// one).
+///
 /// # Panics
 /// If the slices are not exactly those sizes.
-pub fn gemm(ty: GgmlType, weights: &[u8], n_rows: usize, cols: usize, acts: &[u8], n_tokens: usize, out: OutMatrix) {
-    gemm_at(simd_level(), ty, weights, n_rows, cols, acts, n_tokens, out)
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    ty: GgmlType,
+    weights: &[u8],
+    n_rows: usize,
+    cols: usize,
+    acts: &[u8],
+    n_tokens: usize,
+    shapes: &[RowShape],
+    out: OutMatrix,
+) {
+    gemm_at(simd_level(), ty, weights, n_rows, cols, acts, n_tokens, shapes, out)
 }
 
 /// [`gemm`] at a given SIMD level (at most [`simd_level`]): for tests that compare levels.
@@ -148,6 +198,7 @@ pub fn gemm_at(
     cols: usize,
     acts: &[u8],
     n_tokens: usize,
+    shapes: &[RowShape],
     out: OutMatrix,
 ) {
     let row_bytes = ty
@@ -159,6 +210,11 @@ pub fn gemm_at(
     assert_eq!(weights.len(), n_rows * row_bytes, "gemm: weight bytes");
     assert_eq!(acts.len(), n_tokens * act_bytes, "gemm: activation bytes");
     assert!(level <= simd_level(), "gemm: {level:?} is not supported by this CPU");
+    assert!(
+        shapes.is_empty() || shapes.len() == n_tokens,
+        "gemm: one row shape per token"
+    );
+    let shape = |t: usize| shapes.get(t).copied().unwrap_or_default();
     #[cfg(target_arch = "x86_64")]
     if level != SimdLevel::Scalar {
         // SAFETY: `level` was detected on this CPU, and the sizes were checked above.
@@ -167,7 +223,9 @@ pub fn gemm_at(
                 GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
                     blocks32::gemm(level, ty, weights, n_rows, cols, acts, n_tokens, out)
                 }
-                GgmlType::Q4_K | GgmlType::Q6_K => kquants::gemm(level, ty, weights, n_rows, cols, acts, n_tokens, out),
+                GgmlType::Q4_K | GgmlType::Q6_K => {
+                    kquants::gemm(level, ty, weights, n_rows, cols, acts, n_tokens, shapes, out)
+                }
                 _ => false,
             }
         };
@@ -180,7 +238,7 @@ pub fn gemm_at(
         for t in 0..n_tokens {
             let a = &acts[t * act_bytes..][..act_bytes];
             // SAFETY: (t, r) is in the band the caller handed us.
-            unsafe { out.write(t, r, qdot::dot(ty, w, a, cols)) };
+            unsafe { out.write(t, r, qdot::dot_in(ty, w, a, cols, shape(t))) };
         }
     }
 }
