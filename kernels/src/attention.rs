@@ -405,14 +405,21 @@ fn run_portable(it: &Item, sc: &mut Scratch) {
 fn f16_acc(level: SimdLevel, it: &Item, sc: &mut Scratch) {
     match level {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512Vnni => {
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-            unsafe fn avx512(it: &Item, sc: &mut Scratch) {
-                f16_acc_item(it, sc)
+        SimdLevel::Avx512Vnni => match (it.keys, it.values) {
+            (CacheRows::F16(keys), CacheRows::F16(values)) if it.g.head_dim.is_multiple_of(64) => {
+                // SAFETY: the level was detected on this CPU, and run_item_at checked that
+                // every visible row lies in the caches.
+                unsafe { f16_acc_item_avx512(it, sc, keys, values) }
             }
-            // SAFETY: the level was detected on this CPU (run_item_at checked it).
-            unsafe { avx512(it, sc) }
-        }
+            _ => {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                unsafe fn avx512(it: &Item, sc: &mut Scratch) {
+                    f16_acc_item(it, sc)
+                }
+                // SAFETY: the level was detected on this CPU (run_item_at checked it).
+                unsafe { avx512(it, sc) }
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => {
             #[target_feature(enable = "avx2,fma,f16c")]
@@ -466,6 +473,96 @@ fn f16_acc_item(it: &Item, sc: &mut Scratch) {
                 }
                 ops::round_to_f16_in_place(acc);
                 sums[hi] = sums[hi].mul_add(rescale, weight);
+            }
+        }
+        for (hi, h) in it.heads.clone().enumerate() {
+            let inv = if sums[hi] == 0.0 { 0.0 } else { 1.0 / sums[hi] };
+            for (i, &a) in acc[hi * d..][..d].iter().enumerate() {
+                // SAFETY: the caller's OutMatrix covers row t, columns of head h.
+                unsafe { it.out.write(t, h * d + i, a * inv) };
+            }
+        }
+    }
+}
+
+/// [`f16_acc_item`] written out in AVX-512 for heads of a multiple of 64 over an f16
+/// cache: the same operations in the same order (so the same bits), with the keys and
+/// values converted in registers instead of widened into scratch.
+///
+/// # Safety
+/// AVX-512 F/BW/VL, FMA and F16C are present; every visible row of the item lies in
+/// `keys` and `values` (as `run_item_at` checks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn f16_acc_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values: &[u16]) {
+    use std::arch::x86_64::*;
+    let g = it.g;
+    let (d, hp) = (g.head_dim, it.heads.len());
+    let q = aligned(&mut sc.q, hp * d);
+    let acc = aligned(&mut sc.o, hp * d);
+    let (maxes, sums) = aligned(&mut sc.stats, 2 * hp).split_at_mut(hp);
+    let round = |x: __m512| _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+    for t in it.tokens.clone() {
+        let (first, pos) = g.visible(t);
+        for (hi, h) in it.heads.clone().enumerate() {
+            for (c, chunk) in it.query(t, h).chunks_exact(16).enumerate() {
+                // SAFETY: 16 floats each side.
+                unsafe {
+                    _mm512_storeu_ps(
+                        q.as_mut_ptr().add(hi * d + 16 * c),
+                        round(_mm512_loadu_ps(chunk.as_ptr())),
+                    )
+                };
+            }
+        }
+        acc.fill(0.0);
+        maxes.fill(f32::NEG_INFINITY);
+        sums.fill(0.0);
+        for p in first..=pos {
+            let row = it.pages.row(p) * g.kv_stride + it.kv_offset;
+            // SAFETY: row..row + d lies in both caches (the caller's contract).
+            let (kp, vp) = unsafe { (keys.as_ptr().add(row), values.as_ptr().add(row)) };
+            for hi in 0..hp {
+                // SAFETY: the query and accumulator of head hi are d floats of scratch;
+                // kp and vp hold d values.
+                unsafe {
+                    let qh = q.as_ptr().add(hi * d);
+                    let mut s = [_mm512_setzero_ps(); 4];
+                    for i in (0..d).step_by(64) {
+                        for (j, s) in s.iter_mut().enumerate() {
+                            let k = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(i + 16 * j).cast()));
+                            *s = _mm512_fmadd_ps(k, _mm512_loadu_ps(qh.add(i + 16 * j)), *s);
+                        }
+                    }
+                    // ggml's (a0 + a2) + (a1 + a3), then GCC's `_mm512_reduce_add_ps`.
+                    let x = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+                    let h = _mm256_add_ps(
+                        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))),
+                        _mm512_castps512_ps256(x),
+                    );
+                    let f = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+                    let f = _mm_add_ps(f, _mm_movehl_ps(f, f));
+                    let dot = _mm_cvtss_f32(f) + _mm_cvtss_f32(_mm_movehdup_ps(f));
+                    let score = dot * g.scale;
+                    let ah = acc.as_mut_ptr().add(hi * d);
+                    let (rescale, weight) = if score > maxes[hi] {
+                        let rescale = (maxes[hi] - score).exp();
+                        maxes[hi] = score;
+                        for c in (0..d).step_by(16) {
+                            let a = _mm512_mul_ps(_mm512_loadu_ps(ah.add(c)), _mm512_set1_ps(rescale));
+                            _mm512_storeu_ps(ah.add(c), round(a));
+                        }
+                        (rescale, 1.0)
+                    } else {
+                        (1.0, (score - maxes[hi]).exp())
+                    };
+                    let w = _mm512_set1_ps(weight);
+                    for c in (0..d).step_by(16) {
+                        let v = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c).cast()));
+                        _mm512_storeu_ps(ah.add(c), round(_mm512_fmadd_ps(v, w, _mm512_loadu_ps(ah.add(c)))));
+                    }
+                    sums[hi] = sums[hi].mul_add(rescale, weight);
+                }
             }
         }
         for (hi, h) in it.heads.clone().enumerate() {

@@ -558,9 +558,11 @@ fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
 /// The AVX-512 decode kernel: `R` weight rows at `w` (4, as two pairs, or 1, doubled
 /// into a pair whose high half is dropped), read straight from their blocks, against
 /// `T` repacked tokens at `a`; writes `(t, r0 + r)`. Per 16 blocks and row, one gather
-/// fetches the f16 scales (and Q4_1 minimums, kept at `mins` for the chain at the end);
-/// with one token the scales are premultiplied by the activation scales, so a pair of
-/// blocks costs its unpack, one permute and per token a `vpdpbusd`, conversion and FMA.
+/// fetches the f16 scales (and Q4_1 minimums); with one token the scales are
+/// premultiplied by the activation scales, so a pair of blocks costs its unpack, one
+/// permute and scaling, and per token a `vpdpbusd`, conversion and FMA. Q4_1's `m · s`
+/// chains run alongside, the four rows' in the lanes of an xmm per token (a single row's
+/// minimums wait at `mins` for a scalar chain at the end).
 ///
 /// # Safety
 /// `R` rows of `g.nb` blocks of `TY` at `w`; `T` tokens repacked with geometry `g` at
@@ -588,10 +590,13 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     let pattern = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
     let nib = if k.hi16 { nibble_scales() } else { _mm512_set1_ps(1.0) };
     let mut acc = [[_mm512_setzero_ps(); T]; 2];
+    // Q4_1's `m · s` chains, row r in lane r.
+    let mut chain = [_mm_setzero_ps(); T];
     for b0 in (0..g.nb).step_by(16) {
         let nbc = (g.nb - b0).min(16);
         let mask = ((1u32 << nbc) - 1) as __mmask16;
         let mut dw = [_mm512_setzero_ps(); 4];
+        let mut mt = [_mm512_setzero_ps(); 4];
         for (r, dw) in dw.iter_mut().enumerate().take(R) {
             // SAFETY: the gathered lanes are the first 4 bytes of blocks b0.. b0 + nbc of
             // row r; masked-off lanes read nothing.
@@ -605,9 +610,11 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
             };
             *dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(ds));
             if TY == Q41 {
-                let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(ds)));
-                // SAFETY: `mins` holds nb16 f32 per row (4 rows).
-                unsafe { _mm512_mask_storeu_ps(mins.add(r * g.nb16 + b0), mask, m) };
+                mt[r] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(ds)));
+                if R == 1 {
+                    // SAFETY: `mins` holds nb16 f32 per row.
+                    unsafe { _mm512_mask_storeu_ps(mins.add(b0), mask, mt[r]) };
+                }
             }
             if T == 1 {
                 // SAFETY: the per-block `da` area holds nb16 f32.
@@ -633,6 +640,19 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                     }
                 }
             }
+            if TY == Q41 && R == 4 {
+                // The four rows' `m` of this block in lanes 0..4, then one step of each
+                // token's chains.
+                let pick = _mm512_setr_epi32(jb as i32, 16 + jb as i32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+                let m01 = _mm512_castps512_ps128(_mm512_permutex2var_ps(mt[0], pick, mt[1]));
+                let m23 = _mm512_castps512_ps128(_mm512_permutex2var_ps(mt[2], pick, mt[3]));
+                let m4 = _mm_movelh_ps(m01, m23);
+                for (t, chain) in chain.iter_mut().enumerate() {
+                    // SAFETY: the `s` area of token t holds nb16 f32.
+                    let sa = unsafe { _mm_broadcast_ss(&*a.add(t * g.a_stride + g.a_s).cast::<f32>().add(b)) };
+                    *chain = _mm_fmadd_ps(m4, sa, *chain);
+                }
+            }
             for (p, acc) in acc.iter_mut().enumerate().take(pairs) {
                 let (ra, rb) = (row(2 * p), row(2 * p + 1));
                 // SAFETY: block b is in rows ra and rb.
@@ -653,23 +673,25 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
         for p in 0..pairs {
             (sums[2 * p], sums[2 * p + 1]) = hsum8_halves(acc[p][t]);
         }
-        for (r, &sum) in sums.iter().enumerate().take(R) {
-            let mut total = sum;
-            if TY == Q41 {
-                // The `m · s` chain, block after block.
-                let mut chain = 0f32;
-                for b in 0..g.nb {
-                    // SAFETY: stored above; the `s` area holds nb16 f32.
-                    let (m, s) = unsafe {
-                        (
-                            mins.add(r * g.nb16 + b).read(),
-                            a.add(t * g.a_stride + g.a_s).cast::<f32>().add(b).read(),
-                        )
-                    };
-                    chain = m.mul_add(s, chain);
-                }
-                total += chain;
+        let mut chains = [0f32; 4];
+        if TY == Q41 && R == 4 {
+            // SAFETY: `chains` has 4 f32.
+            unsafe { _mm_storeu_ps(chains.as_mut_ptr(), chain[t]) };
+        } else if TY == Q41 {
+            // One row: the `m · s` chain, block after block.
+            for b in 0..g.nb {
+                // SAFETY: stored above; the `s` area holds nb16 f32.
+                let (m, s) = unsafe {
+                    (
+                        mins.add(b).read(),
+                        a.add(t * g.a_stride + g.a_s).cast::<f32>().add(b).read(),
+                    )
+                };
+                chains[0] = m.mul_add(s, chains[0]);
             }
+        }
+        for (r, &sum) in sums.iter().enumerate().take(R) {
+            let total = if TY == Q41 { sum + chains[r] } else { sum };
             // SAFETY: the caller's contract.
             unsafe { out.write(t, r0 + r, total) };
         }
