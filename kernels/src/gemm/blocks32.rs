@@ -47,7 +47,7 @@ const PREFILL_BLOCK_BYTES: usize = 192 << 10;
 /// Decode prefetches the weights this many bytes ahead of the rows being multiplied.
 /// The hardware prefetchers stop at 4 KiB pages (model weights are a file mapping with
 /// 4 KiB pages), which leaves a DRAM stream waiting at each page boundary.
-const PREFETCH_AHEAD: usize = 8 << 10;
+const PREFETCH_AHEAD: usize = 4 << 10;
 
 /// 64-byte aligned scratch storage, only ever accessed through raw pointers.
 #[allow(dead_code)]
