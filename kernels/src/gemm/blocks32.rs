@@ -30,8 +30,8 @@ use crate::quant::GgmlType;
 
 /// Rows per AVX-512 tile (two pairs); row blocks are padded with zero rows to a multiple.
 const MR: usize = 4;
-/// Tokens per AVX-512 tile.
-const NT512: usize = 5;
+/// Tokens per AVX-512 tile (a group of four, see [`prep_s16`]).
+const NT512: usize = 4;
 /// Up to this many tokens, AVX-512 streams the weights straight from their blocks
 /// instead of repacking them: each group of rows is unpacked in registers once per
 /// `STREAM_GROUP` tokens (the rows stay in L1 between groups).
@@ -60,6 +60,8 @@ struct Line([u8; 64]);
 struct Scratch {
     acts: Vec<Line>,
     weights: Vec<Line>,
+    /// Q4_1: the activations' `s` per group of four tokens ([`prep_s16`]).
+    s16: Vec<Line>,
 }
 
 thread_local! {
@@ -189,14 +191,20 @@ pub(super) unsafe fn gemm(
             // and `a` has room for n_tokens repacked rows.
             unsafe { prep_acts(&k, &g, acts.as_ptr().add(t * g.nb * k.ab), a.add(t * g.a_stride)) };
         }
+        let groups = n_tokens.div_ceil(4);
+        let s16 = lines(&mut s.s16, if avx512 && k.min { groups * g.nb * 64 } else { 0 }).cast::<f32>();
+        if avx512 && k.min {
+            // SAFETY: `a` holds n_tokens repacked rows; `s16` has room for every group.
+            unsafe { prep_s16(&g, a, n_tokens, s16) };
+        }
         if !avx512 {
             // SAFETY: AVX2 is present; the sizes were checked by the caller.
             unsafe { stream256(&k, &g, weights, n_rows, a, n_tokens, out) };
         } else if n_tokens <= STREAM_MAX_TOKENS {
             let mins = lines(&mut s.weights, 4 * g.nb16 * 4).cast::<f32>();
-            // SAFETY: AVX-512 VNNI is present; the sizes were checked by the caller, and
-            // `mins` has room for four rows' minimums.
-            unsafe { stream512_rows(&k, &g, weights, n_rows, a, n_tokens, mins, out) };
+            // SAFETY: AVX-512 VNNI is present; the sizes were checked by the caller,
+            // `mins` has room for four rows' minimums, `s16` holds every group.
+            unsafe { stream512_rows(&k, &g, weights, n_rows, a, n_tokens, mins, s16, out) };
         } else {
             let quad = g.quad_stride(&k);
             let block_rows = (PREFILL_BLOCK_BYTES / quad).max(1) * MR;
@@ -226,7 +234,18 @@ pub(super) unsafe fn gemm(
                         // SAFETY: quad q and tokens t0..t0 + tn are repacked; the outputs
                         // written are (t0 + t, r0 + 4q + r) for t < tn, r < valid, inside
                         // the caller's band; AVX-512 VNNI is present.
-                        unsafe { f(&g, w.add(q * quad), a.add(t0 * g.a_stride), out, t0, r0 + MR * q, valid) };
+                        unsafe {
+                            f(
+                                &g,
+                                w.add(q * quad),
+                                a.add(t0 * g.a_stride),
+                                s16.wrapping_add(t0 / 4 * g.nb * 16),
+                                out,
+                                t0,
+                                r0 + MR * q,
+                                valid,
+                            )
+                        };
                     }
                 }
             }
@@ -462,6 +481,34 @@ unsafe fn bcast256(p: *const u8) -> __m512i {
     _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(p.cast()) })
 }
 
+/// Q4_1's activation sums `s`, rearranged per group of four tokens: for group `j` and
+/// block `b`, 16 f32 at `dst + 16 (j · nb + b)`, lane `4t + r` holding token `4j + t`'s
+/// `s` (0 past the last token), so that one FMA with the four rows' minimums repeated
+/// steps the `m · s` chains of a 4 rows × 4 tokens tile (lane `4t + r`).
+///
+/// # Safety
+/// `a` holds `n_tokens` rows repacked with geometry `g`; `dst` has room for
+/// `n_tokens.div_ceil(4) * g.nb * 16` f32.
+unsafe fn prep_s16(g: &Geo, a: *const u8, n_tokens: usize, dst: *mut f32) {
+    for j in 0..n_tokens.div_ceil(4) {
+        for b in 0..g.nb {
+            for t in 0..4 {
+                let token = 4 * j + t;
+                let v = if token < n_tokens {
+                    // SAFETY: token's row holds nb16 `s` values.
+                    unsafe { a.add(token * g.a_stride + g.a_s).cast::<f32>().add(b).read() }
+                } else {
+                    0.0
+                };
+                for r in 0..4 {
+                    // SAFETY: inside the group's 16 × nb f32.
+                    unsafe { dst.add(16 * (j * g.nb + b) + 4 * t + r).write(v) };
+                }
+            }
+        }
+    }
+}
+
 /// ggml's `hsum_float_8` of each half of `v`: (low, high).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -486,6 +533,7 @@ unsafe fn stream512_rows(
     a: *const u8,
     n_tokens: usize,
     mins: *mut f32,
+    s16: *const f32,
     out: OutMatrix,
 ) {
     let (full, last) = (
@@ -519,6 +567,7 @@ unsafe fn stream512_rows(
                     weights.as_ptr().add(r * row_bytes),
                     a.add(t0 * g.a_stride),
                     mins,
+                    s16.wrapping_add(t0 / 4 * g.nb * 16),
                     out.offset_rows(t0),
                     r,
                 )
@@ -529,8 +578,8 @@ unsafe fn stream512_rows(
 }
 
 /// A streaming kernel: `(kind, geo, first weight row, repacked tokens, Q4_1 minimums
-/// scratch, out, r0)`.
-type StreamFn = unsafe fn(&Kind, &Geo, *const u8, *const u8, *mut f32, OutMatrix, usize);
+/// scratch, Q4_1 group sums, out, r0)`.
+type StreamFn = unsafe fn(&Kind, &Geo, *const u8, *const u8, *mut f32, *const f32, OutMatrix, usize);
 
 /// Streaming kernels for 4 rows and for 1 row at `n` tokens (1..=STREAM_GROUP).
 fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
@@ -561,13 +610,15 @@ fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
 /// fetches the f16 scales (and Q4_1 minimums); with one token the scales are
 /// premultiplied by the activation scales, so a pair of blocks costs its unpack, one
 /// permute and scaling, and per token a `vpdpbusd`, conversion and FMA. Q4_1's `m · s`
-/// chains run alongside, the four rows' in the lanes of an xmm per token (a single row's
-/// minimums wait at `mins` for a scalar chain at the end).
+/// chains of four rows × the group's tokens run alongside in one zmm against the
+/// group's sums at `s16` ([`prep_s16`]); a single row's minimums wait at `mins` for a
+/// scalar chain at the end.
 ///
 /// # Safety
 /// `R` rows of `g.nb` blocks of `TY` at `w`; `T` tokens repacked with geometry `g` at
 /// `a`; `mins` is writable for `4 * g.nb16` f32; those outputs are the caller's to
 /// write; the CPU has AVX-512 F/BW/VL/VNNI.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     k: &Kind,
@@ -575,6 +626,7 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     w: *const u8,
     a: *const u8,
     mins: *mut f32,
+    s16: *const f32,
     out: OutMatrix,
     r0: usize,
 ) {
@@ -590,8 +642,8 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     let pattern = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
     let nib = if k.hi16 { nibble_scales() } else { _mm512_set1_ps(1.0) };
     let mut acc = [[_mm512_setzero_ps(); T]; 2];
-    // Q4_1's `m · s` chains, row r in lane r.
-    let mut chain = [_mm_setzero_ps(); T];
+    // Q4_1's `m · s` chains, token t's row r in lane 4t + r.
+    let mut chain = _mm512_setzero_ps();
     for b0 in (0..g.nb).step_by(16) {
         let nbc = (g.nb - b0).min(16);
         let mask = ((1u32 << nbc) - 1) as __mmask16;
@@ -646,12 +698,9 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                 let pick = _mm512_setr_epi32(jb as i32, 16 + jb as i32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
                 let m01 = _mm512_castps512_ps128(_mm512_permutex2var_ps(mt[0], pick, mt[1]));
                 let m23 = _mm512_castps512_ps128(_mm512_permutex2var_ps(mt[2], pick, mt[3]));
-                let m4 = _mm_movelh_ps(m01, m23);
-                for (t, chain) in chain.iter_mut().enumerate() {
-                    // SAFETY: the `s` area of token t holds nb16 f32.
-                    let sa = unsafe { _mm_broadcast_ss(&*a.add(t * g.a_stride + g.a_s).cast::<f32>().add(b)) };
-                    *chain = _mm_fmadd_ps(m4, sa, *chain);
-                }
+                let m16 = _mm512_broadcast_f32x4(_mm_movelh_ps(m01, m23));
+                // SAFETY: `s16` holds this group's 16 f32 per block.
+                chain = _mm512_fmadd_ps(m16, unsafe { _mm512_loadu_ps(s16.add(16 * b)) }, chain);
             }
             for (p, acc) in acc.iter_mut().enumerate().take(pairs) {
                 let (ra, rb) = (row(2 * p), row(2 * p + 1));
@@ -675,8 +724,10 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
         }
         let mut chains = [0f32; 4];
         if TY == Q41 && R == 4 {
-            // SAFETY: `chains` has 4 f32.
-            unsafe { _mm_storeu_ps(chains.as_mut_ptr(), chain[t]) };
+            let mut all = [0f32; 16];
+            // SAFETY: `all` has 16 f32.
+            unsafe { _mm512_storeu_ps(all.as_mut_ptr(), chain) };
+            chains.copy_from_slice(&all[4 * t..4 * t + 4]);
         } else if TY == Q41 {
             // One row: the `m · s` chain, block after block.
             for b in 0..g.nb {
@@ -762,8 +813,9 @@ unsafe fn unpack_pair(ty: GgmlType, p0: *const u8, p1: *const u8) -> __m512i {
     }
 }
 
-/// A tile kernel: `(geo, repacked quad, repacked token rows, out, t0, r0, valid rows)`.
-type TileFn = unsafe fn(&Geo, *const u8, *const u8, OutMatrix, usize, usize, usize);
+/// A tile kernel: `(geo, repacked quad, repacked token rows, Q4_1 group sums, out, t0,
+/// r0, valid rows)`.
+type TileFn = unsafe fn(&Geo, *const u8, *const u8, *const f32, OutMatrix, usize, usize, usize);
 
 /// The AVX-512 tile kernel for `tn` tokens (1..=NT512).
 fn pick_tile(k: &Kind, tn: usize) -> TileFn {
@@ -773,7 +825,6 @@ fn pick_tile(k: &Kind, tn: usize) -> TileFn {
                 1 => tile512::<1, $nz, $min>,
                 2 => tile512::<2, $nz, $min>,
                 3 => tile512::<3, $nz, $min>,
-                4 => tile512::<4, $nz, $min>,
                 _ => tile512::<NT512, $nz, $min>,
             }
         };
@@ -791,18 +842,21 @@ fn pick_tile(k: &Kind, tn: usize) -> TileFn {
 /// # Safety
 /// The quad and `T` tokens are repacked there with geometry `g`; those outputs are the
 /// caller's to write; the CPU has AVX-512 F/BW/VL/VNNI.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
     g: &Geo,
     w: *const u8,
     a: *const u8,
+    s16: *const f32,
     out: OutMatrix,
     t0: usize,
     r0: usize,
     rn: usize,
 ) {
     let mut acc = [[_mm512_setzero_ps(); T]; 2];
-    let mut mins = [_mm_setzero_ps(); T];
+    // Q4_1's `m · s` chains, token t's row r in lane 4t + r.
+    let mut chain = _mm512_setzero_ps();
     for b in 0..g.nb {
         // SAFETY: block b of the quad is repacked.
         let (u, s) = unsafe {
@@ -818,15 +872,19 @@ unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
                 ],
             )
         };
-        let m = if MIN {
-            // SAFETY: the quad's minimums follow its blocks.
-            unsafe { _mm_loadu_ps(w.add(256 * g.nb).cast::<f32>().add(4 * b)) }
-        } else {
-            _mm_setzero_ps()
-        };
+        if MIN {
+            // SAFETY: the quad's minimums follow its blocks; `s16` holds the group's 16
+            // f32 per block.
+            unsafe {
+                let m16 = _mm512_broadcast_f32x4(_mm_loadu_ps(w.add(256 * g.nb).cast::<f32>().add(4 * b)));
+                chain = _mm512_fmadd_ps(m16, _mm512_loadu_ps(s16.add(16 * b)), chain);
+            }
+        }
+        // t indexes the inner dimension of both pairs' accumulators at once.
+        #[allow(clippy::needless_range_loop)]
         for t in 0..T {
             // SAFETY: block b of token t is repacked.
-            let (av, nz, da, sa) = unsafe {
+            let (av, nz, da) = unsafe {
                 let at = a.add(t * g.a_stride);
                 (
                     bcast256(at.add(64 * b)),
@@ -836,31 +894,23 @@ unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
                         _mm512_setzero_si512()
                     },
                     _mm512_set1_ps(at.add(g.a_da).cast::<f32>().add(b).read()),
-                    if MIN {
-                        at.add(g.a_s).cast::<f32>().add(b).read()
-                    } else {
-                        0.0
-                    },
                 )
             };
             for p in 0..2 {
                 let q = _mm512_dpbusd_epi32(nz, u[p], av);
                 acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(s[p], da), acc[p][t]);
             }
-            if MIN {
-                mins[t] = _mm_fmadd_ps(m, _mm_set1_ps(sa), mins[t]);
-            }
         }
     }
+    let mut chains = [0f32; 16];
+    // SAFETY: `chains` has 16 f32.
+    unsafe { _mm512_storeu_ps(chains.as_mut_ptr(), chain) };
     for t in 0..T {
         let (s0, s1) = hsum8_halves(acc[0][t]);
         let (s2, s3) = hsum8_halves(acc[1][t]);
-        let mut m = [0f32; 4];
-        // SAFETY: m has room for 4 f32.
-        unsafe { _mm_storeu_ps(m.as_mut_ptr(), mins[t]) };
         for (r, v) in [s0, s1, s2, s3].into_iter().enumerate().take(rn) {
             // SAFETY: the caller's contract.
-            unsafe { out.write(t0 + t, r0 + r, v + m[r]) };
+            unsafe { out.write(t0 + t, r0 + r, v + chains[4 * t + r]) };
         }
     }
 }
