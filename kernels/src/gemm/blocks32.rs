@@ -28,8 +28,10 @@ use std::cell::RefCell;
 use super::{hsum8, OutMatrix, SimdLevel};
 use crate::quant::GgmlType;
 
-/// Rows per AVX-512 tile (two pairs); row blocks are padded with zero rows to a multiple.
-const MR: usize = 4;
+/// Rows per AVX-512 tile (four pairs); row blocks are padded with zero rows to a multiple.
+const MR: usize = 8;
+/// Pairs of rows per AVX-512 tile.
+const PAIRS: usize = MR / 2;
 /// Tokens per AVX-512 tile (a group of four, see [`prep_s16`]).
 const NT512: usize = 4;
 /// Up to this many tokens, AVX-512 streams the weights straight from their blocks
@@ -147,10 +149,10 @@ impl Geo {
         }
     }
 
-    /// Bytes per repacked quad of weight rows: per block two pairs of (64 bytes of
-    /// values, 64 bytes of scales), then the four rows' `m` per block (Q4_1).
-    fn quad_stride(&self, k: &Kind) -> usize {
-        (self.nb * 256 + if k.min { self.nb * 16 } else { 0 }).next_multiple_of(64)
+    /// Bytes per repacked band of `MR` weight rows: per block `PAIRS` pairs of (64 bytes
+    /// of values, 64 bytes of scales), then the rows' `m` per block (Q4_1).
+    fn band_stride(&self, k: &Kind) -> usize {
+        (self.nb * 128 * PAIRS + if k.min { self.nb * 4 * MR } else { 0 }).next_multiple_of(64)
     }
 }
 
@@ -206,23 +208,23 @@ pub(super) unsafe fn gemm(
             // `mins` has room for four rows' minimums, `s16` holds every group.
             unsafe { stream512_rows(&k, &g, weights, n_rows, a, n_tokens, mins, s16, out) };
         } else {
-            let quad = g.quad_stride(&k);
-            let block_rows = (PREFILL_BLOCK_BYTES / quad).max(1) * MR;
-            let w = lines(&mut s.weights, block_rows.min(n_rows.next_multiple_of(MR)) / MR * quad);
+            let band = g.band_stride(&k);
+            let block_rows = (PREFILL_BLOCK_BYTES / band).max(1) * MR;
+            let w = lines(&mut s.weights, block_rows.min(n_rows.next_multiple_of(MR)) / MR * band);
             for r0 in (0..n_rows).step_by(block_rows) {
                 let rows = block_rows.min(n_rows - r0);
                 for q in 0..rows.div_ceil(MR) {
                     let first = r0 + MR * q;
                     let present = (n_rows - first).min(MR);
                     // SAFETY: rows first..first + present are in `weights`; `w` has room
-                    // for this block's quads.
+                    // for this block's bands.
                     unsafe {
-                        prep_quad(
+                        prep_band(
                             &k,
                             &g,
                             weights.as_ptr().add(first * g.nb * k.wb),
                             present,
-                            w.add(q * quad),
+                            w.add(q * band),
                         )
                     };
                 }
@@ -231,13 +233,13 @@ pub(super) unsafe fn gemm(
                     let f = pick_tile(&k, tn);
                     for q in 0..rows.div_ceil(MR) {
                         let valid = (rows - MR * q).min(MR);
-                        // SAFETY: quad q and tokens t0..t0 + tn are repacked; the outputs
-                        // written are (t0 + t, r0 + 4q + r) for t < tn, r < valid, inside
+                        // SAFETY: band q and tokens t0..t0 + tn are repacked; the outputs
+                        // written are (t0 + t, r0 + MR q + r) for t < tn, r < valid, inside
                         // the caller's band; AVX-512 VNNI is present.
                         unsafe {
                             f(
                                 &g,
-                                w.add(q * quad),
+                                w.add(q * band),
                                 a.add(t0 * g.a_stride),
                                 s16.wrapping_add(t0 / 4 * g.nb * 16),
                                 out,
@@ -749,24 +751,24 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     }
 }
 
-/// Repacks `present` (1..=4) weight rows at `src` into one quad at `dst` (see
-/// [`Geo::quad_stride`]); missing rows are zero (zero values and scales), and their
+/// Repacks `present` (1..=`MR`) weight rows at `src` into one band at `dst` (see
+/// [`Geo::band_stride`]); missing rows are zero (zero values and scales), and their
 /// outputs are never written.
 ///
 /// # Safety
-/// `present` rows of `g.nb` blocks are at `src`; `dst` has `g.quad_stride(k)` writable
+/// `present` rows of `g.nb` blocks are at `src`; `dst` has `g.band_stride(k)` writable
 /// bytes; AVX-512 VNNI is present.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn prep_quad(k: &Kind, g: &Geo, src: *const u8, present: usize, dst: *mut u8) {
+unsafe fn prep_band(k: &Kind, g: &Geo, src: *const u8, present: usize, dst: *mut u8) {
     let row_bytes = g.nb * k.wb;
     let nib = if k.hi16 { nibble_scales() } else { _mm512_set1_ps(1.0) };
     for b in 0..g.nb {
-        for p in 0..2 {
+        for p in 0..PAIRS {
             let (ra, rb) = (2 * p, 2 * p + 1);
             // SAFETY: rows below `present` hold block b; the unit written is inside the
-            // quad (256 bytes per block).
+            // band (128 · PAIRS bytes per block).
             unsafe {
-                let unit = dst.add(256 * b + 128 * p);
+                let unit = dst.add(128 * PAIRS * b + 128 * p);
                 let block = |r: usize| src.add(r * row_bytes + b * k.wb);
                 let u = match (ra < present, rb < present) {
                     (true, true) => unpack_pair(k.ty, block(ra), block(rb)),
@@ -780,7 +782,7 @@ unsafe fn prep_quad(k: &Kind, g: &Geo, src: *const u8, present: usize, dst: *mut
             }
         }
         if k.min {
-            for r in 0..4 {
+            for r in 0..MR {
                 // SAFETY: as above; the minimums follow the blocks.
                 unsafe {
                     let m = if r < present {
@@ -788,7 +790,7 @@ unsafe fn prep_quad(k: &Kind, g: &Geo, src: *const u8, present: usize, dst: *mut
                     } else {
                         0.0
                     };
-                    dst.add(256 * g.nb).cast::<f32>().add(4 * b + r).write(m);
+                    dst.add(128 * PAIRS * g.nb).cast::<f32>().add(MR * b + r).write(m);
                 }
             }
         }
@@ -813,7 +815,7 @@ unsafe fn unpack_pair(ty: GgmlType, p0: *const u8, p1: *const u8) -> __m512i {
     }
 }
 
-/// A tile kernel: `(geo, repacked quad, repacked token rows, Q4_1 group sums, out, t0,
+/// A tile kernel: `(geo, repacked band, repacked token rows, Q4_1 group sums, out, t0,
 /// r0, valid rows)`.
 type TileFn = unsafe fn(&Geo, *const u8, *const u8, *const f32, OutMatrix, usize, usize, usize);
 
@@ -836,11 +838,12 @@ fn pick_tile(k: &Kind, tn: usize) -> TileFn {
     }
 }
 
-/// The AVX-512 tile: a repacked quad of weight rows at `w` × `T` repacked tokens at
-/// `a`; writes `(t0 + t, r0 + r)` for `t < T`, `r < rn`.
+/// The AVX-512 tile: a repacked band of `MR` weight rows at `w` × `T` repacked tokens
+/// at `a` (of the group whose Q4_1 sums are at `s16`); writes `(t0 + t, r0 + r)` for
+/// `t < T`, `r < rn`.
 ///
 /// # Safety
-/// The quad and `T` tokens are repacked there with geometry `g`; those outputs are the
+/// The band and `T` tokens are repacked there with geometry `g`; those outputs are the
 /// caller's to write; the CPU has AVX-512 F/BW/VL/VNNI.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -854,33 +857,31 @@ unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
     r0: usize,
     rn: usize,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); T]; 2];
-    // Q4_1's `m · s` chains, token t's row r in lane 4t + r.
-    let mut chain = _mm512_setzero_ps();
+    let mut acc = [[_mm512_setzero_ps(); T]; PAIRS];
+    // Q4_1's `m · s` chains: rows 4h..4h + 4 in `chain[h]`, token t's row in lane 4t + r.
+    let mut chain = [_mm512_setzero_ps(); MR / 4];
     for b in 0..g.nb {
-        // SAFETY: block b of the quad is repacked.
-        let (u, s) = unsafe {
-            let unit = w.add(256 * b);
+        // SAFETY: block b of the band is repacked.
+        let (u, s): ([__m512i; PAIRS], [__m512; PAIRS]) = unsafe {
+            let unit = w.add(128 * PAIRS * b);
             (
-                [
-                    _mm512_loadu_si512(unit.cast()),
-                    _mm512_loadu_si512(unit.add(128).cast()),
-                ],
-                [
-                    _mm512_loadu_ps(unit.add(64).cast()),
-                    _mm512_loadu_ps(unit.add(192).cast()),
-                ],
+                std::array::from_fn(|p| _mm512_loadu_si512(unit.add(128 * p).cast())),
+                std::array::from_fn(|p| _mm512_loadu_ps(unit.add(128 * p + 64).cast())),
             )
         };
         if MIN {
-            // SAFETY: the quad's minimums follow its blocks; `s16` holds the group's 16
+            // SAFETY: the band's minimums follow its blocks; `s16` holds the group's 16
             // f32 per block.
             unsafe {
-                let m16 = _mm512_broadcast_f32x4(_mm_loadu_ps(w.add(256 * g.nb).cast::<f32>().add(4 * b)));
-                chain = _mm512_fmadd_ps(m16, _mm512_loadu_ps(s16.add(16 * b)), chain);
+                let sums = _mm512_loadu_ps(s16.add(16 * b));
+                let m = w.add(128 * PAIRS * g.nb).cast::<f32>().add(MR * b);
+                for (h, chain) in chain.iter_mut().enumerate() {
+                    let m16 = _mm512_broadcast_f32x4(_mm_loadu_ps(m.add(4 * h)));
+                    *chain = _mm512_fmadd_ps(m16, sums, *chain);
+                }
             }
         }
-        // t indexes the inner dimension of both pairs' accumulators at once.
+        // t indexes the inner dimension of every pair's accumulators at once.
         #[allow(clippy::needless_range_loop)]
         for t in 0..T {
             // SAFETY: block b of token t is repacked.
@@ -896,21 +897,25 @@ unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
                     _mm512_set1_ps(at.add(g.a_da).cast::<f32>().add(b).read()),
                 )
             };
-            for p in 0..2 {
+            for p in 0..PAIRS {
                 let q = _mm512_dpbusd_epi32(nz, u[p], av);
                 acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(s[p], da), acc[p][t]);
             }
         }
     }
-    let mut chains = [0f32; 16];
-    // SAFETY: `chains` has 16 f32.
-    unsafe { _mm512_storeu_ps(chains.as_mut_ptr(), chain) };
+    let mut chains = [[0f32; 16]; MR / 4];
+    for (c, v) in chains.iter_mut().zip(&chain) {
+        // SAFETY: `c` has 16 f32.
+        unsafe { _mm512_storeu_ps(c.as_mut_ptr(), *v) };
+    }
     for t in 0..T {
-        let (s0, s1) = hsum8_halves(acc[0][t]);
-        let (s2, s3) = hsum8_halves(acc[1][t]);
-        for (r, v) in [s0, s1, s2, s3].into_iter().enumerate().take(rn) {
+        let mut sums = [0f32; MR];
+        for p in 0..PAIRS {
+            (sums[2 * p], sums[2 * p + 1]) = hsum8_halves(acc[p][t]);
+        }
+        for (r, v) in sums.into_iter().enumerate().take(rn) {
             // SAFETY: the caller's contract.
-            unsafe { out.write(t0 + t, r0 + r, v + chains[4 * t + r]) };
+            unsafe { out.write(t0 + t, r0 + r, v + chains[r / 4][4 * t + r % 4]) };
         }
     }
 }
