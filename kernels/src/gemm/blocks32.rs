@@ -511,13 +511,17 @@ unsafe fn prep_s16(g: &Geo, a: *const u8, n_tokens: usize, dst: *mut f32) {
     }
 }
 
-/// ggml's `hsum_float_8` of each half of `v`: (low, high).
+/// ggml's `hsum_float_8` of each half of `v`: (low, high). The same three additions as
+/// [`hsum8`] per element, on both halves at once.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn hsum8_halves(v: __m512) -> (f32, f32) {
-    let lo = _mm512_castps512_ps256(v);
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-    (hsum8(lo), hsum8(hi))
+    // Lanes i and 4 + i of each half, then 0 + 2 and 1 + 3 of each 128-bit lane, then
+    // those two.
+    let x = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+    let x = _mm512_add_ps(x, _mm512_permute_ps::<0b11_10_11_10>(x));
+    let x = _mm512_add_ps(x, _mm512_permute_ps::<0b11_11_01_01>(x));
+    (_mm512_cvtss_f32(x), _mm_cvtss_f32(_mm512_extractf32x4_ps::<2>(x)))
 }
 
 /// The AVX-512 decode path over a band of rows: groups of 4 rows (then single rows),
@@ -644,8 +648,12 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     let pattern = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
     let nib = if k.hi16 { nibble_scales() } else { _mm512_set1_ps(1.0) };
     let mut acc = [[_mm512_setzero_ps(); T]; 2];
-    // Q4_1's `m · s` chains, token t's row r in lane 4t + r.
+    // Q4_1's `m · s` chains, token t's row r in lane 4t + r (one token: row r in lane r
+    // of `chain1`).
     let mut chain = _mm512_setzero_ps();
+    let mut chain1 = _mm_setzero_ps();
+    // The chunk's minimums transposed: block 4L + j's four rows at 16 j + 4 L.
+    let mut m4s = [0f32; 64];
     for b0 in (0..g.nb).step_by(16) {
         let nbc = (g.nb - b0).min(16);
         let mask = ((1u32 << nbc) - 1) as __mmask16;
@@ -675,6 +683,24 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                 *dw = _mm512_mul_ps(*dw, unsafe { _mm512_loadu_ps(a.add(g.a_da + 4 * b0).cast()) });
             }
         }
+        if TY == Q41 && R == 4 {
+            // Per 128-bit lane L (blocks 4L..4L + 4): rows 0 and 1, then 2 and 3,
+            // interleaved, then each block's four rows together.
+            let t0 = _mm512_unpacklo_ps(mt[0], mt[1]);
+            let t1 = _mm512_unpackhi_ps(mt[0], mt[1]);
+            let t2 = _mm512_unpacklo_ps(mt[2], mt[3]);
+            let t3 = _mm512_unpackhi_ps(mt[2], mt[3]);
+            let u = [
+                _mm512_shuffle_ps::<0b01_00_01_00>(t0, t2),
+                _mm512_shuffle_ps::<0b11_10_11_10>(t0, t2),
+                _mm512_shuffle_ps::<0b01_00_01_00>(t1, t3),
+                _mm512_shuffle_ps::<0b11_10_11_10>(t1, t3),
+            ];
+            for (j, u) in u.iter().enumerate() {
+                // SAFETY: 16 f32 at 16 j of the 64.
+                unsafe { _mm512_storeu_ps(m4s.as_mut_ptr().add(16 * j), *u) };
+            }
+        }
         for jb in 0..nbc {
             let b = b0 + jb;
             let idx = _mm512_add_epi32(pattern, _mm512_set1_epi32(jb as i32));
@@ -695,14 +721,20 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                 }
             }
             if TY == Q41 && R == 4 {
-                // The four rows' `m` of this block in lanes 0..4, then one step of each
-                // token's chains.
-                let pick = _mm512_setr_epi32(jb as i32, 16 + jb as i32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-                let m01 = _mm512_castps512_ps128(_mm512_permutex2var_ps(mt[0], pick, mt[1]));
-                let m23 = _mm512_castps512_ps128(_mm512_permutex2var_ps(mt[2], pick, mt[3]));
-                let m16 = _mm512_broadcast_f32x4(_mm_movelh_ps(m01, m23));
-                // SAFETY: `s16` holds this group's 16 f32 per block.
-                chain = _mm512_fmadd_ps(m16, unsafe { _mm512_loadu_ps(s16.add(16 * b)) }, chain);
+                // One step of the chains: the four rows' `m` of this block (transposed
+                // below), against the token's `s` (one token) or the group's (several).
+                let m4 = m4s[16 * (jb % 4) + 4 * (jb / 4)..].as_ptr();
+                // SAFETY: `m4s` holds four f32 per block of the chunk; `s16` holds this
+                // group's 16 f32 per block, and token 0's `s` is at lane 0.
+                unsafe {
+                    if T == 1 {
+                        let sa = _mm_set1_ps(*s16.add(16 * b));
+                        chain1 = _mm_fmadd_ps(_mm_loadu_ps(m4), sa, chain1);
+                    } else {
+                        let m16 = _mm512_broadcast_f32x4(_mm_loadu_ps(m4));
+                        chain = _mm512_fmadd_ps(m16, _mm512_loadu_ps(s16.add(16 * b)), chain);
+                    }
+                }
             }
             for (p, acc) in acc.iter_mut().enumerate().take(pairs) {
                 let (ra, rb) = (row(2 * p), row(2 * p + 1));
@@ -725,7 +757,10 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
             (sums[2 * p], sums[2 * p + 1]) = hsum8_halves(acc[p][t]);
         }
         let mut chains = [0f32; 4];
-        if TY == Q41 && R == 4 {
+        if TY == Q41 && R == 4 && T == 1 {
+            // SAFETY: `chains` has 4 f32.
+            unsafe { _mm_storeu_ps(chains.as_mut_ptr(), chain1) };
+        } else if TY == Q41 && R == 4 {
             let mut all = [0f32; 16];
             // SAFETY: `all` has 16 f32.
             unsafe { _mm512_storeu_ps(all.as_mut_ptr(), chain) };
