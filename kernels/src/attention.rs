@@ -6,16 +6,18 @@
 //! depend on what else runs):
 //!
 //! - **f16 accumulator**, for calls of fewer than 64 queries (short prefill chunks and
-//!   decode steps) over an f16 cache: llama.cpp's CPU flash attention for a handful of queries, operation
-//!   for operation, so that kiln decodes the tokens llama.cpp decodes. Per head: the
+//!   decode steps) over an f16 cache and fewer than 512 keys: llama.cpp's CPU flash
+//!   attention for a handful of queries, operation for operation, so that kiln decodes
+//!   the tokens llama.cpp decodes. Per head: the
 //!   query rounded to f16; for each key in order, the score as ggml's AVX-512
 //!   `ggml_vec_dot_f16` sums it (16-lane products, its reduction tree), times the scale;
 //!   an online softmax with libm's `expf` and `S = fma(S, ms, vs)`; the weighted values
 //!   accumulated in f16, every update rounded; at the end the accumulator times `1 / S`.
 //!   An item is one query × the heads of one KV group, each head its own chain, so every
-//!   key and value row is widened once per group. A decode step over 512 keys or more
-//!   takes the f32 kernel, where llama.cpp itself starts splitting the keys across
-//!   threads.
+//!   key and value row is widened once per group. From 512 keys on, calls take the f32
+//!   kernel: there llama.cpp's decode splits the keys across threads (an order that
+//!   depends on the thread count), and a chunk of a few queries would pay a scalar `expf`
+//!   per key, query and head.
 //! - **f32 flash attention** (everything else): an item is a tile of queries × the heads
 //!   of one KV group (up to four SIMD vectors of query lanes). For each block of keys it
 //!   computes the score block like a small GEMM (a key element broadcast against the
@@ -60,7 +62,7 @@ pub struct AttnGeometry {
 /// Calls of fewer queries than this take the f16-accumulator kernel (llama.cpp's
 /// `GGML_FA_TILE_Q`: from 64 queries on it tiles in f32).
 const F16_ACC_MAX_TOKENS: usize = 64;
-/// Single-query calls over at least this many keys take the f32 kernel.
+/// Calls whose last query sees this many keys or more take the f32 kernel.
 const F16_ACC_MAX_KEYS: usize = 512;
 
 impl AttnGeometry {
@@ -70,9 +72,7 @@ impl AttnGeometry {
 
     /// Whether this call runs the f16-accumulator kernel (see the module docs).
     fn f16_accumulator(&self) -> bool {
-        self.f16_cache
-            && self.n_tokens < F16_ACC_MAX_TOKENS
-            && (self.n_tokens > 1 || self.start_pos + 1 < F16_ACC_MAX_KEYS)
+        self.f16_cache && self.n_tokens < F16_ACC_MAX_TOKENS && self.start_pos + self.n_tokens < F16_ACC_MAX_KEYS
     }
 
     /// The keys query `t` sees: `first..=pos`.
