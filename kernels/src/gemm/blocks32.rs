@@ -528,7 +528,8 @@ fn hsum8_halves(v: __m512) -> (f32, f32) {
 /// every group against the tokens `STREAM_GROUP` at a time, with prefetch.
 ///
 /// # Safety
-/// As [`stream512`]; `mins` has room for `4 * g.nb16` f32.
+/// As [`stream512`], for `n_tokens` tokens; `mins` has room for `4 * g.nb16` f32; for
+/// Q4_1, `s16` holds every group's sums ([`prep_s16`]).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn stream512_rows(
@@ -622,8 +623,9 @@ fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
 ///
 /// # Safety
 /// `R` rows of `g.nb` blocks of `TY` at `w`; `T` tokens repacked with geometry `g` at
-/// `a`; `mins` is writable for `4 * g.nb16` f32; those outputs are the caller's to
-/// write; the CPU has AVX-512 F/BW/VL/VNNI.
+/// `a`; `mins` is writable for `4 * g.nb16` f32; for Q4_1, `s16` holds the group's sums
+/// ([`prep_s16`]); those outputs are the caller's to write; the CPU has AVX-512
+/// F/BW/VL/VNNI.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
