@@ -18,6 +18,12 @@
 //!   kernel: there llama.cpp's decode splits the keys across threads (an order that
 //!   depends on the thread count), and a chunk of a few queries would pay a scalar `expf`
 //!   per key, query and head.
+//! - **Tiled, as llama.cpp** (AVX-512, 64 queries or more over an f16 cache): llama.cpp's
+//!   tiled CPU flash attention, operation for operation — keys in tiles of 64 from
+//!   position 0, scores as in-order FMA chains of the f32 query against the f16 keys,
+//!   `ggml_v_expf` per score, sums per 16 reduced as GCC does and added in f64, values
+//!   accumulated by an FMA chain over each tile's keys — so that long prompts, too, give
+//!   llama.cpp's bits.
 //! - **f32 flash attention** (everything else): an item is a tile of queries × the heads
 //!   of one KV group (up to four SIMD vectors of query lanes). For each block of keys it
 //!   computes the score block like a small GEMM (a key element broadcast against the
@@ -304,11 +310,20 @@ pub fn run_item_at(
             unsafe { run_avx2(&job, sc) }
         }
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512Vnni => {
-            // SAFETY: AVX-512 F/BW/VL, AVX2 and FMA are present (level ≤ simd_level());
-            // the slice lengths were checked above.
-            unsafe { run_avx512(&job, sc) }
-        }
+        SimdLevel::Avx512Vnni => match (keys, values) {
+            (CacheRows::F16(k), CacheRows::F16(v))
+                if g.head_dim.is_multiple_of(16) && g.n_tokens >= F16_ACC_MAX_TOKENS =>
+            {
+                // SAFETY: AVX-512 F/BW/VL, FMA and F16C are present (level ≤ simd_level());
+                // the visible rows were checked to lie in the caches above.
+                unsafe { tiled_item_avx512(&job, sc, k, v) }
+            }
+            _ => {
+                // SAFETY: AVX-512 F/BW/VL, AVX2 and FMA are present (level ≤ simd_level());
+                // the slice lengths were checked above.
+                unsafe { run_avx512(&job, sc) }
+            }
+        },
         #[cfg(not(target_arch = "x86_64"))]
         _ => run_portable(&job, sc),
     });
@@ -536,13 +551,7 @@ unsafe fn f16_acc_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values:
                     }
                     // ggml's (a0 + a2) + (a1 + a3), then GCC's `_mm512_reduce_add_ps`.
                     let x = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
-                    let h = _mm256_add_ps(
-                        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))),
-                        _mm512_castps512_ps256(x),
-                    );
-                    let f = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
-                    let f = _mm_add_ps(f, _mm_movehl_ps(f, f));
-                    let dot = _mm_cvtss_f32(f) + _mm_cvtss_f32(_mm_movehdup_ps(f));
+                    let dot = reduce_add_gcc(x);
                     let score = dot * g.scale;
                     let ah = acc.as_mut_ptr().add(hi * d);
                     let (rescale, weight) = if score > maxes[hi] {
@@ -570,6 +579,257 @@ unsafe fn f16_acc_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values:
             for (i, &a) in acc[hi * d..][..d].iter().enumerate() {
                 // SAFETY: the caller's OutMatrix covers row t, columns of head h.
                 unsafe { it.out.write(t, h * d + i, a * inv) };
+            }
+        }
+    }
+}
+
+/// GCC's `_mm512_reduce_add_ps`: halves, quarters, then lanes 0 + 2 and 1 + 3, then
+/// those two.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn reduce_add_gcc(x: std::arch::x86_64::__m512) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm256_add_ps(
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))),
+        _mm512_castps512_ps256(x),
+    );
+    let f = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+    let f = _mm_add_ps(f, _mm_movehl_ps(f, f));
+    _mm_cvtss_f32(f) + _mm_cvtss_f32(_mm_movehdup_ps(f))
+}
+
+/// ggml's AVX-512 `ggml_v_expf`, lane for lane: range reduction, a degree-5 polynomial,
+/// `scalef`, and 0 or ∞ where `|n| > 192`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn expf_ggml512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = |bits: u32| _mm512_set1_ps(f32::from_bits(bits));
+    let r = c(0x4b40_0000);
+    let z = _mm512_fmadd_ps(x, c(0x3fb8_aa3b), r);
+    let n = _mm512_sub_ps(z, r);
+    let b = _mm512_fnmadd_ps(n, c(0x35bf_be8e), _mm512_fnmadd_ps(n, c(0x3f31_7200), x));
+    let far = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+    let u = _mm512_mul_ps(b, b);
+    let j = _mm512_fmadd_ps(
+        _mm512_fmadd_ps(
+            _mm512_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+            u,
+            _mm512_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+        ),
+        u,
+        _mm512_fmadd_ps(c(0x3f7f_fff6), b, _mm512_set1_ps(1.0)),
+    );
+    let res = _mm512_scalef_ps(j, n);
+    if far == 0 {
+        return res;
+    }
+    let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
+    let alt = _mm512_mask_blend_ps(below, _mm512_set1_ps(f32::INFINITY), _mm512_setzero_ps());
+    _mm512_mask_blend_ps(far, res, alt)
+}
+
+/// `a[i] = fma(v[k][i], p[k], a[i])` for the tile's keys `k` in order, over `16 N`
+/// dimensions from `a` (the value rows `stride` apart from `v`); returns `N`.
+///
+/// # Safety
+/// `a` holds `16 N` f32; `v` holds 64 rows of at least `16 N` f32, `stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn accumulate<const N: usize>(a: *mut f32, v: *const f32, stride: usize, p: &[f32; TILE_KV]) -> usize {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut x: [__m512; N] = std::array::from_fn(|i| _mm512_loadu_ps(a.add(16 * i)));
+        for (k, &pk) in p.iter().enumerate() {
+            let w = _mm512_set1_ps(pk);
+            for (i, x) in x.iter_mut().enumerate() {
+                *x = _mm512_fmadd_ps(_mm512_loadu_ps(v.add(k * stride + 16 * i)), w, *x);
+            }
+        }
+        for (i, x) in x.iter().enumerate() {
+            _mm512_storeu_ps(a.add(16 * i), *x);
+        }
+    }
+    N
+}
+
+/// Keys per tile of llama.cpp's tiled flash attention (`GGML_FA_TILE_KV`).
+const TILE_KV: usize = 64;
+
+/// llama.cpp's tiled CPU flash attention (`ggml_compute_forward_flash_attn_ext_tiled`),
+/// which it runs for 64 queries or more, operation for operation: keys in tiles of 64
+/// from position 0; per query and head, each score a chain of FMAs over the head's
+/// dimensions in order (the f32 query against the f16 keys), times the scale; masked keys
+/// at -∞; the tile's maximum, `expf` (libm) of the old maximum's distance to rescale the
+/// accumulator and the sum, `ggml_v_expf` of every score, their sum per 16 reduced as GCC
+/// does and added in f64; the values accumulated by an FMA chain over the tile's keys in
+/// order; at the end the accumulator times `1 / S`. Each key tile is widened once per
+/// item for all its queries and heads.
+///
+/// # Safety
+/// AVX-512 F/BW/VL, FMA and F16C are present; `head_dim` is a multiple of 16; every
+/// visible row of the item lies in `keys` and `values` (as `run_item_at` checks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn tiled_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values: &[u16]) {
+    use std::arch::x86_64::*;
+    let g = it.g;
+    let d = g.head_dim;
+    let (nt, hp) = (it.tokens.len(), it.heads.len());
+    let lanes = nt * hp;
+    let acc = aligned(&mut sc.o, lanes * d);
+    let (maxes, sums) = aligned(&mut sc.stats, 2 * lanes).split_at_mut(lanes);
+    // Key tile as widened (key-major) and transposed (dimension-major, keys in lanes);
+    // value tile (key-major).
+    let kb = aligned(&mut sc.w, TILE_KV * d);
+    let kt = aligned(&mut sc.kb, d * TILE_KV);
+    let vt = aligned(&mut sc.vb, TILE_KV * d);
+    let scores = aligned(&mut sc.s, lanes * TILE_KV);
+    acc.fill(0.0);
+    maxes.fill(f32::NEG_INFINITY);
+    sums.fill(0.0);
+    let last = g.start_pos + it.tokens.end - 1;
+    for c0 in (0..=last).step_by(TILE_KV) {
+        // Skip tiles that no query of the item sees.
+        let first_seen = it.tokens.clone().map(|t| g.visible(t).0).min().unwrap_or(0);
+        if c0 + TILE_KV <= first_seen {
+            continue;
+        }
+        // Widen the tile's keys and values (zero past the last position), then transpose
+        // the keys in blocks of 16 keys × 16 dimensions.
+        for k in 0..TILE_KV {
+            let p = c0 + k;
+            if p > last {
+                kb[k * d..][..d].fill(0.0);
+                vt[k * d..][..d].fill(0.0);
+                continue;
+            }
+            let row = it.pages.row(p) * g.kv_stride + it.kv_offset;
+            for c in (0..d).step_by(16) {
+                // SAFETY: row..row + d lies in both caches (the caller's contract); the
+                // tiles hold 64 × d f32.
+                unsafe {
+                    let kv = _mm512_cvtph_ps(_mm256_loadu_si256(keys.as_ptr().add(row + c).cast()));
+                    _mm512_storeu_ps(kb.as_mut_ptr().add(k * d + c), kv);
+                    let vv = _mm512_cvtph_ps(_mm256_loadu_si256(values.as_ptr().add(row + c).cast()));
+                    _mm512_storeu_ps(vt.as_mut_ptr().add(k * d + c), vv);
+                }
+            }
+        }
+        for k0 in (0..TILE_KV).step_by(16) {
+            for c in (0..d).step_by(16) {
+                // SAFETY: the 16 × 16 block lies in both tiles.
+                unsafe {
+                    let rows: [__m512i; 16] = std::array::from_fn(|i| {
+                        _mm512_castps_si512(_mm512_loadu_ps(kb.as_ptr().add((k0 + i) * d + c)))
+                    });
+                    for (i, col) in crate::gemm::transpose16(&rows).into_iter().enumerate() {
+                        _mm512_storeu_ps(kt.as_mut_ptr().add((c + i) * TILE_KV + k0), _mm512_castsi512_ps(col));
+                    }
+                }
+            }
+        }
+        // Every lane's scores for the tile, two lanes at a time (8 FMA chains sharing
+        // the key loads).
+        let query = |lane: usize| {
+            it.query(it.tokens.start + lane / hp, it.heads.start + lane % hp)
+                .as_ptr()
+        };
+        for l0 in (0..lanes).step_by(2) {
+            let l1 = (l0 + 1).min(lanes - 1);
+            let (q0, q1) = (query(l0), query(l1));
+            // SAFETY: both queries hold d f32; the key tile d × 64; the scores 64 per lane.
+            unsafe {
+                let mut s0 = [_mm512_setzero_ps(); 4];
+                let mut s1 = [_mm512_setzero_ps(); 4];
+                for i in 0..d {
+                    let (a, b) = (_mm512_set1_ps(*q0.add(i)), _mm512_set1_ps(*q1.add(i)));
+                    for j in 0..4 {
+                        let k = _mm512_loadu_ps(kt.as_ptr().add(i * TILE_KV + 16 * j));
+                        s0[j] = _mm512_fmadd_ps(k, a, s0[j]);
+                        s1[j] = _mm512_fmadd_ps(k, b, s1[j]);
+                    }
+                }
+                for j in 0..4 {
+                    _mm512_storeu_ps(scores.as_mut_ptr().add(l0 * TILE_KV + 16 * j), s0[j]);
+                    _mm512_storeu_ps(scores.as_mut_ptr().add(l1 * TILE_KV + 16 * j), s1[j]);
+                }
+            }
+        }
+        for (ti, t) in it.tokens.clone().enumerate() {
+            let (first, pos) = g.visible(t);
+            if c0 > pos || c0 + TILE_KV <= first {
+                continue;
+            }
+            for hi in 0..hp {
+                let lane = ti * hp + hi;
+                // SAFETY: the scores hold 64 f32 per lane; the value tile 64 × d; the
+                // accumulator of this lane d f32.
+                unsafe {
+                    let mut s: [__m512; 4] =
+                        std::array::from_fn(|j| _mm512_loadu_ps(scores.as_ptr().add(lane * TILE_KV + 16 * j)));
+                    let mut tile_max = f32::NEG_INFINITY;
+                    for (j, s) in s.iter_mut().enumerate() {
+                        *s = _mm512_mul_ps(*s, _mm512_set1_ps(g.scale));
+                        // Keys outside first..=pos are masked to -∞.
+                        let key = _mm512_add_epi32(
+                            _mm512_set1_epi32((c0 + 16 * j) as i32),
+                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                        );
+                        let seen = _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(first as i32))
+                            & _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(pos as i32));
+                        *s = _mm512_mask_blend_ps(seen, _mm512_set1_ps(f32::NEG_INFINITY), *s);
+                        tile_max = tile_max.max(_mm512_reduce_max_ps(*s));
+                    }
+                    let old = maxes[lane];
+                    let new = old.max(tile_max);
+                    let a = acc.as_mut_ptr().add(lane * d);
+                    if new > old {
+                        let ms = (old - new).exp();
+                        for c in (0..d).step_by(16) {
+                            _mm512_storeu_ps(a.add(c), _mm512_mul_ps(_mm512_loadu_ps(a.add(c)), _mm512_set1_ps(ms)));
+                        }
+                        sums[lane] *= ms;
+                    }
+                    maxes[lane] = new;
+                    let mut total = 0f64;
+                    let mut p = [0f32; TILE_KV];
+                    for (j, s) in s.iter().enumerate() {
+                        let e = expf_ggml512(_mm512_sub_ps(*s, _mm512_set1_ps(new)));
+                        _mm512_storeu_ps(p.as_mut_ptr().add(16 * j), e);
+                        total += reduce_add_gcc(e) as f64;
+                    }
+                    sums[lane] = (sums[lane] as f64 + total) as f32;
+                    // Several runs of 16 dimensions at a time, each an FMA chain over the
+                    // tile's keys held in a register (independent chains side by side).
+                    let mut c = 0;
+                    while c < d {
+                        let left = (d - c) / 16;
+                        let run = if left >= 8 {
+                            accumulate::<8>(a.add(c), vt.as_ptr().add(c), d, &p)
+                        } else if left >= 4 {
+                            accumulate::<4>(a.add(c), vt.as_ptr().add(c), d, &p)
+                        } else {
+                            accumulate::<1>(a.add(c), vt.as_ptr().add(c), d, &p)
+                        };
+                        c += 16 * run;
+                    }
+                }
+            }
+        }
+    }
+    for (ti, t) in it.tokens.clone().enumerate() {
+        for (hi, h) in it.heads.clone().enumerate() {
+            let lane = ti * hp + hi;
+            let inv = if sums[lane] == 0.0 { 0.0 } else { 1.0 / sums[lane] };
+            for (i, &x) in acc[lane * d..][..d].iter().enumerate() {
+                // SAFETY: the caller's OutMatrix covers row t, columns of head h.
+                unsafe { it.out.write(t, h * d + i, x * inv) };
             }
         }
     }

@@ -34,7 +34,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use super::{hsum8, OutMatrix, RowShape, SimdLevel};
+use super::{hsum8, transpose16, OutMatrix, RowShape, SimdLevel};
 use crate::quant::{GgmlType, QK_K};
 
 /// Bytes of a Q8_K activation block: `d: f32`, `qs: [i8; 256]`, `bsums: [i16; 16]`.
@@ -728,37 +728,6 @@ mod x512 {
                 }
             }
         }
-    }
-
-    /// Transposes a 16 × 16 matrix of i32, one row per zmm.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn transpose16(r: &[__m512i; 16]) -> [__m512i; 16] {
-        let mut t = [_mm512_setzero_si512(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-        }
-        // u[4i + j], 128-bit lane L: rows 4i..4i + 4 of column 4L + j.
-        let mut u = [_mm512_setzero_si512(); 16];
-        for i in 0..4 {
-            u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-            u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-            u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-        }
-        let mut o = [_mm512_setzero_si512(); 16];
-        for j in 0..4 {
-            let v02 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[j], u[4 + j]);
-            let v13 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[j], u[4 + j]);
-            let w02 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + j], u[12 + j]);
-            let w13 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + j], u[12 + j]);
-            o[j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v02, w02);
-            o[8 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v02, w02);
-            o[4 + j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v13, w13);
-            o[12 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v13, w13);
-        }
-        o
     }
 
     /// One Q4_K block as scaled i16 pairs in the column order of [`pack_acts`]; plus

@@ -138,6 +138,39 @@ fn hsum8(v: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)))
 }
 
+/// Transposes a 16 × 16 matrix of 32-bit lanes, one row per zmm.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn transpose16(r: &[std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4i + j], 128-bit lane L: rows 4i..4i + 4 of column 4L + j.
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    let mut o = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let v02 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[j], u[4 + j]);
+        let v13 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[j], u[4 + j]);
+        let w02 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + j], u[12 + j]);
+        let w13 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + j], u[12 + j]);
+        o[j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v02, w02);
+        o[8 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v02, w02);
+        o[4 + j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v13, w13);
+        o[12 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v13, w13);
+    }
+    o
+}
+
 /// Where llama.cpp's CPU backend would place an activation row when it multiplies it,
 /// which picks its kernel and so the order of some f32 sums: as one of a group of four
 /// rows (its repacked 4-row Q4_K GEMM rounds per 64 elements, [`qdot::dot_in`]) and in a
