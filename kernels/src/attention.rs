@@ -632,27 +632,35 @@ fn expf_ggml512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     _mm512_mask_blend_ps(far, res, alt)
 }
 
-/// `a[i] = fma(v[k][i], p[k], a[i])` for the tile's keys `k` in order, over `16 N`
-/// dimensions from `a` (the value rows `stride` apart from `v`); returns `N`.
+/// `a[l][i] = fma(v[k][i], p[l][k], a[l][i])` for the tile's keys `k` in order, for two
+/// lanes `l` (each value load feeds both chains), over `16 N` dimensions from `a[l]`
+/// (the value rows `stride` apart from `v`, each lane's 64 weights at `p[l]`); returns
+/// `N`. The lanes may be the same (then both chains store the same values).
 ///
 /// # Safety
-/// `a` holds `16 N` f32; `v` holds 64 rows of at least `16 N` f32, `stride` apart.
+/// Each `a[l]` holds `16 N` f32; `v` holds 64 rows of at least `16 N` f32, `stride`
+/// apart; each `p[l]` holds 64 f32.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn accumulate<const N: usize>(a: *mut f32, v: *const f32, stride: usize, p: &[f32; TILE_KV]) -> usize {
+unsafe fn accumulate2<const N: usize>(a: [*mut f32; 2], v: *const f32, stride: usize, p: [*const f32; 2]) -> usize {
     use std::arch::x86_64::*;
     // SAFETY: the caller's contract.
     unsafe {
-        let mut x: [__m512; N] = std::array::from_fn(|i| _mm512_loadu_ps(a.add(16 * i)));
-        for (k, &pk) in p.iter().enumerate() {
-            let w = _mm512_set1_ps(pk);
-            for (i, x) in x.iter_mut().enumerate() {
-                *x = _mm512_fmadd_ps(_mm512_loadu_ps(v.add(k * stride + 16 * i)), w, *x);
+        let mut x: [[__m512; N]; 2] =
+            std::array::from_fn(|l| std::array::from_fn(|i| _mm512_loadu_ps(a[l].add(16 * i))));
+        for k in 0..TILE_KV {
+            let w = [_mm512_set1_ps(*p[0].add(k)), _mm512_set1_ps(*p[1].add(k))];
+            for i in 0..N {
+                let vv = _mm512_loadu_ps(v.add(k * stride + 16 * i));
+                x[0][i] = _mm512_fmadd_ps(vv, w[0], x[0][i]);
+                x[1][i] = _mm512_fmadd_ps(vv, w[1], x[1][i]);
             }
         }
-        for (i, x) in x.iter().enumerate() {
-            _mm512_storeu_ps(a.add(16 * i), *x);
+        for (l, x) in x.iter().enumerate() {
+            for (i, x) in x.iter().enumerate() {
+                _mm512_storeu_ps(a[l].add(16 * i), *x);
+            }
         }
     }
     N
@@ -761,6 +769,9 @@ unsafe fn tiled_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values: &
                 }
             }
         }
+        // Per lane: the softmax step of the tile, its weights written over its scores.
+        let mut seen_lanes = [0usize; 64];
+        let mut n_seen = 0;
         for (ti, t) in it.tokens.clone().enumerate() {
             let (first, pos) = g.visible(t);
             if c0 > pos || c0 + TILE_KV <= first {
@@ -768,8 +779,10 @@ unsafe fn tiled_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values: &
             }
             for hi in 0..hp {
                 let lane = ti * hp + hi;
-                // SAFETY: the scores hold 64 f32 per lane; the value tile 64 × d; the
-                // accumulator of this lane d f32.
+                seen_lanes[n_seen] = lane;
+                n_seen += 1;
+                // SAFETY: the scores hold 64 f32 per lane; the accumulator of this lane d
+                // f32.
                 unsafe {
                     let mut s: [__m512; 4] =
                         std::array::from_fn(|j| _mm512_loadu_ps(scores.as_ptr().add(lane * TILE_KV + 16 * j)));
@@ -798,28 +811,38 @@ unsafe fn tiled_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values: &
                     }
                     maxes[lane] = new;
                     let mut total = 0f64;
-                    let mut p = [0f32; TILE_KV];
                     for (j, s) in s.iter().enumerate() {
                         let e = expf_ggml512(_mm512_sub_ps(*s, _mm512_set1_ps(new)));
-                        _mm512_storeu_ps(p.as_mut_ptr().add(16 * j), e);
+                        _mm512_storeu_ps(scores.as_mut_ptr().add(lane * TILE_KV + 16 * j), e);
                         total += reduce_add_gcc(e) as f64;
                     }
                     sums[lane] = (sums[lane] as f64 + total) as f32;
-                    // Several runs of 16 dimensions at a time, each an FMA chain over the
-                    // tile's keys held in a register (independent chains side by side).
-                    let mut c = 0;
-                    while c < d {
-                        let left = (d - c) / 16;
-                        let run = if left >= 8 {
-                            accumulate::<8>(a.add(c), vt.as_ptr().add(c), d, &p)
-                        } else if left >= 4 {
-                            accumulate::<4>(a.add(c), vt.as_ptr().add(c), d, &p)
-                        } else {
-                            accumulate::<1>(a.add(c), vt.as_ptr().add(c), d, &p)
-                        };
-                        c += 16 * run;
-                    }
                 }
+            }
+        }
+        // Then the values, two lanes at a time (each value load feeds both), 16
+        // dimensions per FMA chain over the tile's keys.
+        for pair in seen_lanes[..n_seen].chunks(2) {
+            let (l0, l1) = (pair[0], *pair.last().expect("a chunk is never empty"));
+            let mut c = 0;
+            while c < d {
+                let left = (d - c) / 16;
+                // SAFETY: both lanes' accumulators hold d f32, their weights 64 f32; the
+                // value tile 64 × d.
+                let run = unsafe {
+                    let (a0, a1) = (acc.as_mut_ptr().add(l0 * d + c), acc.as_mut_ptr().add(l1 * d + c));
+                    let (p0, p1) = (scores.as_ptr().add(l0 * TILE_KV), scores.as_ptr().add(l1 * TILE_KV));
+                    let v = vt.as_ptr().add(c);
+                    // A lone last lane runs as a pair with itself.
+                    if left >= 8 {
+                        accumulate2::<8>([a0, a1], v, d, [p0, p1])
+                    } else if left >= 4 {
+                        accumulate2::<4>([a0, a1], v, d, [p0, p1])
+                    } else {
+                        accumulate2::<1>([a0, a1], v, d, [p0, p1])
+                    }
+                };
+                c += 16 * run;
             }
         }
     }
