@@ -651,10 +651,11 @@ unsafe fn accumulate2<const N: usize>(a: [*mut f32; 2], v: *const f32, stride: u
             std::array::from_fn(|l| std::array::from_fn(|i| _mm512_loadu_ps(a[l].add(16 * i))));
         for k in 0..TILE_KV {
             let w = [_mm512_set1_ps(*p[0].add(k)), _mm512_set1_ps(*p[1].add(k))];
-            for i in 0..N {
+            let [x0, x1] = &mut x;
+            for (i, (x0, x1)) in x0.iter_mut().zip(x1.iter_mut()).enumerate() {
                 let vv = _mm512_loadu_ps(v.add(k * stride + 16 * i));
-                x[0][i] = _mm512_fmadd_ps(vv, w[0], x[0][i]);
-                x[1][i] = _mm512_fmadd_ps(vv, w[1], x[1][i]);
+                *x0 = _mm512_fmadd_ps(vv, w[0], *x0);
+                *x1 = _mm512_fmadd_ps(vv, w[1], *x1);
             }
         }
         for (l, x) in x.iter().enumerate() {
