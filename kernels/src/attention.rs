@@ -448,6 +448,16 @@ fn f16_acc(level: SimdLevel, it: &Item, sc: &mut Scratch) {
     }
 }
 
+/// Writes query `t`'s head `h`: the accumulated values times `1 / sum` (0 when nothing
+/// was seen), as llama.cpp's kernels end.
+fn write_normalized(it: &Item, t: usize, h: usize, acc: &[f32], sum: f32) {
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (i, &a) in acc.iter().enumerate() {
+        // SAFETY: the caller's OutMatrix covers row t, columns of head h.
+        unsafe { it.out.write(t, h * it.g.head_dim + i, a * inv) };
+    }
+}
+
 /// One item of the f16-accumulator kernel (see the module docs).
 #[inline(always)]
 fn f16_acc_item(it: &Item, sc: &mut Scratch) {
@@ -491,11 +501,7 @@ fn f16_acc_item(it: &Item, sc: &mut Scratch) {
             }
         }
         for (hi, h) in it.heads.clone().enumerate() {
-            let inv = if sums[hi] == 0.0 { 0.0 } else { 1.0 / sums[hi] };
-            for (i, &a) in acc[hi * d..][..d].iter().enumerate() {
-                // SAFETY: the caller's OutMatrix covers row t, columns of head h.
-                unsafe { it.out.write(t, h * d + i, a * inv) };
-            }
+            write_normalized(it, t, h, &acc[hi * d..][..d], sums[hi]);
         }
     }
 }
@@ -575,11 +581,7 @@ unsafe fn f16_acc_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values:
             }
         }
         for (hi, h) in it.heads.clone().enumerate() {
-            let inv = if sums[hi] == 0.0 { 0.0 } else { 1.0 / sums[hi] };
-            for (i, &a) in acc[hi * d..][..d].iter().enumerate() {
-                // SAFETY: the caller's OutMatrix covers row t, columns of head h.
-                unsafe { it.out.write(t, h * d + i, a * inv) };
-            }
+            write_normalized(it, t, h, &acc[hi * d..][..d], sums[hi]);
         }
     }
 }
@@ -703,9 +705,9 @@ unsafe fn tiled_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values: &
     maxes.fill(f32::NEG_INFINITY);
     sums.fill(0.0);
     let last = g.start_pos + it.tokens.end - 1;
+    // Tiles before every query's window are skipped.
+    let first_seen = it.tokens.clone().map(|t| g.visible(t).0).min().unwrap_or(0);
     for c0 in (0..=last).step_by(TILE_KV) {
-        // Skip tiles that no query of the item sees.
-        let first_seen = it.tokens.clone().map(|t| g.visible(t).0).min().unwrap_or(0);
         if c0 + TILE_KV <= first_seen {
             continue;
         }
@@ -850,11 +852,7 @@ unsafe fn tiled_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values: &
     for (ti, t) in it.tokens.clone().enumerate() {
         for (hi, h) in it.heads.clone().enumerate() {
             let lane = ti * hp + hi;
-            let inv = if sums[lane] == 0.0 { 0.0 } else { 1.0 / sums[lane] };
-            for (i, &x) in acc[lane * d..][..d].iter().enumerate() {
-                // SAFETY: the caller's OutMatrix covers row t, columns of head h.
-                unsafe { it.out.write(t, h * d + i, x * inv) };
-            }
+            write_normalized(it, t, h, &acc[lane * d..][..d], sums[lane]);
         }
     }
 }

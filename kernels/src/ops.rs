@@ -108,16 +108,18 @@ pub enum RopeStyle {
     Neox,
 }
 
-/// The `(sin, cos)` of every rotated pair at position `pos`, appended to `out`, computed
-/// as ggml does: the angle of pair `i` is `pos · s^i` with `s = theta^(-2 / rope_dims)`,
-/// built by multiplying by `s` pair after pair (in f32, rounding at each step), then
-/// libm's `sinf`/`cosf`.
-pub fn rope_angles(pos: u32, rope_dims: usize, theta: f32, out: &mut Vec<(f32, f32)>) {
+/// The `(sin, cos)` of every rotated pair at each of `positions`, appended to `out`
+/// position after position, computed as ggml does: the angle of pair `i` is `pos · s^i`
+/// with `s = theta^(-2 / rope_dims)`, built by multiplying by `s` pair after pair (in
+/// f32, rounding at each step), then libm's `sinf`/`cosf`.
+pub fn rope_angles(positions: &[u32], rope_dims: usize, theta: f32, out: &mut Vec<(f32, f32)>) {
     let step = theta.powf(-2.0 / rope_dims as f32);
-    let mut angle = pos as f32;
-    for _ in 0..rope_dims / 2 {
-        out.push((angle.sin(), angle.cos()));
-        angle *= step;
+    for &pos in positions {
+        let mut angle = pos as f32;
+        for _ in 0..rope_dims / 2 {
+            out.push((angle.sin(), angle.cos()));
+            angle *= step;
+        }
     }
 }
 
@@ -528,7 +530,7 @@ mod tests {
         let x: Vec<f32> = (0..d).map(|i| i as f32 + 1.0).collect();
         let mut inter = x.clone();
         let mut table = Vec::new();
-        rope_angles(5, d, 10000.0, &mut table);
+        rope_angles(&[5], d, 10000.0, &mut table);
         rope_with(&mut inter, &table, RopeStyle::Interleaved);
         let mut neox: Vec<f32> = (0..d / 2)
             .map(|i| x[2 * i])

@@ -469,7 +469,7 @@ fn dot_blocks32(nb: usize, mut block: impl FnMut(usize) -> (f32, [i32; 8], f32, 
 
 /// ggml's `hsum_float_8`: `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`.
 #[inline(always)]
-pub fn hsum8(a: &[f32; 8]) -> f32 {
+fn hsum8(a: &[f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 

@@ -360,9 +360,7 @@ impl Backend for CpuBackend {
         // Every head of a position turns by the same angles: compute them once.
         let half = head_dim / 2;
         self.rope_table.clear();
-        for &pos in positions {
-            ops::rope_angles(pos, head_dim, theta, &mut self.rope_table);
-        }
+        ops::rope_angles(positions, head_dim, theta, &mut self.rope_table);
         let table = &self.rope_table;
         let row = n_heads * head_dim;
         let x = Shared::new(&mut self.buffers[x.0 as usize][..positions.len() * row]);

@@ -901,9 +901,7 @@ impl Backend for GpuBackend {
             _ => {
                 // The same angles as the CPU backend, computed on the host.
                 let mut angles = Vec::with_capacity(positions.len() * half);
-                for &p in positions {
-                    ops::rope_angles(p, head_dim, theta, &mut angles);
-                }
+                ops::rope_angles(positions, head_dim, theta, &mut angles);
                 let table: Vec<u32> = angles.iter().flat_map(|(s, c)| [s.to_bits(), c.to_bits()]).collect();
                 let at = self.push(table);
                 self.rope_cache = Some(RopeTable {

@@ -193,9 +193,11 @@ pub(super) unsafe fn gemm(
             // and `a` has room for n_tokens repacked rows.
             unsafe { prep_acts(&k, &g, acts.as_ptr().add(t * g.nb * k.ab), a.add(t * g.a_stride)) };
         }
+        // One token's chains read its own `s`; several tokens', the groups' table.
+        let grouped = avx512 && k.min && n_tokens > 1;
         let groups = n_tokens.div_ceil(4);
-        let s16 = lines(&mut s.s16, if avx512 && k.min { groups * g.nb * 64 } else { 0 }).cast::<f32>();
-        if avx512 && k.min {
+        let s16 = lines(&mut s.s16, if grouped { groups * g.nb * 64 } else { 0 }).cast::<f32>();
+        if grouped {
             // SAFETY: `a` holds n_tokens repacked rows; `s16` has room for every group.
             unsafe { prep_s16(&g, a, n_tokens, s16) };
         }
@@ -203,9 +205,10 @@ pub(super) unsafe fn gemm(
             // SAFETY: AVX2 is present; the sizes were checked by the caller.
             unsafe { stream256(&k, &g, weights, n_rows, a, n_tokens, out) };
         } else if n_tokens <= STREAM_MAX_TOKENS {
-            let mins = lines(&mut s.weights, 4 * g.nb16 * 4).cast::<f32>();
+            let mins = lines(&mut s.weights, g.nb16 * 4).cast::<f32>();
             // SAFETY: AVX-512 VNNI is present; the sizes were checked by the caller,
-            // `mins` has room for four rows' minimums, `s16` holds every group.
+            // `mins` has room for one row's minimums, `s16` holds every group (Q4_1,
+            // several tokens).
             unsafe { stream512_rows(&k, &g, weights, n_rows, a, n_tokens, mins, s16, out) };
         } else {
             let band = g.band_stride(&k);
@@ -528,8 +531,8 @@ fn hsum8_halves(v: __m512) -> (f32, f32) {
 /// every group against the tokens `STREAM_GROUP` at a time, with prefetch.
 ///
 /// # Safety
-/// As [`stream512`], for `n_tokens` tokens; `mins` has room for `4 * g.nb16` f32; for
-/// Q4_1, `s16` holds every group's sums ([`prep_s16`]).
+/// As [`stream512`], for `n_tokens` tokens; `mins` has room for `g.nb16` f32; for Q4_1
+/// with several tokens, `s16` holds every group's sums ([`prep_s16`]).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn stream512_rows(
@@ -623,8 +626,8 @@ fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
 ///
 /// # Safety
 /// `R` rows of `g.nb` blocks of `TY` at `w`; `T` tokens repacked with geometry `g` at
-/// `a`; `mins` is writable for `4 * g.nb16` f32; for Q4_1, `s16` holds the group's sums
-/// ([`prep_s16`]); those outputs are the caller's to write; the CPU has AVX-512
+/// `a`; `mins` is writable for `g.nb16` f32; for Q4_1 with `T > 1`, `s16` holds the
+/// group's sums ([`prep_s16`]); those outputs are the caller's to write; the CPU has AVX-512
 /// F/BW/VL/VNNI.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -726,11 +729,12 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                 // One step of the chains: the four rows' `m` of this block (transposed
                 // below), against the token's `s` (one token) or the group's (several).
                 let m4 = m4s[16 * (jb % 4) + 4 * (jb / 4)..].as_ptr();
-                // SAFETY: `m4s` holds four f32 per block of the chunk; `s16` holds this
-                // group's 16 f32 per block, and token 0's `s` is at lane 0.
+                // SAFETY: `m4s` holds four f32 per block of the chunk; token 0's row
+                // holds nb16 `s`; with several tokens `s16` holds the group's 16 f32 per
+                // block.
                 unsafe {
                     if T == 1 {
-                        let sa = _mm_set1_ps(*s16.add(16 * b));
+                        let sa = _mm_set1_ps(*a.add(g.a_s).cast::<f32>().add(b));
                         chain1 = _mm_fmadd_ps(_mm_loadu_ps(m4), sa, chain1);
                     } else {
                         let m16 = _mm512_broadcast_f32x4(_mm_loadu_ps(m4));
