@@ -30,6 +30,8 @@ pub const QUANTIZE: &str = include_str!("wgsl/quantize.wgsl");
 /// (compiled after [`WEIGHTS`], before [`MATMUL`] or [`MATVEC`]).
 pub const CHUNKS: &str = include_str!("wgsl/chunks.wgsl");
 pub const MATMUL: &str = include_str!("wgsl/matmul.wgsl");
+/// The tiled product of a quantized weight and many rows (prefill).
+pub const MATMUL_TILED: &str = include_str!("wgsl/matmul_tiled.wgsl");
 /// The few-rows product's per-lane part; one of [`MATVEC_WG`] (workgroup-memory sums)
 /// or [`MATVEC_SG`] (subgroup sums; needs the SUBGROUP device feature) follows it.
 pub const MATVEC: &str = include_str!("wgsl/matvec.wgsl");

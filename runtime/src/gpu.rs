@@ -14,7 +14,9 @@
 //! subgroup (or 32 lanes summed in workgroup memory, where the adapter has no subgroups)
 //! per weight row, and for Q8_0, Q4_K and Q6_K 16-byte loads of weights and activations,
 //! which is why those weights and the 8-bit activation blocks are stored in 16-byte units.
-//! Longer inputs take the tiled matmul kernel. `KILN_GPU_MATVEC=0`, `KILN_GPU_VEC4=0` and
+//! Longer inputs take a matmul kernel: from `TILED_ROWS` rows on, quantized weights take
+//! one that decodes 64 weight rows and copies 64 input rows into workgroup memory per
+//! step. `KILN_GPU_MATVEC=0`, `KILN_GPU_VEC4=0`, `KILN_GPU_TILED=0` and
 //! `KILN_GPU_SUBGROUPS=0` turn these paths off (for comparisons).
 //!
 //! Numerics follow the CPU backend's `Numerics::Quantized`: activations quantized per row
@@ -68,6 +70,8 @@ enum Kernel {
     AttentionCombine,
     Quantize(u32),
     Matmul(u32),
+    /// Quantized weight types (codes 3..=8) times many rows, in 64 × 64 tiles.
+    MatmulTiled(u32),
     /// Weight type, input rows (1..=MATVEC_ROWS), subgroup sums.
     Matvec(u32, u32, bool),
     /// Q8_0, Q4_K or Q6_K with 16-byte loads (subgroup sums): weight type, input rows.
@@ -77,6 +81,9 @@ enum Kernel {
 
 /// Products of at most this many input rows take the matvec kernels.
 const MATVEC_ROWS: usize = 4;
+/// Products of quantized weights over at least this many input rows take the tiled
+/// kernel (64 × 64 tiles); fewer take the simple one (4 weight rows × 8 input rows).
+const TILED_ROWS: usize = 32;
 /// Invocations of a matvec workgroup.
 const MATVEC_WG: usize = 128;
 /// Attention calls with fewer (query row, head) pairs than this split each row's keys
@@ -102,6 +109,7 @@ impl Kernel {
             Kernel::AttentionCombine => (wgsl::ATTENTION_COMBINE, &[false, true, false]),
             Kernel::Quantize(_) => (wgsl::QUANTIZE, &[false, true]),
             Kernel::Matmul(_) => (wgsl::MATMUL, &[false, false, true]),
+            Kernel::MatmulTiled(_) => (wgsl::MATMUL_TILED, &[false, false, true]),
             Kernel::Matvec(_, _, false) => (wgsl::MATVEC_WG, &[false, false, true]),
             Kernel::Matvec(_, _, true) => (wgsl::MATVEC_SG, &[false, false, true]),
             Kernel::MatvecVec4(..) => (wgsl::MATVEC_VEC4, &[false, false, true]),
@@ -200,6 +208,8 @@ pub struct GpuBackend {
     subgroup_rows: Option<usize>,
     /// Whether products of few rows take the matvec kernels.
     matvec: bool,
+    /// Whether products of many rows take the tiled kernel (`KILN_GPU_TILED=0` declines).
+    tiled: bool,
     /// Whether Q8_0, Q4_K and Q6_K ones take the 16-byte-load kernel
     /// (`KILN_GPU_VEC4=0` declines).
     vec4: bool,
@@ -238,6 +248,125 @@ pub struct GpuBackend {
     pass: Option<wgpu::ComputePass<'static>>,
     /// The rope angles already in the arena for this submission.
     rope_cache: Option<RopeTable>,
+    /// GPU time per kernel (`KILN_GPU_PROFILE=1`, where the adapter has timestamps).
+    profiler: Option<Profiler>,
+}
+
+/// Timestamps after every dispatch of a submission, summed per kernel and printed when
+/// the backend is dropped: time between consecutive timestamps is charged to the
+/// dispatch that ends it, launch and barrier gaps included.
+struct Profiler {
+    queries: wgpu::QuerySet,
+    resolved: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    /// Kernels of this submission's timed dispatches, in order.
+    kernels: Vec<Kernel>,
+    /// Nanoseconds and dispatches per kernel.
+    totals: HashMap<Kernel, (f64, usize)>,
+    period_ns: f64,
+}
+
+impl Profiler {
+    const QUERIES: u32 = 4096;
+
+    fn new(device: &wgpu::Device, period_ns: f32) -> Profiler {
+        let bytes = u64::from(Self::QUERIES) * 8;
+        let buffer = |usage, label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Profiler {
+            queries: device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("kiln profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: Self::QUERIES,
+            }),
+            resolved: buffer(
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                "kiln profile resolve",
+            ),
+            readback: buffer(
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                "kiln profile readback",
+            ),
+            kernels: Vec::new(),
+            totals: HashMap::new(),
+            period_ns: f64::from(period_ns),
+        }
+    }
+
+    /// Records the timestamp that ends a dispatch of `kernel` (the first of a pass also
+    /// gets one before it).
+    fn after_dispatch(&mut self, pass: &mut wgpu::ComputePass<'static>, kernel: Kernel) {
+        let n = self.kernels.len() as u32;
+        if n + 1 >= Self::QUERIES {
+            return;
+        }
+        if n == 0 {
+            pass.write_timestamp(&self.queries, 0);
+        }
+        // (The first dispatch's start stamp comes after it is recorded; it only
+        // loses that dispatch's time.)
+        pass.write_timestamp(&self.queries, n + 1);
+        self.kernels.push(kernel);
+    }
+
+    fn resolve(&self, encoder: &mut wgpu::CommandEncoder) {
+        let n = self.kernels.len() as u32 + 1;
+        if n > 1 {
+            encoder.resolve_query_set(&self.queries, 0..n, &self.resolved, 0);
+            encoder.copy_buffer_to_buffer(&self.resolved, 0, &self.readback, 0, u64::from(n) * 8);
+        }
+    }
+
+    /// Waits for the submission and adds its times.
+    fn collect(&mut self, device: &wgpu::Device) {
+        let n = self.kernels.len();
+        if n == 0 {
+            return;
+        }
+        let slice = self.readback.slice(..(n as u64 + 1) * 8);
+        slice.map_async(wgpu::MapMode::Read, |r| r.expect("mapping the profile buffer"));
+        let _ = device.poll(wgpu::PollType::wait_indefinitely());
+        {
+            let view = slice.get_mapped_range().expect("mapped");
+            let stamps: Vec<u64> = view
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect();
+            for (i, kernel) in self.kernels.iter().enumerate() {
+                let ns = stamps[i + 1].saturating_sub(stamps[i]) as f64 * self.period_ns;
+                let entry = self.totals.entry(*kernel).or_default();
+                entry.0 += ns;
+                entry.1 += 1;
+            }
+        }
+        self.readback.unmap();
+        self.kernels.clear();
+    }
+}
+
+impl Drop for Profiler {
+    fn drop(&mut self) {
+        let total: f64 = self.totals.values().map(|t| t.0).sum();
+        let mut rows: Vec<_> = self.totals.iter().collect();
+        rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+        eprintln!("kiln gpu profile: {:.1} ms in all", total / 1e6);
+        for (kernel, (ns, count)) in rows {
+            eprintln!(
+                "  {:<28} {:>9.2} ms {:>5.1}% {:>8} × {:>8.2} µs",
+                format!("{kernel:?}"),
+                ns / 1e6,
+                100.0 * ns / total,
+                count,
+                ns / 1e3 / *count as f64
+            );
+        }
+    }
 }
 
 /// Where a rope call's (sin, cos) table sits in the arena: the q and k calls of every
@@ -277,7 +406,7 @@ pub fn adapters() -> Vec<wgpu::Adapter> {
 impl GpuBackend {
     /// A backend on `adapter`, taking its full limits and, where the adapter has them,
     /// subgroup operations (for the matvec kernels; `KILN_GPU_SUBGROUPS=0` declines them,
-    /// `KILN_GPU_MATVEC=0` sends every product to the tiled matmul kernel).
+    /// `KILN_GPU_MATVEC=0` sends every product to the matmul kernels).
     pub fn new(adapter: &wgpu::Adapter) -> Result<Self> {
         let limits = adapter.limits();
         let info = adapter.get_info();
@@ -286,11 +415,17 @@ impl GpuBackend {
             && (1..=MATVEC_WG as u32).contains(&info.subgroup_min_size)
             && !env_off("KILN_GPU_SUBGROUPS"))
         .then(|| MATVEC_WG / info.subgroup_min_size as usize);
-        let features = if subgroup_rows.is_some() {
+        let mut features = if subgroup_rows.is_some() {
             wgpu::Features::SUBGROUP
         } else {
             wgpu::Features::empty()
         };
+        let timestamps = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        let profile =
+            std::env::var("KILN_GPU_PROFILE").is_ok_and(|v| v == "1") && adapter.features().contains(timestamps);
+        if profile {
+            features |= timestamps;
+        }
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("kiln"),
             required_features: features,
@@ -318,6 +453,7 @@ impl GpuBackend {
             subgroup_rows,
             matvec: !env_off("KILN_GPU_MATVEC"),
             vec4: !env_off("KILN_GPU_VEC4"),
+            tiled: !env_off("KILN_GPU_TILED"),
             max_binding,
             staged_bytes: 0,
             part_bytes: max_binding,
@@ -343,7 +479,11 @@ impl GpuBackend {
             encoder: None,
             pass: None,
             rope_cache: None,
+            profiler: None,
         };
+        if profile {
+            be.profiler = Some(Profiler::new(&be.device, be.queue.get_timestamp_period()));
+        }
         be.arena = be.new_slot(ARENA_WORDS * 4, "kiln arena");
         be.acts = be.new_slot(4, "kiln activations");
         be.attn_part = be.new_slot(4, "kiln attention partials");
@@ -409,10 +549,13 @@ impl GpuBackend {
         let (source, writes) = kernel.spec();
         // (naga takes subgroup operations with the device feature, without `enable`.)
         let mut text = String::from(wgsl::COMMON);
-        if matches!(kernel, Kernel::Matmul(_) | Kernel::Matvec(..) | Kernel::Embed(_)) {
+        if matches!(
+            kernel,
+            Kernel::Matmul(_) | Kernel::MatmulTiled(_) | Kernel::Matvec(..) | Kernel::Embed(_)
+        ) {
             text.push_str(wgsl::WEIGHTS);
         }
-        if matches!(kernel, Kernel::Matmul(_) | Kernel::Matvec(..)) {
+        if matches!(kernel, Kernel::Matmul(_) | Kernel::MatmulTiled(_) | Kernel::Matvec(..)) {
             text.push_str(wgsl::CHUNKS);
         }
         if matches!(kernel, Kernel::Matvec(..)) {
@@ -455,7 +598,7 @@ impl GpuBackend {
             immediate_size: 0,
         });
         let constants: Vec<(&str, f64)> = match kernel {
-            Kernel::Matmul(t) | Kernel::Embed(t) => vec![("WTYPE", t as f64)],
+            Kernel::Matmul(t) | Kernel::MatmulTiled(t) | Kernel::Embed(t) => vec![("WTYPE", t as f64)],
             Kernel::Matvec(t, nt, _) => vec![("WTYPE", t as f64), ("NT", nt as f64)],
             Kernel::MatvecVec4(t, nt) => vec![("WTYPE", t as f64), ("NT", nt as f64)],
             Kernel::Quantize(f) => vec![("AFMT", f as f64)],
@@ -562,12 +705,18 @@ impl GpuBackend {
         pass.set_bind_group(0, &self.bind_groups[&key], &[offset as u32]);
         let (x, y) = grid(groups);
         pass.dispatch_workgroups(x, y, 1);
+        if let Some(profiler) = self.profiler.as_mut() {
+            profiler.after_dispatch(pass, kernel);
+        }
     }
 
     /// Uploads this submission's parameters and arena, and submits everything recorded.
     fn flush(&mut self) {
         self.pass = None;
-        if let Some(encoder) = self.encoder.take() {
+        if let Some(mut encoder) = self.encoder.take() {
+            if let Some(profiler) = &self.profiler {
+                profiler.resolve(&mut encoder);
+            }
             if self.params_used > 0 {
                 let bytes = self.params_used * PARAM_SLOT as usize;
                 self.queue.write_buffer(&self.params, 0, &self.params_cpu[..bytes]);
@@ -577,6 +726,9 @@ impl GpuBackend {
                     .write_buffer(self.slot(self.arena), 0, &words_bytes(&self.arena_cpu));
             }
             self.queue.submit([encoder.finish()]);
+            if let Some(profiler) = self.profiler.as_mut() {
+                profiler.collect(&self.device);
+            }
         }
         self.params_used = 0;
         self.arena_cpu.clear();
@@ -845,6 +997,27 @@ impl Backend for GpuBackend {
                         Kernel::Matvec(code, n as u32, sg.is_some())
                     };
                     self.dispatch(kernel, &[slot, self.acts, out], &u, &[], part_rows.div_ceil(per_group));
+                    continue;
+                }
+                if self.tiled && code >= 3 && n >= TILED_ROWS {
+                    let row_tiles = part_rows.div_ceil(64);
+                    let u = [
+                        part_rows as u32,
+                        cols as u32,
+                        n as u32,
+                        rows as u32,
+                        first as u32,
+                        row_words as u32,
+                        act_words as u32,
+                        row_tiles as u32,
+                    ];
+                    self.dispatch(
+                        Kernel::MatmulTiled(code),
+                        &[slot, self.acts, out],
+                        &u,
+                        &[],
+                        row_tiles * n.div_ceil(64),
+                    );
                     continue;
                 }
                 let row_groups = part_rows.div_ceil(4);

@@ -226,6 +226,29 @@ fn matmul_every_weight_type() {
     }
 }
 
+/// Prefill-sized products (the 64 × 64 tiled kernel): rows and input rows that leave
+/// partial tiles, columns that leave a partial step of four chunks (224 = 7 chunks).
+#[test]
+fn matmul_tiled_every_weight_type() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(0x5eed_7113);
+    for (ty, cols) in TYPES {
+        let rows = 150;
+        let w = p.upload(&random_weight(&mut rng, ty, rows, cols));
+        for n in [32, 97] {
+            let x = p.buffer(n * cols, &rng.vec(n * cols, 2.0));
+            let out = p.buffer(n * rows, &[]);
+            p.run(|be| be.matmul(w, x, n, out));
+            p.compare(
+                &format!("tiled matmul {ty} {rows}x{cols}, {n} rows"),
+                out,
+                n * rows,
+                TOL_MATMUL,
+            );
+        }
+    }
+}
+
 /// More than 65535 workgroups of rows: the grid folds into two dimensions, and the
 /// groups past its end must write nothing (the rows after the output stay NaN).
 #[test]

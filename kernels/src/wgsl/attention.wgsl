@@ -56,11 +56,26 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             let r = arena[P.u7 + page0 + key / ps] * ps + key % ps;
             rows[lid] = r;
             let kb = r * kv_stride + kv_off;
-            var dot = 0.0;
-            for (var d = 0u; d < hd; d++) {
-                dot = fma(qv[d], keys[kb + d], dot);
+            // Four independent chains: the loop is latency-bound otherwise.
+            var d0 = 0.0;
+            var d1 = 0.0;
+            var d2 = 0.0;
+            var d3 = 0.0;
+            var d = 0u;
+            for (; d + 4u <= hd; d += 4u) {
+                let k0 = keys[kb + d];
+                let k1 = keys[kb + d + 1u];
+                let k2 = keys[kb + d + 2u];
+                let k3 = keys[kb + d + 3u];
+                d0 = fma(qv[d], k0, d0);
+                d1 = fma(qv[d + 1u], k1, d1);
+                d2 = fma(qv[d + 2u], k2, d2);
+                d3 = fma(qv[d + 3u], k3, d3);
             }
-            s = dot * P.f0;
+            for (; d < hd; d++) {
+                d0 = fma(qv[d], keys[kb + d], d0);
+            }
+            s = ((d0 + d1) + (d2 + d3)) * P.f0;
         }
         p[lid] = s;
         workgroupBarrier();
@@ -83,13 +98,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         l = l * corr + sum;
         for (var u = 0u; u < 4u; u++) {
-            let d = lid + u * TILE;
-            if d < hd {
-                var a = acc[u] * corr;
-                for (var j = 0u; j < n; j++) {
-                    a = fma(p[j], values[rows[j] * kv_stride + kv_off + d], a);
+            acc[u] *= corr;
+        }
+        // Four keys a step, each thread's (up to) four dimensions: sixteen loads in flight.
+        var j = 0u;
+        for (; j + 4u <= n; j += 4u) {
+            let r0 = rows[j] * kv_stride + kv_off;
+            let r1 = rows[j + 1u] * kv_stride + kv_off;
+            let r2 = rows[j + 2u] * kv_stride + kv_off;
+            let r3 = rows[j + 3u] * kv_stride + kv_off;
+            let p0 = p[j];
+            let p1 = p[j + 1u];
+            let p2 = p[j + 2u];
+            let p3 = p[j + 3u];
+            for (var u = 0u; u < 4u; u++) {
+                let d = lid + u * TILE;
+                if d < hd {
+                    let v0 = values[r0 + d];
+                    let v1 = values[r1 + d];
+                    let v2 = values[r2 + d];
+                    let v3 = values[r3 + d];
+                    acc[u] = fma(p3, v3, fma(p2, v2, fma(p1, v1, fma(p0, v0, acc[u]))));
                 }
-                acc[u] = a;
+            }
+        }
+        for (; j < n; j++) {
+            let r = rows[j] * kv_stride + kv_off;
+            for (var u = 0u; u < 4u; u++) {
+                let d = lid + u * TILE;
+                if d < hd {
+                    acc[u] = fma(p[j], values[r + d], acc[u]);
+                }
             }
         }
         m = tmax;

@@ -12,12 +12,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let cols = P.u1;
     let base = row * cols;
-    var s = 0.0;
-    for (var c = lid; c < cols; c += 256u) {
-        let v = x[base + c];
-        s += v * v;
+    // Four loads in flight per step (one row is one workgroup: latency, not bandwidth,
+    // bounds a decode step's norm).
+    var s0 = 0.0;
+    var s1 = 0.0;
+    var c = lid;
+    for (; c + 768u < cols; c += 1024u) {
+        let a = x[base + c];
+        let b = x[base + c + 256u];
+        let e = x[base + c + 512u];
+        let f = x[base + c + 768u];
+        s0 = fma(a, a, fma(e, e, s0));
+        s1 = fma(b, b, fma(f, f, s1));
     }
-    partial[lid] = s;
+    for (; c < cols; c += 256u) {
+        let v = x[base + c];
+        s0 = fma(v, v, s0);
+    }
+    partial[lid] = s0 + s1;
     workgroupBarrier();
     for (var step = 128u; step > 0u; step = step >> 1u) {
         if lid < step {
@@ -26,7 +38,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         workgroupBarrier();
     }
     let inv = 1.0 / sqrt(partial[0] / f32(cols) + P.f0);
-    for (var c = lid; c < cols; c += 256u) {
+    c = lid;
+    for (; c + 768u < cols; c += 1024u) {
+        let a = x[base + c];
+        let b = x[base + c + 256u];
+        let e = x[base + c + 512u];
+        let f = x[base + c + 768u];
+        x[base + c] = (a * inv) * weight[c];
+        x[base + c + 256u] = (b * inv) * weight[c + 256u];
+        x[base + c + 512u] = (e * inv) * weight[c + 512u];
+        x[base + c + 768u] = (f * inv) * weight[c + 768u];
+    }
+    for (; c < cols; c += 256u) {
         x[base + c] = (x[base + c] * inv) * weight[c];
     }
 }
