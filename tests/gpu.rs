@@ -27,8 +27,10 @@ fn gpu() -> Option<GpuBackend> {
     Some(GpuBackend::new(adapter).expect("starting the GPU backend"))
 }
 
+/// The pulled default model, or the GGUF file `KILN_GPU_TEST_MODEL` names (a synthetic
+/// model on a machine the real ones do not travel to).
 fn model_path() -> String {
-    path_of(MODEL)
+    std::env::var("KILN_GPU_TEST_MODEL").unwrap_or_else(|_| path_of(MODEL))
 }
 
 fn path_of(model: &str) -> String {
@@ -129,8 +131,9 @@ fn smollm2_greedy_matches_cpu() {
         assert!(worst < 0.1, "first-step logits differ by {worst:e} of their largest");
     }
     println!(
-        "{} ({MODEL}): {} prompts in {:.1?}",
+        "{} ({}): {} prompts in {:.1?}",
         gpu.name(),
+        model_path(),
         prompts.len(),
         started.elapsed()
     );

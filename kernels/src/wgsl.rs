@@ -18,6 +18,8 @@ pub const ADD_BIAS: &str = include_str!("wgsl/add_bias.wgsl");
 pub const RMS_NORM: &str = include_str!("wgsl/rms_norm.wgsl");
 pub const ROPE: &str = include_str!("wgsl/rope.wgsl");
 pub const STORE_KV: &str = include_str!("wgsl/store_kv.wgsl");
+/// ggml's SiLU and GELU (compiled before [`GATED`] and [`QUANTIZE`]).
+pub const ACTIVATION: &str = include_str!("wgsl/activation.wgsl");
 pub const GATED: &str = include_str!("wgsl/gated.wgsl");
 pub const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
 /// Attention for few query rows with each row's keys split across workgroups (partial

@@ -291,26 +291,17 @@ pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, 
     let n = s.positions.len();
     be.matmul_many(s.xb, n, &[(w.q, s.q), (w.k, s.k), (w.v, s.v)]);
     if let Some([qb, kb, vb]) = w.qkv_bias {
-        be.add_bias(s.q, qb, n);
-        be.add_bias(s.k, kb, n);
-        be.add_bias(s.v, vb, n);
+        be.add_biases(&[(s.q, qb), (s.k, kb), (s.v, vb)], n);
     }
     if let Some([qn, kn]) = w.qk_norm {
         be.rms_norm(s.q, qn, n * h.n_head, h.norm_eps);
         be.rms_norm(s.k, kn, n * h.n_kv_head, h.norm_eps);
     }
-    be.rope(
+    be.rope_qk(
         s.q,
-        &s.positions,
-        h.n_head,
-        h.head_dim,
-        plan.rope_theta,
-        plan.rope_style,
-    );
-    be.rope(
         s.k,
         &s.positions,
-        h.n_kv_head,
+        (h.n_head, h.n_kv_head),
         h.head_dim,
         plan.rope_theta,
         plan.rope_style,
@@ -318,8 +309,7 @@ pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, 
     if plan.query_scale != 1.0 {
         be.scale(s.q, n * h.n_head * h.head_dim, plan.query_scale);
     }
-    be.store_kv(s.k, kv.0, h.kv_dim(), &s.kv_rows);
-    be.store_kv(s.v, kv.1, h.kv_dim(), &s.kv_rows);
+    be.store_kv_pair(s.k, s.v, kv, h.kv_dim(), &s.kv_rows);
     let shape = Attention {
         n_head: h.n_head,
         n_kv_head: h.n_kv_head,
@@ -350,10 +340,9 @@ impl FfnWeights {
 }
 
 /// Gated feed-forward of the `n` normalized rows in `s.xb`, whose output replaces them.
-pub fn feed_forward(be: &mut dyn Backend, h: &Hyper, w: &FfnWeights, s: &Scratch, n: usize, act: Activation) {
+pub fn feed_forward(be: &mut dyn Backend, w: &FfnWeights, s: &Scratch, n: usize, act: Activation) {
     be.matmul_many(s.xb, n, &[(w.gate, s.gate), (w.up, s.up)]);
-    be.gated_activation(s.gate, s.up, n * h.d_ffn, act);
-    be.matmul(w.down, s.gate, n, s.xb);
+    be.matmul_gated(w.down, s.gate, s.up, act, n, s.xb);
 }
 
 /// Keeps only the rows of the residual stream that want logits (`s.logit_rows`), moved
@@ -389,13 +378,34 @@ pub fn keep_logit_rows(be: &mut dyn Backend, h: &Hyper, s: &Scratch) -> usize {
     rows.len()
 }
 
-/// Final norm and classifier over the first `n` rows of the residual stream (those
-/// [`keep_logit_rows`] kept), whose logits fill that many rows of `s.logits`.
-pub fn logits(be: &mut dyn Backend, h: &Hyper, norm: WeightId, output: WeightId, s: &Scratch, n: usize) -> BufId {
-    be.copy(s.x, 0, s.xb, 0, n * h.d_model);
-    be.rms_norm(s.xb, norm, n, h.norm_eps);
-    be.matmul(output, s.xb, n, s.logits);
-    s.logits
+/// The residual step after a block whose output is in `s.xb`: `x += xb`, then `xb` =
+/// `x` normalized by `norm` for the next block (or the classifier). Before the last
+/// layer's feed-forward (`keep_logits`) the rows that want no logits are dropped in
+/// between (see [`keep_logit_rows`]); returns the rows left.
+pub fn residual_norm(
+    be: &mut dyn Backend,
+    h: &Hyper,
+    s: &Scratch,
+    norm: WeightId,
+    n: usize,
+    keep_logits: bool,
+) -> usize {
+    if !keep_logits {
+        be.add_rms_norm(s.x, s.xb, norm, n, h.norm_eps);
+        return n;
+    }
+    be.add(s.x, s.xb, n * h.d_model);
+    let n = keep_logit_rows(be, h, s);
+    first_norm(be, h, s, norm, n);
+    n
+}
+
+/// `xb` = the first `n` rows of `x` normalized by `norm` (the first block's input).
+pub fn first_norm(be: &mut dyn Backend, h: &Hyper, s: &Scratch, norm: WeightId, n: usize) {
+    if n > 0 {
+        be.copy(s.x, 0, s.xb, 0, n * h.d_model);
+        be.rms_norm(s.xb, norm, n, h.norm_eps);
+    }
 }
 
 /// Lays out a pass over `batch`: the tokens of every sequence one after another, their

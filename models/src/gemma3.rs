@@ -133,6 +133,7 @@ impl Model for Gemma3 {
         let (mut n, d) = (blocks::begin(be, kv, s, batch), h.d_model);
         be.embed(self.embed, &s.tokens, s.x);
         be.scale(s.x, n * d, self.embed_scale);
+        blocks::first_norm(be, h, s, self.layers[0].attn_norm, n);
         for (i, (layer, kv)) in self.layers.iter().zip(&kv.layers).enumerate() {
             let plan = AttnPlan {
                 rope_theta: if layer.sliding {
@@ -145,25 +146,21 @@ impl Model for Gemma3 {
                 scale: 1.0,
                 window: if layer.sliding { h.sliding_window } else { None },
             };
-            // Attention: x += norm(attn(norm(x))).
-            be.copy(s.x, 0, s.xb, 0, n * d);
-            be.rms_norm(s.xb, layer.attn_norm, n, h.norm_eps);
+            // Attention: x += norm(attn(norm(x))), xb holding norm(x).
             blocks::attention(be, h, &layer.attn, s, *kv, plan);
             be.rms_norm(s.xb, layer.post_attn_norm, n, h.norm_eps);
-            be.add(s.x, s.xb, n * d);
-            if i + 1 == self.layers.len() {
-                n = blocks::keep_logit_rows(be, h, s);
-                if n == 0 {
-                    return s.logits;
-                }
+            let last = i + 1 == self.layers.len();
+            n = blocks::residual_norm(be, h, s, layer.ffn_norm, n, last);
+            if n == 0 {
+                return s.logits;
             }
-            // Feed-forward: x += norm(ffn(norm(x))).
-            be.copy(s.x, 0, s.xb, 0, n * d);
-            be.rms_norm(s.xb, layer.ffn_norm, n, h.norm_eps);
-            blocks::feed_forward(be, h, &layer.ffn, s, n, Activation::GeluTanh);
+            // Feed-forward: x += norm(ffn(norm(x))); then xb = the next layer's norm of x.
+            blocks::feed_forward(be, &layer.ffn, s, n, Activation::GeluTanh);
             be.rms_norm(s.xb, layer.post_ffn_norm, n, h.norm_eps);
-            be.add(s.x, s.xb, n * d);
+            let next_norm = self.layers.get(i + 1).map_or(self.output_norm, |l| l.attn_norm);
+            blocks::residual_norm(be, h, s, next_norm, n, false);
         }
-        blocks::logits(be, h, self.output_norm, self.output, s, n)
+        be.matmul(self.output, s.xb, n, s.logits);
+        s.logits
     }
 }

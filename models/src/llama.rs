@@ -83,24 +83,21 @@ impl Model for Llama {
             window: None,
         };
         be.embed(self.embed, &s.tokens, s.x);
+        blocks::first_norm(be, h, s, self.layers[0].attn_norm, n);
         for (i, (layer, kv)) in self.layers.iter().zip(&kv.layers).enumerate() {
-            // Attention: x += attn(norm(x)).
-            be.copy(s.x, 0, s.xb, 0, n * h.d_model);
-            be.rms_norm(s.xb, layer.attn_norm, n, h.norm_eps);
+            // Attention: x += attn(norm(x)), xb holding norm(x).
             blocks::attention(be, h, &layer.attn, s, *kv, plan);
-            be.add(s.x, s.xb, n * h.d_model);
-            if i + 1 == self.layers.len() {
-                n = blocks::keep_logit_rows(be, h, s);
-                if n == 0 {
-                    return s.logits;
-                }
+            let last = i + 1 == self.layers.len();
+            n = blocks::residual_norm(be, h, s, layer.ffn_norm, n, last);
+            if n == 0 {
+                return s.logits;
             }
-            // Feed-forward: x += ffn(norm(x)).
-            be.copy(s.x, 0, s.xb, 0, n * h.d_model);
-            be.rms_norm(s.xb, layer.ffn_norm, n, h.norm_eps);
-            blocks::feed_forward(be, h, &layer.ffn, s, n, Activation::Silu);
-            be.add(s.x, s.xb, n * h.d_model);
+            // Feed-forward: x += ffn(norm(x)); then xb = the next layer's norm of x.
+            blocks::feed_forward(be, &layer.ffn, s, n, Activation::Silu);
+            let next_norm = self.layers.get(i + 1).map_or(self.output_norm, |l| l.attn_norm);
+            blocks::residual_norm(be, h, s, next_norm, n, false);
         }
-        blocks::logits(be, h, self.output_norm, self.output, s, n)
+        be.matmul(self.output, s.xb, n, s.logits);
+        s.logits
     }
 }

@@ -2,8 +2,12 @@
 //! in storage buffers (split by rows where a weight exceeds the binding limit), f32
 //! activation buffers, and the WGSL kernels of `kiln_kernels::wgsl`.
 //!
-//! Ops are recorded into one pending compute pass and submitted only when results are
-//! read (or an arena fills), so a forward pass is one submission. Each dispatch takes its
+//! Ops are recorded into one pending compute pass and submitted when results are read,
+//! when an arena fills, or every `SUBMIT_EVERY` dispatches: a decode step is a few
+//! submissions, so that the GPU runs its first layers while the host records the rest
+//! (one submission per step left the GPU idle for as long as recording took, which was
+//! as long as the GPU's own work: 192 against 305 tokens/s on a Qwen2-0.5B shape on an
+//! H200). Each dispatch takes its
 //! parameters from a slot of one uniform buffer (a dynamic offset) and any small host
 //! arrays (tokens, rope tables, cache rows, page tables, written data) from one storage
 //! arena; both are uploaded once per submission, and their slots are never reused before
@@ -18,6 +22,15 @@
 //! one that decodes 64 weight rows and copies 64 input rows into workgroup memory per
 //! step. `KILN_GPU_MATVEC=0`, `KILN_GPU_VEC4=0`, `KILN_GPU_TILED=0` and
 //! `KILN_GPU_SUBGROUPS=0` turn these paths off (for comparisons).
+//!
+//! Ops that the models run back to back are fused where a kernel can take both: the
+//! residual add with the next norm, rotary embedding of queries with keys, keys with
+//! values into the cache, the three q/k/v biases, and the gated activation with the
+//! quantization of the down projection's input.
+//!
+//! `KILN_GPU_PROFILE=1` prints GPU time per kernel (timestamp queries, which inflate
+//! short dispatches), `KILN_GPU_PROFILE=host` the host's time per submission: recording,
+//! submitting, waiting.
 //!
 //! Numerics follow the CPU backend's `Numerics::Quantized`: activations quantized per row
 //! to the 8-bit block format of the weight type, integer dot products per block, f32
@@ -44,8 +57,13 @@ const PARAM_SLOTS: usize = 4096;
 /// Initial arena size in 32-bit words.
 const ARENA_WORDS: usize = 1 << 20;
 
-/// Storage bindings of the widest kernel (attention).
-const MAX_BINDINGS: usize = 5;
+/// Dispatches after which pending work is submitted even though no result is read yet:
+/// the GPU starts on the first layers of a decode step while the host still records
+/// the rest (`KILN_GPU_SUBMIT_EVERY` overrides it).
+const SUBMIT_EVERY: usize = 64;
+
+/// Storage bindings of the widest kernel (three biases).
+const MAX_BINDINGS: usize = 6;
 /// Weight bytes uploaded between waits for the staging memory to be released.
 const UPLOAD_BATCH_BYTES: usize = 256 << 20;
 
@@ -99,15 +117,15 @@ impl Kernel {
             Kernel::CopyWithin => (wgsl::COPY_WITHIN, &[true]),
             Kernel::Add => (wgsl::ADD, &[true, false]),
             Kernel::Scale => (wgsl::SCALE, &[true]),
-            Kernel::AddBias => (wgsl::ADD_BIAS, &[true, false]),
-            Kernel::RmsNorm => (wgsl::RMS_NORM, &[true, false]),
-            Kernel::Rope => (wgsl::ROPE, &[true, false]),
-            Kernel::StoreKv => (wgsl::STORE_KV, &[false, true, false]),
+            Kernel::AddBias => (wgsl::ADD_BIAS, &[true, true, true, false, false, false]),
+            Kernel::RmsNorm => (wgsl::RMS_NORM, &[true, true, false]),
+            Kernel::Rope => (wgsl::ROPE, &[true, true, false]),
+            Kernel::StoreKv => (wgsl::STORE_KV, &[false, false, true, true, false]),
             Kernel::Gated => (wgsl::GATED, &[true, false, false]),
             Kernel::Attention => (wgsl::ATTENTION, &[false, false, false, true, false]),
             Kernel::AttentionSplit => (wgsl::ATTENTION_SPLIT, &[false, false, false, true, false]),
             Kernel::AttentionCombine => (wgsl::ATTENTION_COMBINE, &[false, true, false]),
-            Kernel::Quantize(_) => (wgsl::QUANTIZE, &[false, true]),
+            Kernel::Quantize(_) => (wgsl::QUANTIZE, &[false, true, false, false]),
             Kernel::Matmul(_) => (wgsl::MATMUL, &[false, false, true]),
             Kernel::MatmulTiled(_) => (wgsl::MATMUL_TILED, &[false, false, true]),
             Kernel::Matvec(_, _, false) => (wgsl::MATVEC_WG, &[false, false, true]),
@@ -237,6 +255,9 @@ pub struct GpuBackend {
     acts: usize,
     acts_words: usize,
     gelu: usize,
+    /// A small buffer bound where a fused kernel's second operand is unused (a buffer may
+    /// not be bound twice where one binding writes it).
+    unused: usize,
     /// Partial sums of split attention, and the words it holds.
     attn_part: usize,
     attn_part_words: usize,
@@ -250,6 +271,9 @@ pub struct GpuBackend {
     rope_cache: Option<RopeTable>,
     /// GPU time per kernel (`KILN_GPU_PROFILE=1`, where the adapter has timestamps).
     profiler: Option<Profiler>,
+    host_times: Option<HostTimes>,
+    /// Dispatches after which an op submits what is pending (`SUBMIT_EVERY`).
+    submit_every: usize,
 }
 
 /// Timestamps after every dispatch of a submission, summed per kernel and printed when
@@ -369,6 +393,75 @@ impl Drop for Profiler {
     }
 }
 
+/// Host time of each phase of a submission, summed and printed when the backend is
+/// dropped (`KILN_GPU_PROFILE=host`): recording ops, finishing and submitting the
+/// command buffer, and waiting for results.
+struct HostTimes {
+    mark: std::time::Instant,
+    record: std::time::Duration,
+    submit: std::time::Duration,
+    wait: std::time::Duration,
+    in_dispatch: std::time::Duration,
+    copy_out: std::time::Duration,
+    submissions: usize,
+    dispatches: usize,
+}
+
+impl HostTimes {
+    fn new() -> HostTimes {
+        HostTimes {
+            mark: std::time::Instant::now(),
+            record: Default::default(),
+            submit: Default::default(),
+            wait: Default::default(),
+            in_dispatch: Default::default(),
+            copy_out: Default::default(),
+            submissions: 0,
+            dispatches: 0,
+        }
+    }
+
+    /// Charges the time since the last mark to `phase` and moves the mark.
+    fn lap(&mut self, phase: fn(&mut HostTimes) -> &mut std::time::Duration) {
+        let now = std::time::Instant::now();
+        let elapsed = now - self.mark;
+        *phase(self) += elapsed;
+        self.mark = now;
+    }
+}
+
+impl Drop for HostTimes {
+    fn drop(&mut self) {
+        let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / self.submissions.max(1) as f64;
+        eprintln!(
+            "kiln gpu host: {} submissions, {:.1} dispatches each; per submission: record {:.1} µs (in dispatch {:.1} µs), submit {:.1} µs, wait {:.1} µs, copy out {:.1} µs",
+            self.submissions,
+            self.dispatches as f64 / self.submissions.max(1) as f64,
+            per(self.record),
+            per(self.in_dispatch),
+            per(self.submit),
+            per(self.wait),
+            per(self.copy_out),
+        );
+    }
+}
+
+/// What the quantize kernel reads: a buffer, or (gated) act(that buffer) · the slot
+/// given, with the activation's code plus one.
+#[derive(Clone, Copy)]
+struct Input {
+    x: usize,
+    gated: Option<(usize, u32)>,
+}
+
+/// An activation's code in `activation.wgsl`.
+fn activation_code(act: Activation) -> u32 {
+    match act {
+        Activation::Silu => 0,
+        Activation::GeluTanh => 1,
+    }
+}
+
 /// Where a rope call's (sin, cos) table sits in the arena: the q and k calls of every
 /// layer of a forward pass share one.
 struct RopeTable {
@@ -472,14 +565,22 @@ impl GpuBackend {
             acts: 0,
             acts_words: 1,
             gelu: 0,
+            unused: 0,
             attn_part: 0,
             attn_part_words: 1,
             attn_split: !env_off("KILN_GPU_ATTN_SPLIT"),
+            submit_every: std::env::var("KILN_GPU_SUBMIT_EVERY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(SUBMIT_EVERY),
             staging,
             encoder: None,
             pass: None,
             rope_cache: None,
             profiler: None,
+            host_times: std::env::var("KILN_GPU_PROFILE")
+                .is_ok_and(|v| v == "host")
+                .then(HostTimes::new),
         };
         if profile {
             be.profiler = Some(Profiler::new(&be.device, be.queue.get_timestamp_period()));
@@ -487,6 +588,7 @@ impl GpuBackend {
         be.arena = be.new_slot(ARENA_WORDS * 4, "kiln arena");
         be.acts = be.new_slot(4, "kiln activations");
         be.attn_part = be.new_slot(4, "kiln attention partials");
+        be.unused = be.new_slot(4, "kiln unused operand");
         // ggml's GELU table, indexed by the input's f16 bits: an input just under 10
         // rounds to 10.0 in f16 and reads the table there.
         let table: Vec<u32> = (0..=u16::MAX)
@@ -561,6 +663,9 @@ impl GpuBackend {
         if matches!(kernel, Kernel::Matvec(..)) {
             text.push_str(wgsl::MATVEC);
         }
+        if matches!(kernel, Kernel::Gated | Kernel::Quantize(_)) {
+            text.push_str(wgsl::ACTIVATION);
+        }
         text.push_str(source);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("kiln kernel"),
@@ -622,7 +727,10 @@ impl GpuBackend {
     /// Makes room for an op that puts `words` into the arena and runs `dispatches`
     /// dispatches: submits what is pending when either would overflow.
     fn begin_op(&mut self, words: usize, dispatches: usize) {
-        if self.arena_cpu.len() + words > self.arena_cap || self.params_used + dispatches > PARAM_SLOTS {
+        if self.arena_cpu.len() + words > self.arena_cap
+            || self.params_used + dispatches > PARAM_SLOTS
+            || self.params_used >= self.submit_every
+        {
             self.flush();
         }
         if words > self.arena_cap {
@@ -648,6 +756,7 @@ impl GpuBackend {
         if groups == 0 {
             return;
         }
+        let t0 = std::time::Instant::now();
         self.pipeline(kernel);
         let mut p = [0u32; 16];
         p[..u.len()].copy_from_slice(u);
@@ -708,11 +817,19 @@ impl GpuBackend {
         if let Some(profiler) = self.profiler.as_mut() {
             profiler.after_dispatch(pass, kernel);
         }
+        if let Some(times) = self.host_times.as_mut() {
+            times.in_dispatch += t0.elapsed();
+        }
     }
 
     /// Uploads this submission's parameters and arena, and submits everything recorded.
     fn flush(&mut self) {
         self.pass = None;
+        if let Some(times) = self.host_times.as_mut() {
+            times.lap(|t| &mut t.record);
+            times.submissions += 1;
+            times.dispatches += self.params_used;
+        }
         if let Some(mut encoder) = self.encoder.take() {
             if let Some(profiler) = &self.profiler {
                 profiler.resolve(&mut encoder);
@@ -733,10 +850,13 @@ impl GpuBackend {
         self.params_used = 0;
         self.arena_cpu.clear();
         self.rope_cache = None;
+        if let Some(times) = self.host_times.as_mut() {
+            times.lap(|t| &mut t.submit);
+        }
     }
 
-    /// Activations of `n` rows of `x` in `format`, in the activations buffer.
-    fn quantize(&mut self, x: BufId, n: usize, cols: usize, format: ActFormat) -> usize {
+    /// Activations of `n` rows of `input` in `format`, in the activations buffer.
+    fn quantize(&mut self, input: Input, n: usize, cols: usize, format: ActFormat) -> usize {
         let (code, row_words) = afmt(format, cols);
         let words = n * row_words;
         if words > self.acts_words {
@@ -752,15 +872,183 @@ impl GpuBackend {
         } else {
             blocks.div_ceil(256 / format.block_size())
         };
-        let slots = [self.buf(x), self.acts];
+        let (up, act) = input.gated.unwrap_or((input.x, 0));
+        let slots = [input.x, self.acts, up, self.gelu];
         self.dispatch(
             Kernel::Quantize(code),
             &slots,
-            &[n as u32, cols as u32, row_words as u32, blocks as u32],
+            &[n as u32, cols as u32, row_words as u32, blocks as u32, act],
             &[],
             groups,
         );
         row_words
+    }
+
+    /// RMS norm of `n` rows in slot `y` (first adding them into slot `x` when `add`).
+    fn norm(&mut self, x: usize, y: usize, weight: WeightId, n: usize, eps: f32, add: bool) {
+        let w = &self.weights[weight.0 as usize];
+        let (cols, v) = (w.cols, w.vector.expect("a norm weight is a vector"));
+        self.begin_op(0, 1);
+        let u = [n as u32, cols as u32, u32::from(add)];
+        self.dispatch(Kernel::RmsNorm, &[x, y, v], &u, &[eps], n);
+    }
+
+    /// Rotary embedding of `heads.0` heads a row in the first slot and `heads.1` in the
+    /// second.
+    fn rotate(
+        &mut self,
+        slots: [usize; 2],
+        positions: &[u32],
+        heads: (usize, usize),
+        head_dim: usize,
+        theta: f32,
+        style: RopeStyle,
+    ) {
+        let half = head_dim / 2;
+        self.begin_op(positions.len() * half * 2, 1);
+        let at = match &self.rope_cache {
+            Some(t) if t.positions == positions && t.head_dim == head_dim && t.theta == theta => t.at,
+            _ => {
+                // The same angles as the CPU backend, computed on the host.
+                let mut angles = Vec::with_capacity(positions.len() * half);
+                ops::rope_angles(positions, head_dim, theta, &mut angles);
+                let table: Vec<u32> = angles.iter().flat_map(|(s, c)| [s.to_bits(), c.to_bits()]).collect();
+                let at = self.push(table);
+                self.rope_cache = Some(RopeTable {
+                    positions: positions.to_vec(),
+                    head_dim,
+                    theta,
+                    at,
+                });
+                at
+            }
+        };
+        let neox = u32::from(style == RopeStyle::Neox);
+        let u = [
+            positions.len() as u32,
+            heads.0 as u32,
+            head_dim as u32,
+            half as u32,
+            at,
+            neox,
+            heads.1 as u32,
+        ];
+        self.dispatch(
+            Kernel::Rope,
+            &[slots[0], slots[1], self.arena],
+            &u,
+            &[],
+            (positions.len() * (heads.0 + heads.1) * half).div_ceil(256),
+        );
+    }
+
+    /// Cache rows of `pairs` sources (keys, then values): slots are the two sources and
+    /// the two caches.
+    fn store(&mut self, slots: [usize; 4], pairs: usize, row_len: usize, rows: &[u32]) {
+        self.begin_op(rows.len(), 1);
+        let at = self.push(rows.iter().copied());
+        let u = [rows.len() as u32, row_len as u32, at, pairs as u32];
+        let [k, v, k_cache, v_cache] = slots;
+        self.dispatch(
+            Kernel::StoreKv,
+            &[k, v, k_cache, v_cache, self.arena],
+            &u,
+            &[],
+            (pairs * rows.len() * row_len).div_ceil(256),
+        );
+    }
+
+    /// The products of `input` (`n` rows) and each weight, into each output.
+    fn products(&mut self, input: Input, n: usize, products: &[(WeightId, BufId)]) {
+        let dispatches: usize = products
+            .iter()
+            .map(|(w, _)| 1 + self.weights[w.0 as usize].parts.len())
+            .sum();
+        self.begin_op(0, dispatches);
+        let mut prepared: Option<(ActFormat, usize, usize)> = None;
+        for &(weight, out) in products {
+            let w = &self.weights[weight.0 as usize];
+            let (rows, cols, row_words, ty) = (w.rows, w.cols, w.row_words, w.ty);
+            let n_parts = w.parts.len();
+            let format = qdot::activation_format(ty);
+            // Products of one input in one format share its quantization.
+            let act_words = match prepared {
+                Some((f, c, words)) if f == format && c == cols => words,
+                _ => {
+                    let words = self.quantize(input, n, cols, format);
+                    prepared = Some((format, cols, words));
+                    words
+                }
+            };
+            let code = wtype(ty).expect("stored types have codes");
+            let out = self.buf(out);
+            for part in 0..n_parts {
+                let (slot, first, part_rows) = self.weights[weight.0 as usize].parts[part];
+                if self.matvec && n <= MATVEC_ROWS {
+                    let sg = self.subgroup_rows;
+                    let per_group = sg.unwrap_or(MATVEC_WG / 32);
+                    let u = [
+                        part_rows as u32,
+                        cols as u32,
+                        n as u32,
+                        rows as u32,
+                        first as u32,
+                        row_words as u32,
+                        act_words as u32,
+                        per_group as u32,
+                    ];
+                    // Q8_0 (in groups of 4), Q4_K and (padded) Q6_K rows are whole
+                    // 16-byte blocks, and so are Q8_0 and Q8_K activation rows.
+                    let vec4 = matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K);
+                    let kernel = if sg.is_some() && vec4 && self.vec4 {
+                        Kernel::MatvecVec4(code, n as u32)
+                    } else {
+                        Kernel::Matvec(code, n as u32, sg.is_some())
+                    };
+                    self.dispatch(kernel, &[slot, self.acts, out], &u, &[], part_rows.div_ceil(per_group));
+                    continue;
+                }
+                if self.tiled && code >= 3 && n >= TILED_ROWS {
+                    let row_tiles = part_rows.div_ceil(64);
+                    let u = [
+                        part_rows as u32,
+                        cols as u32,
+                        n as u32,
+                        rows as u32,
+                        first as u32,
+                        row_words as u32,
+                        act_words as u32,
+                        row_tiles as u32,
+                    ];
+                    self.dispatch(
+                        Kernel::MatmulTiled(code),
+                        &[slot, self.acts, out],
+                        &u,
+                        &[],
+                        row_tiles * n.div_ceil(64),
+                    );
+                    continue;
+                }
+                let row_groups = part_rows.div_ceil(4);
+                let u = [
+                    part_rows as u32,
+                    cols as u32,
+                    n as u32,
+                    rows as u32,
+                    first as u32,
+                    row_words as u32,
+                    act_words as u32,
+                    row_groups as u32,
+                ];
+                self.dispatch(
+                    Kernel::Matmul(code),
+                    &[slot, self.acts, out],
+                    &u,
+                    &[],
+                    row_groups * n.div_ceil(8),
+                );
+            }
+        }
     }
 
     fn elementwise(&mut self, kernel: Kernel, slots: &[usize], u: &[u32], f: &[f32], len: usize) {
@@ -895,6 +1183,9 @@ impl Backend for GpuBackend {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .expect("waiting for the GPU");
+        if let Some(times) = self.host_times.as_mut() {
+            times.lap(|t| &mut t.wait);
+        }
         {
             let view = slice.get_mapped_range().expect("the staging buffer is mapped");
             for (o, b) in out.iter_mut().zip(view.chunks_exact(4)) {
@@ -902,6 +1193,9 @@ impl Backend for GpuBackend {
             }
         }
         self.staging.unmap();
+        if let Some(times) = self.host_times.as_mut() {
+            times.lap(|t| &mut t.copy_out);
+        }
     }
 
     fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize) {
@@ -951,102 +1245,44 @@ impl Backend for GpuBackend {
     }
 
     fn matmul_many(&mut self, x: BufId, n: usize, products: &[(WeightId, BufId)]) {
-        let dispatches: usize = products
-            .iter()
-            .map(|(w, _)| 1 + self.weights[w.0 as usize].parts.len())
-            .sum();
-        self.begin_op(0, dispatches);
-        let mut prepared: Option<(ActFormat, usize, usize)> = None;
-        for &(weight, out) in products {
-            let w = &self.weights[weight.0 as usize];
-            let (rows, cols, row_words, ty) = (w.rows, w.cols, w.row_words, w.ty);
-            let n_parts = w.parts.len();
-            let format = qdot::activation_format(ty);
-            // Products of one input in one format share its quantization.
-            let act_words = match prepared {
-                Some((f, c, words)) if f == format && c == cols => words,
-                _ => {
-                    let words = self.quantize(x, n, cols, format);
-                    prepared = Some((format, cols, words));
-                    words
-                }
-            };
-            let code = wtype(ty).expect("stored types have codes");
-            let out = self.buf(out);
-            for part in 0..n_parts {
-                let (slot, first, part_rows) = self.weights[weight.0 as usize].parts[part];
-                if self.matvec && n <= MATVEC_ROWS {
-                    let sg = self.subgroup_rows;
-                    let per_group = sg.unwrap_or(MATVEC_WG / 32);
-                    let u = [
-                        part_rows as u32,
-                        cols as u32,
-                        n as u32,
-                        rows as u32,
-                        first as u32,
-                        row_words as u32,
-                        act_words as u32,
-                        per_group as u32,
-                    ];
-                    // Q8_0 (in groups of 4), Q4_K and (padded) Q6_K rows are whole
-                    // 16-byte blocks, and so are Q8_0 and Q8_K activation rows.
-                    let vec4 = matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K);
-                    let kernel = if sg.is_some() && vec4 && self.vec4 {
-                        Kernel::MatvecVec4(code, n as u32)
-                    } else {
-                        Kernel::Matvec(code, n as u32, sg.is_some())
-                    };
-                    self.dispatch(kernel, &[slot, self.acts, out], &u, &[], part_rows.div_ceil(per_group));
-                    continue;
-                }
-                if self.tiled && code >= 3 && n >= TILED_ROWS {
-                    let row_tiles = part_rows.div_ceil(64);
-                    let u = [
-                        part_rows as u32,
-                        cols as u32,
-                        n as u32,
-                        rows as u32,
-                        first as u32,
-                        row_words as u32,
-                        act_words as u32,
-                        row_tiles as u32,
-                    ];
-                    self.dispatch(
-                        Kernel::MatmulTiled(code),
-                        &[slot, self.acts, out],
-                        &u,
-                        &[],
-                        row_tiles * n.div_ceil(64),
-                    );
-                    continue;
-                }
-                let row_groups = part_rows.div_ceil(4);
-                let u = [
-                    part_rows as u32,
-                    cols as u32,
-                    n as u32,
-                    rows as u32,
-                    first as u32,
-                    row_words as u32,
-                    act_words as u32,
-                    row_groups as u32,
-                ];
-                self.dispatch(
-                    Kernel::Matmul(code),
-                    &[slot, self.acts, out],
-                    &u,
-                    &[],
-                    row_groups * n.div_ceil(8),
-                );
-            }
-        }
+        let input = Input {
+            x: self.buf(x),
+            gated: None,
+        };
+        self.products(input, n, products);
+    }
+
+    fn matmul_gated(&mut self, weight: WeightId, gate: BufId, up: BufId, act: Activation, n: usize, out: BufId) {
+        let input = Input {
+            x: self.buf(gate),
+            gated: Some((self.buf(up), activation_code(act) + 1)),
+        };
+        self.products(input, n, &[(weight, out)]);
     }
 
     fn add_bias(&mut self, x: BufId, bias: WeightId, n: usize) {
-        let w = &self.weights[bias.0 as usize];
-        let (cols, v) = (w.cols, w.vector.expect("a bias is a vector"));
-        let u = [(n * cols) as u32, cols as u32];
-        self.elementwise(Kernel::AddBias, &[self.buf(x), v], &u, &[], n * cols);
+        self.add_biases(&[(x, bias)], n);
+    }
+
+    fn add_biases(&mut self, pairs: &[(BufId, WeightId)], n: usize) {
+        for three in pairs.chunks(3) {
+            // Missing pairs add nothing to the unused buffer.
+            let mut slots = [self.unused, self.unused, self.unused, 0, 0, 0];
+            let mut u = [0u32; 6];
+            for (p, &(x, bias)) in three.iter().enumerate() {
+                let w = &self.weights[bias.0 as usize];
+                let (cols, v) = (w.cols, w.vector.expect("a bias is a vector"));
+                slots[p] = self.buf(x);
+                slots[3 + p] = v;
+                u[2 * p] = (n * cols) as u32;
+                u[2 * p + 1] = cols as u32;
+            }
+            for p in three.len()..3 {
+                slots[3 + p] = slots[3];
+            }
+            let len = (u[0] + u[2] + u[4]) as usize;
+            self.elementwise(Kernel::AddBias, &slots, &u, &[], len);
+        }
     }
 
     fn add(&mut self, x: BufId, y: BufId, len: usize) {
@@ -1059,58 +1295,40 @@ impl Backend for GpuBackend {
     }
 
     fn rms_norm(&mut self, x: BufId, weight: WeightId, n: usize, eps: f32) {
-        let w = &self.weights[weight.0 as usize];
-        let (cols, v) = (w.cols, w.vector.expect("a norm weight is a vector"));
-        self.begin_op(0, 1);
-        let slots = [self.buf(x), v];
-        self.dispatch(Kernel::RmsNorm, &slots, &[n as u32, cols as u32], &[eps], n);
+        self.norm(self.unused, self.buf(x), weight, n, eps, false);
+    }
+
+    fn add_rms_norm(&mut self, x: BufId, y: BufId, weight: WeightId, n: usize, eps: f32) {
+        self.norm(self.buf(x), self.buf(y), weight, n, eps, true);
     }
 
     fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle) {
-        let half = head_dim / 2;
-        self.begin_op(positions.len() * half * 2, 1);
-        let at = match &self.rope_cache {
-            Some(t) if t.positions == positions && t.head_dim == head_dim && t.theta == theta => t.at,
-            _ => {
-                // The same angles as the CPU backend, computed on the host.
-                let mut angles = Vec::with_capacity(positions.len() * half);
-                ops::rope_angles(positions, head_dim, theta, &mut angles);
-                let table: Vec<u32> = angles.iter().flat_map(|(s, c)| [s.to_bits(), c.to_bits()]).collect();
-                let at = self.push(table);
-                self.rope_cache = Some(RopeTable {
-                    positions: positions.to_vec(),
-                    head_dim,
-                    theta,
-                    at,
-                });
-                at
-            }
-        };
-        let neox = u32::from(style == RopeStyle::Neox);
-        let u = [
-            positions.len() as u32,
-            n_heads as u32,
-            head_dim as u32,
-            half as u32,
-            at,
-            neox,
-        ];
-        let slots = [self.buf(x), self.arena];
-        self.dispatch(
-            Kernel::Rope,
-            &slots,
-            &u,
-            &[],
-            (positions.len() * n_heads * half).div_ceil(256),
-        );
+        let slots = [self.buf(x), self.unused];
+        self.rotate(slots, positions, (n_heads, 0), head_dim, theta, style);
+    }
+
+    fn rope_qk(
+        &mut self,
+        q: BufId,
+        k: BufId,
+        positions: &[u32],
+        heads: (usize, usize),
+        head_dim: usize,
+        theta: f32,
+        style: RopeStyle,
+    ) {
+        let slots = [self.buf(q), self.buf(k)];
+        self.rotate(slots, positions, heads, head_dim, theta, style);
     }
 
     fn store_kv(&mut self, src: BufId, cache: BufId, row_len: usize, rows: &[u32]) {
-        self.begin_op(rows.len(), 1);
-        let at = self.push(rows.iter().copied());
-        let slots = [self.buf(src), self.buf(cache), self.arena];
-        let u = [rows.len() as u32, row_len as u32, at];
-        self.dispatch(Kernel::StoreKv, &slots, &u, &[], (rows.len() * row_len).div_ceil(256));
+        let src = self.buf(src);
+        self.store([src, src, self.buf(cache), self.unused], 1, row_len, rows);
+    }
+
+    fn store_kv_pair(&mut self, k: BufId, v: BufId, caches: (BufId, BufId), row_len: usize, rows: &[u32]) {
+        let slots = [self.buf(k), self.buf(v), self.buf(caches.0), self.buf(caches.1)];
+        self.store(slots, 2, row_len, rows);
     }
 
     fn attention(
@@ -1189,11 +1407,7 @@ impl Backend for GpuBackend {
     }
 
     fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation) {
-        let code = match act {
-            Activation::Silu => 0,
-            Activation::GeluTanh => 1,
-        };
         let slots = [self.buf(gate), self.buf(up), self.gelu];
-        self.elementwise(Kernel::Gated, &slots, &[len as u32, code], &[], len);
+        self.elementwise(Kernel::Gated, &slots, &[len as u32, activation_code(act)], &[], len);
     }
 }

@@ -304,14 +304,46 @@ pub trait Backend: Send {
     }
     /// `x[t] += bias` for `n` rows.
     fn add_bias(&mut self, x: BufId, bias: WeightId, n: usize);
+    /// [`Backend::add_bias`] of each `(x, bias)` pair, one pass where a backend fuses
+    /// them.
+    fn add_biases(&mut self, pairs: &[(BufId, WeightId)], n: usize) {
+        for &(x, bias) in pairs {
+            self.add_bias(x, bias, n);
+        }
+    }
     /// `x[i] += y[i]` for the first `len` floats.
     fn add(&mut self, x: BufId, y: BufId, len: usize);
     /// `x[i] *= factor` for the first `len` floats.
     fn scale(&mut self, x: BufId, len: usize, factor: f32);
     /// RMS-normalizes `n` rows of `weight.cols` floats each, in place, times `weight`.
     fn rms_norm(&mut self, x: BufId, weight: WeightId, n: usize, eps: f32);
+    /// `x += y` over `n` rows of `weight.cols` floats, then `y` = those rows of `x`
+    /// RMS-normalized times `weight`: the residual step between two blocks, one pass
+    /// where a backend fuses it.
+    fn add_rms_norm(&mut self, x: BufId, y: BufId, weight: WeightId, n: usize, eps: f32) {
+        let len = n * self.weight_shape(weight).1;
+        self.add(x, y, len);
+        self.copy(x, 0, y, 0, len);
+        self.rms_norm(y, weight, n, eps);
+    }
     /// Rotates `n_heads` heads of `head_dim` in each of `positions.len()` rows.
     fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle);
+    /// [`Backend::rope`] of the queries (`heads.0` a row) and the keys (`heads.1`) of the
+    /// same rows, one pass where a backend fuses it.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk(
+        &mut self,
+        q: BufId,
+        k: BufId,
+        positions: &[u32],
+        heads: (usize, usize),
+        head_dim: usize,
+        theta: f32,
+        style: RopeStyle,
+    ) {
+        self.rope(q, positions, heads.0, head_dim, theta, style);
+        self.rope(k, positions, heads.1, head_dim, theta, style);
+    }
     /// Floats that a key/value cache row of `row_len` values takes in a buffer: `row_len`,
     /// or fewer where the backend keeps the cache at reduced precision (the CPU packs two
     /// f16 values into each float). Cache buffers, and offsets into them, count these
@@ -322,6 +354,11 @@ pub trait Backend: Send {
     /// Writes row `i` of `row_len` keys or values from `src` into row `rows[i]` of `cache`
     /// (rows [`Backend::kv_row_floats`] apart).
     fn store_kv(&mut self, src: BufId, cache: BufId, row_len: usize, rows: &[u32]);
+    /// [`Backend::store_kv`] of the keys into `caches.0` and the values into `caches.1`.
+    fn store_kv_pair(&mut self, k: BufId, v: BufId, caches: (BufId, BufId), row_len: usize, rows: &[u32]) {
+        self.store_kv(k, caches.0, row_len, rows);
+        self.store_kv(v, caches.1, row_len, rows);
+    }
     /// Causal attention of each sequence's rows of `q` over its cached keys and values,
     /// into the same rows of `out`; `page_table` holds every sequence's page table.
     #[allow(clippy::too_many_arguments)]
@@ -337,4 +374,11 @@ pub trait Backend: Send {
     );
     /// `gate[i] = act(gate[i]) * up[i]` for the first `len` floats.
     fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation);
+    /// `out = weight · (act(gate) * up)` over `n` rows: the gated feed-forward's down
+    /// projection, one pass fewer where a backend fuses it. `gate` holds anything after.
+    fn matmul_gated(&mut self, weight: WeightId, gate: BufId, up: BufId, act: Activation, n: usize, out: BufId) {
+        let cols = self.weight_shape(weight).1;
+        self.gated_activation(gate, up, n * cols, act);
+        self.matmul(weight, gate, n, out);
+    }
 }

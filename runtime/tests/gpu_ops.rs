@@ -304,6 +304,37 @@ fn matmul_many_shared_and_mixed_formats() {
     }
 }
 
+/// The feed-forward's down projection with the gated activation fused into the
+/// quantization of its input: every activation format, one and several rows.
+#[test]
+fn matmul_gated_every_activation_format() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(21);
+    for (ty, cols) in [
+        (GgmlType::F32, 45),
+        (GgmlType::F16, 45),
+        (GgmlType::Q5_0, 224),
+        (GgmlType::Q4_1, 224),
+        (GgmlType::Q6_K, 768),
+    ] {
+        let rows = 29;
+        let w = p.upload(&random_weight(&mut rng, ty, rows, cols));
+        for (n, act) in [(1, Activation::Silu), (5, Activation::GeluTanh), (40, Activation::Silu)] {
+            // Gates over GELU's table edges (±10) and SiLU's saturation.
+            let gate = p.buffer(n * cols, &rng.vec(n * cols, 12.0));
+            let up = p.buffer(n * cols, &rng.vec(n * cols, 2.0));
+            let out = p.buffer(n * rows, &[]);
+            p.run(|be| be.matmul_gated(w, gate, up, act, n, out));
+            p.compare(
+                &format!("matmul_gated {ty} {act:?}, {n} rows"),
+                out,
+                n * rows,
+                TOL_MATMUL,
+            );
+        }
+    }
+}
+
 #[test]
 fn weights_split_across_bindings() {
     let Some(mut p) = Pair::new() else { return };
@@ -355,8 +386,29 @@ fn elementwise_ops_and_copies() {
     p.compare("scale", x, len + 10, TOL_ELEMENTWISE);
     p.run(|be| be.add_bias(x, bias, n));
     p.compare("add_bias", x, len + 10, TOL_ELEMENTWISE);
+    // Four pairs: one pass of three, then one of one; two of different widths.
+    let wide = p.upload(&random_weight(&mut rng, GgmlType::F32, 1, 2 * cols));
+    let pairs: Vec<(BufId, WeightId)> = (0..4)
+        .map(|i| {
+            let width = if i == 1 { 2 * cols } else { cols };
+            (
+                p.buffer(n * width + 5, &rng.vec(n * width + 5, 3.0)),
+                if i == 1 { wide } else { bias },
+            )
+        })
+        .collect();
+    p.run(|be| be.add_biases(&pairs, n));
+    for (i, &(buf, _)) in pairs.iter().enumerate() {
+        let width = if i == 1 { 2 * cols } else { cols };
+        p.compare(&format!("add_biases {i}"), buf, n * width + 5, TOL_ELEMENTWISE);
+    }
     p.run(|be| be.rms_norm(x, norm, n, 1e-5));
     p.compare("rms_norm", x, len + 10, TOL_REDUCTION);
+    let residual = p.buffer(len, &rng.vec(len, 3.0));
+    let block_out = p.buffer(len + 10, &rng.vec(len + 10, 3.0));
+    p.run(|be| be.add_rms_norm(residual, block_out, norm, n - 1, 1e-5));
+    p.compare("add_rms_norm: sum", residual, len, TOL_ELEMENTWISE);
+    p.compare("add_rms_norm: norm", block_out, len + 10, TOL_REDUCTION);
     for act in [Activation::Silu, Activation::GeluTanh] {
         let g = p.buffer(len, &rng.vec(len, 12.0));
         p.run(|be| be.gated_activation(g, y, len - 5, act));
@@ -394,6 +446,29 @@ fn rope_both_styles() {
         });
         p.compare(&format!("rope {style:?}"), x, len, TOL_ELEMENTWISE);
         p.compare(&format!("rope {style:?}, fewer rows"), k, len, TOL_ELEMENTWISE);
+        // Queries and keys with different head counts in one call.
+        let (q_heads, k_heads) = (4, 2);
+        let q = p.buffer(
+            positions.len() * q_heads * head_dim + 7,
+            &rng.vec(positions.len() * q_heads * head_dim + 7, 2.0),
+        );
+        let k = p.buffer(
+            positions.len() * k_heads * head_dim + 7,
+            &rng.vec(positions.len() * k_heads * head_dim + 7, 2.0),
+        );
+        p.run(|be| be.rope_qk(q, k, &positions, (q_heads, k_heads), head_dim, 500000.0, style));
+        p.compare(
+            &format!("rope_qk {style:?}: q"),
+            q,
+            positions.len() * q_heads * head_dim + 7,
+            TOL_ELEMENTWISE,
+        );
+        p.compare(
+            &format!("rope_qk {style:?}: k"),
+            k,
+            positions.len() * k_heads * head_dim + 7,
+            TOL_ELEMENTWISE,
+        );
     }
 }
 
@@ -411,6 +486,16 @@ fn store_kv_rounds_to_f16() {
         "store_kv: the caches hold different values"
     );
     println!("store_kv: identical f16 values");
+    let values = p.cache(&mut rng, 16, row);
+    let v = p.buffer(4 * row, &rng.vec(4 * row, 100.0));
+    p.run(|be| be.store_kv_pair(src, v, (cache, values), row, &[1, 14, 0, 7]));
+    for (what, c) in [("keys", cache), ("values", values)] {
+        let (want, got) = p.cache_values(c, 16, row);
+        assert!(
+            want.iter().zip(&got).all(|(a, b)| a == b),
+            "store_kv_pair: the {what} caches hold different values"
+        );
+    }
 }
 
 #[test]

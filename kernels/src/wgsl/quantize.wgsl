@@ -4,9 +4,19 @@
 // Floats: one invocation per element. Blocks: one invocation per element too, a
 // workgroup holding 8 blocks of 32 or one of 256, whose maximum (and, for Q8_K, the
 // first element of that magnitude) is found by tree reductions in workgroup memory.
-// u3 = elements (floats) or blocks.
+// u3 = elements (floats) or blocks. u4 = 0 reads x; u4 = 1 or 2 reads act(x) * up, SiLU
+// or GELU (see activation.wgsl: the gated feed-forward's output, never stored as floats).
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> A: array<u32>;
+@group(0) @binding(3) var<storage, read> up: array<f32>;
+@group(0) @binding(4) var<storage, read> gelu_table: array<f32>;
+
+fn input(i: u32) -> f32 {
+    if P.u4 == 0u {
+        return x[i];
+    }
+    return activate(x[i], P.u4 - 1u) * up[i];
+}
 
 override AFMT: u32;
 
@@ -25,7 +35,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         let t = i / cols;
         let e = i % cols;
-        var v = x[i];
+        var v = input(i);
         if AFMT == 1u {
             v = round_f16(v);
         } else if AFMT == 2u {
@@ -47,7 +57,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let src = t * cols + (b % per_row) * bs;
     var v = 0.0;
     if valid {
-        v = x[src + j];
+        v = input(src + j);
     }
     mx[lid] = abs(v);
     workgroupBarrier();
@@ -73,7 +83,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let zero = amax == 0.0;
         var maxv = 1.0;
         if valid && !zero {
-            maxv = x[src + first[lid - j]];
+            maxv = input(src + first[lid - j]);
         }
         let iscale = -127.0 / maxv;
         qs[lid] = select(min(127, i32(round(iscale * v))), 0, zero);
