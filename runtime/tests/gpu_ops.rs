@@ -502,7 +502,13 @@ fn store_kv_rounds_to_f16() {
 fn paged_attention_many_sequences() {
     let Some(mut p) = Pair::new() else { return };
     let mut rng = Rng(17);
-    for (n_head, n_kv_head, head_dim, window) in [(6, 2, 40, None), (4, 1, 256, Some(70)), (3, 3, 64, Some(5))] {
+    // Query heads per KV head of 3, 4, 1 and 14 (Qwen2-0.5B's).
+    for (n_head, n_kv_head, head_dim, window) in [
+        (6, 2, 40, None),
+        (4, 1, 256, Some(70)),
+        (3, 3, 64, Some(5)),
+        (28, 2, 64, None),
+    ] {
         let page_size = 16;
         let n_pages = 12;
         let kv_dim = n_kv_head * head_dim;
