@@ -192,6 +192,13 @@ impl Sampler {
     }
 
     /// The next token for these logits (one per vocabulary entry).
+    /// Whether this sampler always takes the largest logit as it is (greedy, no bias, no
+    /// penalties): then the backend can pick the token where the logits are
+    /// ([`kiln_runtime::Backend::argmax_rows`]) and only its id travels.
+    pub fn picks_largest_logit(&self) -> bool {
+        self.params.temperature <= 0.0 && self.bias.is_empty() && !self.params.penalizes()
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         self.adjust(logits);
         if self.params.temperature <= 0.0 {
@@ -313,10 +320,11 @@ impl Sampler {
 
 /// The index of the largest value (the first one on ties).
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
+    // As the backends' `argmax_rows`: NaN never wins, not even in the first place.
+    let (mut best, mut best_value) = (0, f32::NEG_INFINITY);
+    for (i, &v) in values.iter().enumerate() {
+        if v > best_value {
+            (best, best_value) = (i, v);
         }
     }
     best as u32

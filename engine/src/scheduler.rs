@@ -213,6 +213,10 @@ struct Step {
     pages: Vec<u32>,
     copies: Vec<PageCopy>,
     logits: Vec<f32>,
+    /// Whether every sequence of the step takes its largest logit, so that the backend
+    /// picks the tokens (`picked`) and `logits` is not read.
+    greedy: bool,
+    picked: Vec<u32>,
     order: Vec<u64>,
 }
 
@@ -339,6 +343,10 @@ fn plan(core: &Core, state: &mut State, step: &mut Step) -> bool {
             tokens,
         });
     }
+    step.greedy = step.entries.iter().all(|e| {
+        let job = seqs[&e.id].job.as_ref();
+        job.is_some_and(|j| j.sampler.picks_largest_logit())
+    });
     !step.entries.is_empty()
 }
 
@@ -362,7 +370,13 @@ fn execute(core: &Core, step: &mut Step) {
     let out = core
         .model
         .forward(device.be.as_mut(), &device.store, &mut device.scratch, &inputs);
-    let rows = step.entries.len() * vocab;
+    let n = step.entries.len();
+    if step.greedy {
+        step.picked.resize(n, 0);
+        device.be.argmax_rows(out, vocab, &mut step.picked);
+        return;
+    }
+    let rows = n * vocab;
     if step.logits.len() < rows {
         step.logits.resize(rows, 0.0);
     }
@@ -386,16 +400,26 @@ fn finish_step(core: &Core, state: &mut State, step: &Step) {
         if seq.pages.len < seq.tokens.len() {
             continue;
         }
-        let logits = &step.logits[i * vocab..(i + 1) * vocab];
-        next_token(core, seq, logits);
+        let pick = if step.greedy {
+            Pick::Token(step.picked[i])
+        } else {
+            Pick::Logits(&step.logits[i * vocab..(i + 1) * vocab])
+        };
+        next_token(core, seq, pick);
     }
     // Pages may have come free for waiting jobs.
     core.work.notify_all();
 }
 
-/// Samples a generation's next token from `logits`, streams its text, and ends the
-/// generation when it should end.
-fn next_token(core: &Core, seq: &mut Seq, logits: &[f32]) {
+/// A sequence's next token, or the logits to sample it from.
+enum Pick<'a> {
+    Token(u32),
+    Logits(&'a [f32]),
+}
+
+/// Samples a generation's next token (unless the backend picked it), streams its text,
+/// and ends the generation when it should end.
+fn next_token(core: &Core, seq: &mut Seq, pick: Pick) {
     let Some(job) = seq.job.as_mut() else { return };
     if job.first_token.is_none() {
         job.first_token = Some(Instant::now());
@@ -404,7 +428,10 @@ fn next_token(core: &Core, seq: &mut Seq, logits: &[f32]) {
         let job = seq.job.take().expect("checked");
         return finish(job, FinishReason::Cancelled);
     }
-    let token = job.sampler.sample(logits);
+    let token = match pick {
+        Pick::Token(token) => token,
+        Pick::Logits(logits) => job.sampler.sample(logits),
+    };
     if job.stop_at_eog && core.tokenizer.is_eog(token) {
         let job = seq.job.take().expect("checked");
         return finish(job, FinishReason::EndOfText);

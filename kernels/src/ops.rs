@@ -596,3 +596,15 @@ mod tests {
         assert_eq!(out, [3.0, -2.0]);
     }
 }
+
+/// The index of the largest value, the first on ties; NaN is never the largest, and a
+/// row without a number gives 0.
+pub fn argmax(row: &[f32]) -> u32 {
+    let (mut best, mut best_value) = (0, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate() {
+        if v > best_value {
+            (best, best_value) = (i, v);
+        }
+    }
+    best as u32
+}

@@ -43,3 +43,5 @@ pub const MATVEC_SG: &str = include_str!("wgsl/matvec_sg.wgsl");
 /// [`COMMON`] only).
 pub const MATVEC_VEC4: &str = include_str!("wgsl/matvec_vec4.wgsl");
 pub const EMBED: &str = include_str!("wgsl/embed.wgsl");
+/// Each row's largest value's index (greedy sampling on the device).
+pub const ARGMAX: &str = include_str!("wgsl/argmax.wgsl");

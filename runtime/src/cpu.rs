@@ -176,6 +176,13 @@ impl Backend for CpuBackend {
         out.copy_from_slice(&self.buf(buf)[offset..offset + out.len()]);
     }
 
+    fn argmax_rows(&mut self, buf: BufId, len: usize, out: &mut [u32]) {
+        let rows = self.buf(buf).chunks_exact(len);
+        for (best, row) in out.iter_mut().zip(rows) {
+            *best = ops::argmax(row);
+        }
+    }
+
     fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize) {
         let (s, d) = pair(&mut self.buffers, src, dst);
         d[dst_offset..dst_offset + len].copy_from_slice(&s[src_offset..src_offset + len]);

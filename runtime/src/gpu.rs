@@ -95,6 +95,7 @@ enum Kernel {
     /// Q8_0, Q4_K or Q6_K with 16-byte loads (subgroup sums): weight type, input rows.
     MatvecVec4(u32, u32),
     Embed(u32),
+    Argmax,
 }
 
 /// Products of at most this many input rows take the matvec kernels.
@@ -132,6 +133,7 @@ impl Kernel {
             Kernel::Matvec(_, _, true) => (wgsl::MATVEC_SG, &[false, false, true]),
             Kernel::MatvecVec4(..) => (wgsl::MATVEC_VEC4, &[false, false, true]),
             Kernel::Embed(_) => (wgsl::EMBED, &[false, false, true]),
+            Kernel::Argmax => (wgsl::ARGMAX, &[false, true]),
         }
     }
 }
@@ -258,6 +260,9 @@ pub struct GpuBackend {
     /// A small buffer bound where a fused kernel's second operand is unused (a buffer may
     /// not be bound twice where one binding writes it).
     unused: usize,
+    /// Token ids picked by `argmax_rows`, and the words that slot holds.
+    picks: usize,
+    picks_words: usize,
     /// Partial sums of split attention, and the words it holds.
     attn_part: usize,
     attn_part_words: usize,
@@ -566,6 +571,8 @@ impl GpuBackend {
             acts_words: 1,
             gelu: 0,
             unused: 0,
+            picks: 0,
+            picks_words: 1,
             attn_part: 0,
             attn_part_words: 1,
             attn_split: !env_off("KILN_GPU_ATTN_SPLIT"),
@@ -589,6 +596,7 @@ impl GpuBackend {
         be.acts = be.new_slot(4, "kiln activations");
         be.attn_part = be.new_slot(4, "kiln attention partials");
         be.unused = be.new_slot(4, "kiln unused operand");
+        be.picks = be.new_slot(4, "kiln picked tokens");
         // ggml's GELU table, indexed by the input's f16 bits: an input just under 10
         // rounds to 10.0 in f16 and reads the table there.
         let table: Vec<u32> = (0..=u16::MAX)
@@ -1051,6 +1059,51 @@ impl GpuBackend {
         }
     }
 
+    /// Submits what is pending and copies `out.len()` words of slot `slot` from word
+    /// `offset` into `out`, each through `word`.
+    fn read_back<T>(&mut self, slot: usize, offset: usize, out: &mut [T], word: fn([u8; 4]) -> T) {
+        let bytes = out.len() as u64 * 4;
+        if bytes > self.staging.size() {
+            self.staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kiln staging"),
+                size: bytes.next_power_of_two(),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+        }
+        self.pass = None;
+        let mut encoder = self
+            .encoder
+            .take()
+            .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
+        if bytes > 0 {
+            encoder.copy_buffer_to_buffer(self.slot(slot), offset as u64 * 4, &self.staging, 0, bytes);
+        }
+        self.encoder = Some(encoder);
+        self.flush();
+        if bytes == 0 {
+            return;
+        }
+        let slice = self.staging.slice(..bytes);
+        slice.map_async(wgpu::MapMode::Read, |r| r.expect("mapping the staging buffer"));
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .expect("waiting for the GPU");
+        if let Some(times) = self.host_times.as_mut() {
+            times.lap(|t| &mut t.wait);
+        }
+        {
+            let view = slice.get_mapped_range().expect("the staging buffer is mapped");
+            for (o, b) in out.iter_mut().zip(view.chunks_exact(4)) {
+                *o = word([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        self.staging.unmap();
+        if let Some(times) = self.host_times.as_mut() {
+            times.lap(|t| &mut t.copy_out);
+        }
+    }
+
     fn elementwise(&mut self, kernel: Kernel, slots: &[usize], u: &[u32], f: &[f32], len: usize) {
         self.begin_op(0, 1);
         self.dispatch(kernel, slots, u, f, len.div_ceil(256));
@@ -1156,46 +1209,20 @@ impl Backend for GpuBackend {
     }
 
     fn read(&mut self, buf: BufId, offset: usize, out: &mut [f32]) {
-        let bytes = out.len() as u64 * 4;
-        if bytes > self.staging.size() {
-            self.staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("kiln staging"),
-                size: bytes.next_power_of_two(),
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+        self.read_back(self.buf(buf), offset, out, f32::from_le_bytes);
+    }
+
+    fn argmax_rows(&mut self, buf: BufId, len: usize, out: &mut [u32]) {
+        if out.len() > self.picks_words {
+            let old = self.picks;
+            self.picks_words = out.len().next_power_of_two();
+            self.picks = self.new_slot(self.picks_words * 4, "kiln picked tokens");
+            self.drop_slot(old);
         }
-        self.pass = None;
-        let mut encoder = self
-            .encoder
-            .take()
-            .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()));
-        if bytes > 0 {
-            encoder.copy_buffer_to_buffer(self.slot(self.buf(buf)), offset as u64 * 4, &self.staging, 0, bytes);
-        }
-        self.encoder = Some(encoder);
-        self.flush();
-        if bytes == 0 {
-            return;
-        }
-        let slice = self.staging.slice(..bytes);
-        slice.map_async(wgpu::MapMode::Read, |r| r.expect("mapping the staging buffer"));
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .expect("waiting for the GPU");
-        if let Some(times) = self.host_times.as_mut() {
-            times.lap(|t| &mut t.wait);
-        }
-        {
-            let view = slice.get_mapped_range().expect("the staging buffer is mapped");
-            for (o, b) in out.iter_mut().zip(view.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        self.staging.unmap();
-        if let Some(times) = self.host_times.as_mut() {
-            times.lap(|t| &mut t.copy_out);
-        }
+        self.begin_op(0, 1);
+        let slots = [self.buf(buf), self.picks];
+        self.dispatch(Kernel::Argmax, &slots, &[out.len() as u32, len as u32], &[], out.len());
+        self.read_back(self.picks, 0, out, u32::from_le_bytes);
     }
 
     fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize) {

@@ -278,6 +278,17 @@ pub trait Backend: Send {
     /// Copies floats from `buf` at `offset` to the host, after all enqueued ops finish.
     fn read(&mut self, buf: BufId, offset: usize, out: &mut [f32]);
     /// Copies `len` floats between buffers (`src` and `dst` distinct).
+    /// The index of the largest of each of `out.len()` rows of `len` floats at the start
+    /// of `buf` (the first on ties; NaN is never the largest, and a row without a number
+    /// gives 0): greedy sampling that reads back token ids instead of logits.
+    /// (This default reads the logits back; the CPU and GPU backends pick in place.)
+    fn argmax_rows(&mut self, buf: BufId, len: usize, out: &mut [u32]) {
+        let mut row = vec![0f32; len];
+        for (r, best) in out.iter_mut().enumerate() {
+            self.read(buf, r * len, &mut row);
+            *best = kiln_kernels::ops::argmax(&row);
+        }
+    }
     fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize);
     /// Copies `len` floats inside one buffer; the two ranges do not overlap.
     fn copy_within(&mut self, buf: BufId, src_offset: usize, dst_offset: usize, len: usize);

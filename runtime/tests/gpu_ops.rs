@@ -429,6 +429,34 @@ fn elementwise_ops_and_copies() {
     assert_eq!(part, data[4..13], "read at an offset");
 }
 
+/// Greedy picks on the device: random rows of a vocabulary-sized width, a tie (the
+/// first wins), NaN (never wins) and a row with no number (0).
+#[test]
+fn argmax_rows_ties_and_nan() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(23);
+    let (rows, len) = (5, 151_937);
+    let mut data = rng.vec(rows * len, 30.0);
+    data[len + 1000] = 100.0;
+    data[len + 90_000] = 100.0;
+    data[2 * len] = f32::NAN;
+    data[2 * len + 7] = 1e30;
+    data[3 * len..4 * len].fill(f32::NAN);
+    data[4 * len + len - 1] = 1e30;
+    let buf = p.buffer(rows * len, &data);
+    let (mut cpu, mut gpu) = ([0u32; 5], [9u32; 5]);
+    p.cpu.argmax_rows(buf, len, &mut cpu);
+    p.gpu.argmax_rows(buf, len, &mut gpu);
+    assert_eq!(cpu, gpu, "argmax_rows: the backends pick differently");
+    assert_eq!(
+        &cpu[1..],
+        &[1000, 7, 0, len as u32 - 1],
+        "argmax_rows: ties, NaN, no number, last"
+    );
+    let first = data[..len].iter().copied().fold(f32::MIN, f32::max);
+    assert_eq!(data[cpu[0] as usize], first, "argmax_rows: not the largest");
+}
+
 #[test]
 fn rope_both_styles() {
     let Some(mut p) = Pair::new() else { return };
