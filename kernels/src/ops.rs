@@ -494,6 +494,18 @@ unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
     }
 }
 
+/// The index of the largest value, the first on ties; NaN is never the largest, and a
+/// row without a number gives 0.
+pub fn argmax(row: &[f32]) -> u32 {
+    let (mut best, mut best_value) = (0, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate() {
+        if v > best_value {
+            (best, best_value) = (i, v);
+        }
+    }
+    best as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -595,16 +607,4 @@ mod tests {
         attend(&q, &keys, &values, 2, 0, 0, 1, 1.0, &mut scores, &mut out);
         assert_eq!(out, [3.0, -2.0]);
     }
-}
-
-/// The index of the largest value, the first on ties; NaN is never the largest, and a
-/// row without a number gives 0.
-pub fn argmax(row: &[f32]) -> u32 {
-    let (mut best, mut best_value) = (0, f32::NEG_INFINITY);
-    for (i, &v) in row.iter().enumerate() {
-        if v > best_value {
-            (best, best_value) = (i, v);
-        }
-    }
-    best as u32
 }
