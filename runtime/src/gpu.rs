@@ -61,6 +61,10 @@ const ARENA_WORDS: usize = 1 << 20;
 /// the GPU starts on the first layers of a decode step while the host still records
 /// the rest (`KILN_GPU_SUBMIT_EVERY` overrides it).
 const SUBMIT_EVERY: usize = 64;
+/// The first submission after a read is this short, and the next ones double up to
+/// `SUBMIT_EVERY`: the GPU, idle since the read, waits only for a few dispatches to be
+/// recorded (`KILN_GPU_SUBMIT_FIRST` overrides it).
+const SUBMIT_FIRST: usize = 4;
 
 /// Storage bindings of the widest kernel (three biases).
 const MAX_BINDINGS: usize = 6;
@@ -277,8 +281,12 @@ pub struct GpuBackend {
     /// GPU time per kernel (`KILN_GPU_PROFILE=1`, where the adapter has timestamps).
     profiler: Option<Profiler>,
     host_times: Option<HostTimes>,
-    /// Dispatches after which an op submits what is pending (`SUBMIT_EVERY`).
+    /// Dispatches after which an op submits what is pending: the first submission after
+    /// a read `submit_first`, each next one twice the last, up to `submit_every`.
+    submit_first: usize,
     submit_every: usize,
+    /// The current limit.
+    submit_limit: usize,
 }
 
 /// Timestamps after every dispatch of a submission, summed per kernel and printed when
@@ -482,6 +490,11 @@ fn grid(groups: usize) -> (u32, u32) {
     (x as u32, groups.div_ceil(x.max(1)) as u32)
 }
 
+/// A number from the environment variable `name`, if it holds one.
+fn env_number(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 fn gpu_err(e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Gpu(e.to_string())
 }
@@ -576,10 +589,9 @@ impl GpuBackend {
             attn_part: 0,
             attn_part_words: 1,
             attn_split: !env_off("KILN_GPU_ATTN_SPLIT"),
-            submit_every: std::env::var("KILN_GPU_SUBMIT_EVERY")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(SUBMIT_EVERY),
+            submit_first: env_number("KILN_GPU_SUBMIT_FIRST").unwrap_or(SUBMIT_FIRST),
+            submit_every: env_number("KILN_GPU_SUBMIT_EVERY").unwrap_or(SUBMIT_EVERY),
+            submit_limit: 0,
             staging,
             encoder: None,
             pass: None,
@@ -592,6 +604,7 @@ impl GpuBackend {
         if profile {
             be.profiler = Some(Profiler::new(&be.device, be.queue.get_timestamp_period()));
         }
+        be.submit_limit = be.submit_first.min(be.submit_every);
         be.arena = be.new_slot(ARENA_WORDS * 4, "kiln arena");
         be.acts = be.new_slot(4, "kiln activations");
         be.attn_part = be.new_slot(4, "kiln attention partials");
@@ -737,7 +750,7 @@ impl GpuBackend {
     fn begin_op(&mut self, words: usize, dispatches: usize) {
         if self.arena_cpu.len() + words > self.arena_cap
             || self.params_used + dispatches > PARAM_SLOTS
-            || self.params_used >= self.submit_every
+            || self.params_used >= self.submit_limit
         {
             self.flush();
         }
@@ -858,6 +871,7 @@ impl GpuBackend {
         self.params_used = 0;
         self.arena_cpu.clear();
         self.rope_cache = None;
+        self.submit_limit = (2 * self.submit_limit).min(self.submit_every);
         if let Some(times) = self.host_times.as_mut() {
             times.lap(|t| &mut t.submit);
         }
@@ -1081,6 +1095,7 @@ impl GpuBackend {
         }
         self.encoder = Some(encoder);
         self.flush();
+        self.submit_limit = self.submit_first.min(self.submit_every);
         if bytes == 0 {
             return;
         }
