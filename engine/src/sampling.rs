@@ -192,11 +192,19 @@ impl Sampler {
     }
 
     /// The next token for these logits (one per vocabulary entry).
-    /// Whether this sampler always takes the largest logit as it is (greedy, no bias, no
-    /// penalties): then the backend can pick the token where the logits are
-    /// ([`kiln_runtime::Backend::argmax_rows`]) and only its id travels.
-    pub fn picks_largest_logit(&self) -> bool {
-        self.params.temperature <= 0.0 && self.bias.is_empty() && !self.params.penalizes()
+    /// How many of the most likely tokens this sampler needs to see, when it needs no
+    /// more: 1 for greedy, `top_k` for top-k sampling, and only without bias or penalties
+    /// (which change logits outside any such set). Then the backend can select them where
+    /// the logits are ([`kiln_runtime::Backend::top_k_rows`]) and only they travel, for
+    /// [`Sampler::sample_top`].
+    pub fn candidates_needed(&self) -> Option<usize> {
+        if !self.bias.is_empty() || self.params.penalizes() {
+            return None;
+        }
+        if self.params.temperature <= 0.0 {
+            return Some(1);
+        }
+        (self.params.top_k > 0).then_some(self.params.top_k)
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -217,18 +225,43 @@ impl Sampler {
             // Everything is banned: no choice is right, so take the greedy one.
             return argmax_adjusted(logits, &self.adjusted);
         }
+        self.draw()
+    }
 
-        // Top-k, then sort the survivors, most likely first (lower id first on ties).
+    /// [`Sampler::sample`] from a set of candidates that holds at least the
+    /// [`Sampler::candidates_needed`] most likely tokens (in any order, NaN and -inf left
+    /// out), as the backend's `top_k_rows` selects them: the same token, and the same
+    /// draw from the random stream.
+    pub fn sample_top(&mut self, top: &[(u32, f32)]) -> u32 {
+        if top.is_empty() {
+            // No token has a number: as `argmax` of such logits.
+            return 0;
+        }
+        self.candidates.clear();
+        self.candidates.extend_from_slice(top);
+        if self.params.temperature <= 0.0 {
+            let best = self.candidates.iter().min_by(|a, b| by_rank(a, b));
+            return best.expect("not empty").0;
+        }
+        self.draw()
+    }
+
+    /// Top-k, temperature, top-p, min-p and the draw over `self.candidates` (each with a
+    /// number).
+    fn draw(&mut self) -> u32 {
+        let c = &mut self.candidates;
+        // Top-k, then sort the survivors, most likely first (lower id first on ties, also
+        // at the cut, so that the kept set is the backends' `top_k_rows`).
         let k = if self.params.top_k == 0 {
             c.len()
         } else {
             self.params.top_k.min(c.len())
         };
         if k < c.len() {
-            c.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            c.select_nth_unstable_by(k - 1, by_rank);
             c.truncate(k);
         }
-        c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        c.sort_unstable_by(by_rank);
         let max = c[0].1;
         if max == f32::INFINITY {
             return c[0].0;
@@ -330,6 +363,11 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
+/// Most likely first, the lower id first on ties.
+fn by_rank(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
 /// `argmax` of `logits` with the entries in `adjusted` (sorted by token) replaced: the
 /// untouched runs between them are scanned as plain slices, without a copy of the logits.
 fn argmax_adjusted(logits: &[f32], adjusted: &[(u32, f32)]) -> u32 {
@@ -409,6 +447,58 @@ mod tests {
             seen[s.sample(logits) as usize] += 1;
         }
         seen
+    }
+
+    /// What a backend's `top_k_rows` hands over: the k highest-ranked numbers of a row,
+    /// here by a full sort, shuffled (they come in no particular order).
+    fn backend_top_k(logits: &[f32], k: usize, shuffle: u64) -> Vec<(u32, f32)> {
+        let mut all: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l > f32::NEG_INFINITY)
+            .map(|(i, l)| (i as u32, *l))
+            .collect();
+        all.sort_by(by_rank);
+        all.truncate(k);
+        let mut rng = SplitMix64(shuffle);
+        for i in (1..all.len()).rev() {
+            all.swap(i, (rng.next_f32() * (i + 1) as f32) as usize % (i + 1));
+        }
+        all
+    }
+
+    /// Sampling from the backend's top-k selection is sampling from the logits: the same
+    /// tokens and the same random stream, over ties at the cut, banned tokens and every
+    /// cut of top-p, min-p and temperature.
+    #[test]
+    fn sampling_from_the_top_k_matches_whole_rows() {
+        let mut rng = SplitMix64(99);
+        for case in 0..60u64 {
+            let params = Sampling {
+                temperature: [0.0, 0.3, 0.8, 1.5][case as usize % 4],
+                top_k: [1, 5, 40, 64][(case / 4) as usize % 4],
+                top_p: [1.0, 0.95, 0.5][case as usize % 3],
+                min_p: [0.0, 0.05][case as usize % 2],
+                seed: case,
+                ..Default::default()
+            };
+            let (mut whole, mut top) = (Sampler::new(params.clone()), Sampler::new(params.clone()));
+            let needed = top.candidates_needed().expect("no bias or penalties");
+            assert_eq!(needed, if params.temperature <= 0.0 { 1 } else { params.top_k });
+            for step in 0..20 {
+                // Logits on a coarse grid, so that ties (at the cut too) are common.
+                let mut logits: Vec<f32> = (0..300).map(|_| (rng.next_f32() * 12.0).round() / 2.0).collect();
+                logits[(step * 7) % 300] = f32::NEG_INFINITY;
+                logits[(step * 13 + 5) % 300] = f32::NAN;
+                let want = whole.sample(&logits);
+                // A selection wider than needed (another session's k) must do too.
+                let got = top.sample_top(&backend_top_k(&logits, needed + step % 3, step as u64));
+                assert_eq!(got, want, "{params:?}, step {step}");
+            }
+        }
+        // No number at all: as argmax of such a row.
+        let mut s = Sampler::new(plain(1));
+        assert_eq!(s.sample_top(&[]), s.sample(&[f32::NAN, f32::NEG_INFINITY]));
     }
 
     #[test]

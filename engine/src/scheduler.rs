@@ -213,12 +213,20 @@ struct Step {
     pages: Vec<u32>,
     copies: Vec<PageCopy>,
     logits: Vec<f32>,
-    /// Whether every sequence of the step takes its largest logit, so that the backend
-    /// picks the tokens (`picked`) and `logits` is not read.
-    greedy: bool,
+    /// How many of each row's most likely tokens every sequence of the step needs at
+    /// most ([`Sampler::candidates_needed`]), if each needs only those: then the backend
+    /// picks the token (one) or selects them (`top`, `top_counts`), and `logits` is
+    /// not read.
+    candidates: Option<usize>,
     picked: Vec<u32>,
+    top: Vec<(u32, f32)>,
+    top_counts: Vec<u32>,
     order: Vec<u64>,
 }
+
+/// The most candidates a step has the backend select (`Backend::top_k_rows`); samplers
+/// that want more see whole rows of logits.
+const MAX_TOP_K: usize = 256;
 
 /// The worker thread: plans a step, runs it, hands out its results; sleeps when no
 /// session has work. Returns when the engine shuts down.
@@ -343,9 +351,9 @@ fn plan(core: &Core, state: &mut State, step: &mut Step) -> bool {
             tokens,
         });
     }
-    step.greedy = step.entries.iter().all(|e| {
-        let job = seqs[&e.id].job.as_ref();
-        job.is_some_and(|j| j.sampler.picks_largest_logit())
+    step.candidates = step.entries.iter().try_fold(1, |most, e| {
+        let needed = seqs[&e.id].job.as_ref()?.sampler.candidates_needed()?;
+        Some(needed.max(most)).filter(|&k| k <= MAX_TOP_K)
     });
     !step.entries.is_empty()
 }
@@ -371,10 +379,21 @@ fn execute(core: &Core, step: &mut Step) {
         .model
         .forward(device.be.as_mut(), &device.store, &mut device.scratch, &inputs);
     let n = step.entries.len();
-    if step.greedy {
-        step.picked.resize(n, 0);
-        device.be.argmax_rows(out, vocab, &mut step.picked);
-        return;
+    match step.candidates {
+        Some(1) => {
+            step.picked.resize(n, 0);
+            device.be.argmax_rows(out, vocab, &mut step.picked);
+            return;
+        }
+        Some(k) => {
+            step.top_counts.resize(n, 0);
+            step.top.resize(n * k, (0, 0.0));
+            device
+                .be
+                .top_k_rows(out, vocab, k, &mut step.top_counts, &mut step.top[..n * k]);
+            return;
+        }
+        None => {}
     }
     let rows = n * vocab;
     if step.logits.len() < rows {
@@ -400,10 +419,10 @@ fn finish_step(core: &Core, state: &mut State, step: &Step) {
         if seq.pages.len < seq.tokens.len() {
             continue;
         }
-        let pick = if step.greedy {
-            Pick::Token(step.picked[i])
-        } else {
-            Pick::Logits(&step.logits[i * vocab..(i + 1) * vocab])
+        let pick = match step.candidates {
+            Some(1) => Pick::Token(step.picked[i]),
+            Some(k) => Pick::Top(&step.top[i * k..i * k + step.top_counts[i] as usize]),
+            None => Pick::Logits(&step.logits[i * vocab..(i + 1) * vocab]),
         };
         next_token(core, seq, pick);
     }
@@ -414,6 +433,8 @@ fn finish_step(core: &Core, state: &mut State, step: &Step) {
 /// A sequence's next token, or the logits to sample it from.
 enum Pick<'a> {
     Token(u32),
+    /// At least the most likely tokens the sampler needs, with their logits.
+    Top(&'a [(u32, f32)]),
     Logits(&'a [f32]),
 }
 
@@ -430,6 +451,7 @@ fn next_token(core: &Core, seq: &mut Seq, pick: Pick) {
     }
     let token = match pick {
         Pick::Token(token) => token,
+        Pick::Top(top) => job.sampler.sample_top(top),
         Pick::Logits(logits) => job.sampler.sample(logits),
     };
     if job.stop_at_eog && core.tokenizer.is_eog(token) {

@@ -506,6 +506,24 @@ pub fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
+/// The `out.len()` highest-ranked values of `row` (by value, then the lowest index), NaN
+/// and -inf left out, as (index, value) in no particular order; returns how many (fewer
+/// where the row has fewer numbers). `scratch` holds the row's candidates meanwhile.
+pub fn top_k(row: &[f32], scratch: &mut Vec<(u32, f32)>, out: &mut [(u32, f32)]) -> usize {
+    scratch.clear();
+    let numbers = row.iter().enumerate().filter(|(_, v)| **v > f32::NEG_INFINITY);
+    scratch.extend(numbers.map(|(i, v)| (i as u32, *v)));
+    let k = out.len().min(scratch.len());
+    if k == 0 {
+        return 0;
+    }
+    if k < scratch.len() {
+        scratch.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    }
+    out[..k].copy_from_slice(&scratch[..k]);
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

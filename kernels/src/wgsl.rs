@@ -45,3 +45,5 @@ pub const MATVEC_VEC4: &str = include_str!("wgsl/matvec_vec4.wgsl");
 pub const EMBED: &str = include_str!("wgsl/embed.wgsl");
 /// Each row's largest value's index (greedy sampling on the device).
 pub const ARGMAX: &str = include_str!("wgsl/argmax.wgsl");
+/// Each row's k highest-ranked values (top-k sampling on the device).
+pub const TOP_K: &str = include_str!("wgsl/top_k.wgsl");

@@ -38,6 +38,8 @@ pub struct CpuBackend {
     /// Vectors (norm weights, biases) dequantized once at upload, by weight index.
     vectors: Vec<Option<Vec<f32>>>,
     buffers: Vec<Vec<f32>>,
+    /// A row's candidates in `top_k_rows`, reused across calls.
+    top_k_scratch: Vec<(u32, f32)>,
 }
 
 impl CpuBackend {
@@ -58,6 +60,7 @@ impl CpuBackend {
             weights: Vec::new(),
             vectors: Vec::new(),
             buffers: Vec::new(),
+            top_k_scratch: Vec::new(),
         }
     }
 
@@ -174,6 +177,15 @@ impl Backend for CpuBackend {
 
     fn read(&mut self, buf: BufId, offset: usize, out: &mut [f32]) {
         out.copy_from_slice(&self.buf(buf)[offset..offset + out.len()]);
+    }
+
+    fn top_k_rows(&mut self, buf: BufId, len: usize, k: usize, counts: &mut [u32], out: &mut [(u32, f32)]) {
+        let mut scratch = std::mem::take(&mut self.top_k_scratch);
+        let rows = self.buf(buf).chunks_exact(len);
+        for ((count, row), top) in counts.iter_mut().zip(rows).zip(out.chunks_exact_mut(k)) {
+            *count = ops::top_k(row, &mut scratch, top) as u32;
+        }
+        self.top_k_scratch = scratch;
     }
 
     fn argmax_rows(&mut self, buf: BufId, len: usize, out: &mut [u32]) {

@@ -26,7 +26,9 @@
 //! Ops that the models run back to back are fused where a kernel can take both: the
 //! residual add with the next norm, rotary embedding of queries with keys, keys with
 //! values into the cache, the three q/k/v biases, and the gated activation with the
-//! quantization of the down projection's input.
+//! quantization of the down projection's input. Sampling's greedy pick and top-k
+//! selection run here too (`argmax_rows`, `top_k_rows`): a decode step reads back token
+//! ids, or k candidates, rather than the vocabulary's logits.
 //!
 //! `KILN_GPU_PROFILE=1` prints GPU time per kernel (timestamp queries, which inflate
 //! short dispatches), `KILN_GPU_PROFILE=host` the host's time per submission: recording,
@@ -100,6 +102,7 @@ enum Kernel {
     MatvecVec4(u32, u32),
     Embed(u32),
     Argmax,
+    TopK,
 }
 
 /// Products of at most this many input rows take the matvec kernels.
@@ -138,6 +141,7 @@ impl Kernel {
             Kernel::MatvecVec4(..) => (wgsl::MATVEC_VEC4, &[false, false, true]),
             Kernel::Embed(_) => (wgsl::EMBED, &[false, false, true]),
             Kernel::Argmax => (wgsl::ARGMAX, &[false, true]),
+            Kernel::TopK => (wgsl::TOP_K, &[false, true]),
         }
     }
 }
@@ -264,9 +268,11 @@ pub struct GpuBackend {
     /// A small buffer bound where a fused kernel's second operand is unused (a buffer may
     /// not be bound twice where one binding writes it).
     unused: usize,
-    /// Token ids picked by `argmax_rows`, and the words that slot holds.
+    /// Token ids picked by `argmax_rows` and `top_k_rows`, and the words that slot holds.
     picks: usize,
     picks_words: usize,
+    /// `top_k_rows`'s words read back, reused across calls.
+    top_k_words: Vec<u32>,
     /// Partial sums of split attention, and the words it holds.
     attn_part: usize,
     attn_part_words: usize,
@@ -586,6 +592,7 @@ impl GpuBackend {
             unused: 0,
             picks: 0,
             picks_words: 1,
+            top_k_words: Vec::new(),
             attn_part: 0,
             attn_part_words: 1,
             attn_split: !env_off("KILN_GPU_ATTN_SPLIT"),
@@ -1119,6 +1126,16 @@ impl GpuBackend {
         }
     }
 
+    /// Makes the picked-tokens buffer hold at least `words` words.
+    fn reserve_picks(&mut self, words: usize) {
+        if words > self.picks_words {
+            let old = self.picks;
+            self.picks_words = words.next_power_of_two();
+            self.picks = self.new_slot(self.picks_words * 4, "kiln picked tokens");
+            self.drop_slot(old);
+        }
+    }
+
     fn elementwise(&mut self, kernel: Kernel, slots: &[usize], u: &[u32], f: &[f32], len: usize) {
         self.begin_op(0, 1);
         self.dispatch(kernel, slots, u, f, len.div_ceil(256));
@@ -1228,16 +1245,33 @@ impl Backend for GpuBackend {
     }
 
     fn argmax_rows(&mut self, buf: BufId, len: usize, out: &mut [u32]) {
-        if out.len() > self.picks_words {
-            let old = self.picks;
-            self.picks_words = out.len().next_power_of_two();
-            self.picks = self.new_slot(self.picks_words * 4, "kiln picked tokens");
-            self.drop_slot(old);
-        }
+        self.reserve_picks(out.len());
         self.begin_op(0, 1);
         let slots = [self.buf(buf), self.picks];
         self.dispatch(Kernel::Argmax, &slots, &[out.len() as u32, len as u32], &[], out.len());
         self.read_back(self.picks, 0, out, u32::from_le_bytes);
+    }
+
+    fn top_k_rows(&mut self, buf: BufId, len: usize, k: usize, counts: &mut [u32], out: &mut [(u32, f32)]) {
+        let (rows, row_words) = (counts.len(), 1 + 2 * k);
+        self.reserve_picks(rows * row_words);
+        self.begin_op(0, 1);
+        let slots = [self.buf(buf), self.picks];
+        self.dispatch(Kernel::TopK, &slots, &[rows as u32, len as u32, k as u32], &[], rows);
+        let mut words = std::mem::take(&mut self.top_k_words);
+        words.resize(rows * row_words, 0);
+        self.read_back(self.picks, 0, &mut words, u32::from_le_bytes);
+        for ((count, picked), top) in counts
+            .iter_mut()
+            .zip(words.chunks_exact(row_words))
+            .zip(out.chunks_exact_mut(k))
+        {
+            *count = picked[0].min(k as u32);
+            for (pair, slot) in picked[1..].chunks_exact(2).zip(top.iter_mut()).take(*count as usize) {
+                *slot = (pair[0], f32::from_bits(pair[1]));
+            }
+        }
+        self.top_k_words = words;
     }
 
     fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize) {

@@ -278,6 +278,18 @@ pub trait Backend: Send {
     /// Copies floats from `buf` at `offset` to the host, after all enqueued ops finish.
     fn read(&mut self, buf: BufId, offset: usize, out: &mut [f32]);
     /// Copies `len` floats between buffers (`src` and `dst` distinct).
+    /// The `k` highest-ranked values of each of `counts.len()` rows of `len` floats at
+    /// the start of `buf` (by value, then the lowest index), NaN and -inf left out: row
+    /// r's count (fewer than `k` where the row has fewer numbers) at `counts[r]`, its
+    /// (index, value) pairs, in no particular order, from `out[r * k]`. Top-k sampling
+    /// reads these instead of whole rows.
+    fn top_k_rows(&mut self, buf: BufId, len: usize, k: usize, counts: &mut [u32], out: &mut [(u32, f32)]) {
+        let (mut row, mut scratch) = (vec![0f32; len], Vec::new());
+        for (r, count) in counts.iter_mut().enumerate() {
+            self.read(buf, r * len, &mut row);
+            *count = kiln_kernels::ops::top_k(&row, &mut scratch, &mut out[r * k..(r + 1) * k]) as u32;
+        }
+    }
     /// The index of the largest of each of `out.len()` rows of `len` floats at the start
     /// of `buf` (the first on ties; NaN is never the largest, and a row without a number
     /// gives 0): greedy sampling that reads back token ids instead of logits.

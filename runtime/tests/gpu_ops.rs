@@ -457,6 +457,68 @@ fn argmax_rows_ties_and_nan() {
     assert_eq!(data[cpu[0] as usize], first, "argmax_rows: not the largest");
 }
 
+/// Top-k selection on the device: the same set as the CPU's, with ties at the cut (the
+/// lowest indices kept), NaN and -inf left out, rows with fewer numbers than k, and k
+/// past the first radix byte's bucket.
+#[test]
+fn top_k_rows_ties_and_short_rows() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(29);
+    let len = 151_937;
+    for k in [1, 40, 256] {
+        let rows = 4;
+        // Values on a grid of 64 steps, so thousands tie; row 2 has 30 numbers only.
+        let mut data: Vec<f32> = rng.vec(rows * len, 1.0).iter().map(|v| (v * 32.0).round()).collect();
+        data[7] = f32::NAN;
+        data[len + 3] = f32::NEG_INFINITY;
+        data[len + 4] = f32::INFINITY;
+        data[2 * len..3 * len].fill(f32::NEG_INFINITY);
+        for i in 0..30 {
+            data[2 * len + i * 5000] = i as f32 * 0.5 - 3.0;
+        }
+        data[3 * len..4 * len].fill(-0.0);
+        data[3 * len + 100] = 0.0;
+        let buf = p.buffer(rows * len, &data);
+        let mut picked = Vec::new();
+        for be in [&mut p.cpu as &mut dyn Backend, &mut p.gpu] {
+            let mut counts = vec![0u32; rows];
+            let mut top = vec![(0u32, 0f32); rows * k];
+            be.top_k_rows(buf, len, k, &mut counts, &mut top);
+            let sets: Vec<Vec<(u32, u32)>> = (0..rows)
+                .map(|r| {
+                    let mut set: Vec<(u32, u32)> = top[r * k..r * k + counts[r] as usize]
+                        .iter()
+                        .map(|(i, v)| (*i, v.to_bits()))
+                        .collect();
+                    set.sort_unstable();
+                    set
+                })
+                .collect();
+            picked.push((counts, sets));
+        }
+        assert_eq!(
+            picked[0], picked[1],
+            "top_k_rows (k {k}): the backends select differently"
+        );
+        let (counts, sets) = &picked[0];
+        assert_eq!(counts[2] as usize, k.min(30), "top_k_rows: a row of 30 numbers");
+        assert_eq!(counts[0] as usize, k, "top_k_rows: a full row");
+        // The +0 beats the -0s; then the lowest indices of the -0s.
+        let mut want: Vec<(u32, u32)> = (0..len as u32)
+            .filter(|&i| i != 100)
+            .take(k - 1)
+            .map(|i| (i, (-0.0f32).to_bits()))
+            .chain([(100, 0f32.to_bits())])
+            .collect();
+        want.sort_unstable();
+        assert_eq!(sets[3], want, "top_k_rows: signed zeros and ties (k {k})");
+        assert!(
+            sets[1].contains(&(4, f32::INFINITY.to_bits())),
+            "top_k_rows: +inf first"
+        );
+    }
+}
+
 #[test]
 fn rope_both_styles() {
     let Some(mut p) = Pair::new() else { return };
