@@ -1013,19 +1013,15 @@ impl GpuBackend {
             let out = self.buf(out);
             for part in 0..n_parts {
                 let (slot, first, part_rows) = self.weights[weight.0 as usize].parts[part];
+                // Every product kernel's parameters (matmul.wgsl); the last is the
+                // kernel's own grouping of rows.
+                let params = |grouping: usize| {
+                    [part_rows, cols, n, rows, first, row_words, act_words, grouping].map(|v| v as u32)
+                };
                 if self.matvec && n <= MATVEC_ROWS {
                     let sg = self.subgroup_rows;
                     let per_group = sg.unwrap_or(MATVEC_WG / 32);
-                    let u = [
-                        part_rows as u32,
-                        cols as u32,
-                        n as u32,
-                        rows as u32,
-                        first as u32,
-                        row_words as u32,
-                        act_words as u32,
-                        per_group as u32,
-                    ];
+                    let u = params(per_group);
                     // Q8_0 (in groups of 4), Q4_K and (padded) Q6_K rows are whole
                     // 16-byte blocks, and so are Q8_0 and Q8_K activation rows.
                     let vec4 = matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K);
@@ -1039,16 +1035,7 @@ impl GpuBackend {
                 }
                 if self.tiled && code >= 3 && n >= TILED_ROWS {
                     let row_tiles = part_rows.div_ceil(64);
-                    let u = [
-                        part_rows as u32,
-                        cols as u32,
-                        n as u32,
-                        rows as u32,
-                        first as u32,
-                        row_words as u32,
-                        act_words as u32,
-                        row_tiles as u32,
-                    ];
+                    let u = params(row_tiles);
                     self.dispatch(
                         Kernel::MatmulTiled(code),
                         &[slot, self.acts, out],
@@ -1059,16 +1046,7 @@ impl GpuBackend {
                     continue;
                 }
                 let row_groups = part_rows.div_ceil(4);
-                let u = [
-                    part_rows as u32,
-                    cols as u32,
-                    n as u32,
-                    rows as u32,
-                    first as u32,
-                    row_words as u32,
-                    act_words as u32,
-                    row_groups as u32,
-                ];
+                let u = params(row_groups);
                 self.dispatch(
                     Kernel::Matmul(code),
                     &[slot, self.acts, out],
