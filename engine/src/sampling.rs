@@ -191,7 +191,6 @@ impl Sampler {
         }
     }
 
-    /// The next token for these logits (one per vocabulary entry).
     /// How many of the most likely tokens this sampler needs to see, when it needs no
     /// more: 1 for greedy, `top_k` for top-k sampling, and only without bias or penalties
     /// (which change logits outside any such set). Then the backend can select them where
@@ -207,6 +206,7 @@ impl Sampler {
         (self.params.top_k > 0).then_some(self.params.top_k)
     }
 
+    /// The next token for these logits (one per vocabulary entry).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         self.adjust(logits);
         if self.params.temperature <= 0.0 {

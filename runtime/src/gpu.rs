@@ -265,8 +265,7 @@ pub struct GpuBackend {
     acts: usize,
     acts_words: usize,
     gelu: usize,
-    /// A small buffer bound where a fused kernel's second operand is unused (a buffer may
-    /// not be bound twice where one binding writes it).
+    /// A small buffer bound in place of a fused kernel's operand when that is unused.
     unused: usize,
     /// Token ids picked by `argmax_rows` and `top_k_rows`, and the words that slot holds.
     picks: usize,
@@ -282,7 +281,7 @@ pub struct GpuBackend {
     staging: wgpu::Buffer,
     encoder: Option<wgpu::CommandEncoder>,
     pass: Option<wgpu::ComputePass<'static>>,
-    /// The rope angles already in the arena for this submission.
+    /// The last rope call's angle table, and where it sits in this submission's arena.
     rope_cache: Option<RopeTable>,
     /// GPU time per kernel (`KILN_GPU_PROFILE=1`, where the adapter has timestamps).
     profiler: Option<Profiler>,
@@ -481,13 +480,15 @@ fn activation_code(act: Activation) -> u32 {
     }
 }
 
-/// Where a rope call's (sin, cos) table sits in the arena: the q and k calls of every
-/// layer of a forward pass share one.
+/// A rope call's (sin, cos) table as arena words, and where this submission's arena
+/// holds it (`None` after a submission): every layer of a forward pass shares it, and it
+/// is computed once even when the pass spans several submissions.
 struct RopeTable {
     positions: Vec<u32>,
     head_dim: usize,
     theta: f32,
-    at: u32,
+    words: Vec<u32>,
+    at: Option<u32>,
 }
 
 /// Workgroups of `groups` folded into a grid of at most 65535 per dimension.
@@ -784,7 +785,8 @@ impl GpuBackend {
         if groups == 0 {
             return;
         }
-        let t0 = std::time::Instant::now();
+        // (Timed only for `KILN_GPU_PROFILE=host`: a clock read per dispatch is not free.)
+        let started = self.host_times.is_some().then(std::time::Instant::now);
         self.pipeline(kernel);
         let mut p = [0u32; 16];
         p[..u.len()].copy_from_slice(u);
@@ -845,8 +847,8 @@ impl GpuBackend {
         if let Some(profiler) = self.profiler.as_mut() {
             profiler.after_dispatch(pass, kernel);
         }
-        if let Some(times) = self.host_times.as_mut() {
-            times.in_dispatch += t0.elapsed();
+        if let (Some(times), Some(started)) = (self.host_times.as_mut(), started) {
+            times.in_dispatch += started.elapsed();
         }
     }
 
@@ -877,7 +879,9 @@ impl GpuBackend {
         }
         self.params_used = 0;
         self.arena_cpu.clear();
-        self.rope_cache = None;
+        if let Some(table) = self.rope_cache.as_mut() {
+            table.at = None;
+        }
         self.submit_limit = (2 * self.submit_limit).min(self.submit_every);
         if let Some(times) = self.host_times.as_mut() {
             times.lap(|t| &mut t.submit);
@@ -935,23 +939,22 @@ impl GpuBackend {
     ) {
         let half = head_dim / 2;
         self.begin_op(positions.len() * half * 2, 1);
-        let at = match &self.rope_cache {
-            Some(t) if t.positions == positions && t.head_dim == head_dim && t.theta == theta => t.at,
-            _ => {
-                // The same angles as the CPU backend, computed on the host.
-                let mut angles = Vec::with_capacity(positions.len() * half);
-                ops::rope_angles(positions, head_dim, theta, &mut angles);
-                let table: Vec<u32> = angles.iter().flat_map(|(s, c)| [s.to_bits(), c.to_bits()]).collect();
-                let at = self.push(table);
-                self.rope_cache = Some(RopeTable {
-                    positions: positions.to_vec(),
-                    head_dim,
-                    theta,
-                    at,
-                });
-                at
-            }
-        };
+        let same = |t: &RopeTable| t.positions == positions && t.head_dim == head_dim && t.theta == theta;
+        if !self.rope_cache.as_ref().is_some_and(same) {
+            // The same angles as the CPU backend, computed on the host.
+            let mut angles = Vec::with_capacity(positions.len() * half);
+            ops::rope_angles(positions, head_dim, theta, &mut angles);
+            self.rope_cache = Some(RopeTable {
+                positions: positions.to_vec(),
+                head_dim,
+                theta,
+                words: angles.iter().flat_map(|(s, c)| [s.to_bits(), c.to_bits()]).collect(),
+                at: None,
+            });
+        }
+        let mut table = self.rope_cache.take().expect("set above");
+        let at = *table.at.get_or_insert_with(|| self.push(table.words.iter().copied()));
+        self.rope_cache = Some(table);
         let neox = u32::from(style == RopeStyle::Neox);
         let u = [
             positions.len() as u32,

@@ -277,7 +277,6 @@ pub trait Backend: Send {
     fn write(&mut self, buf: BufId, offset: usize, data: &[f32]);
     /// Copies floats from `buf` at `offset` to the host, after all enqueued ops finish.
     fn read(&mut self, buf: BufId, offset: usize, out: &mut [f32]);
-    /// Copies `len` floats between buffers (`src` and `dst` distinct).
     /// The `k` highest-ranked values of each of `counts.len()` rows of `len` floats at
     /// the start of `buf` (by value, then the lowest index), NaN and -inf left out: row
     /// r's count (fewer than `k` where the row has fewer numbers) at `counts[r]`, its
@@ -301,6 +300,7 @@ pub trait Backend: Send {
             *best = kiln_kernels::ops::argmax(&row);
         }
     }
+    /// Copies `len` floats between buffers (`src` and `dst` distinct).
     fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize);
     /// Copies `len` floats inside one buffer; the two ranges do not overlap.
     fn copy_within(&mut self, buf: BufId, src_offset: usize, dst_offset: usize, len: usize);
