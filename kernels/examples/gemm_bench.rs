@@ -78,6 +78,11 @@ fn main() {
             let run = |out: &mut Vec<f32>| {
                 // SAFETY: out holds tokens × rows; each thread writes its own rows.
                 let o = unsafe { OutMatrix::new(out.as_mut_ptr(), rows) };
+                if threads == 1 {
+                    // Inline: spawning a thread per call would cost more than a small product.
+                    gemm(ty, &weights, rows, cols, &acts, tokens, &[], o);
+                    return;
+                }
                 let per = rows.div_ceil(threads);
                 std::thread::scope(|s| {
                     for i in 0..threads {

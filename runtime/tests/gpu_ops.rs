@@ -370,6 +370,31 @@ fn embed_every_weight_type() {
     }
 }
 
+/// Rows longer than the GPU norm keeps in registers (4096 floats) take its loop for the
+/// rest; rows of 4096 fill the registers exactly.
+#[test]
+fn norms_of_long_rows() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(17);
+    for (n, cols) in [(2, 4096), (3, 4096 + 75)] {
+        let len = n * cols;
+        let norm = p.upload(&random_weight(&mut rng, GgmlType::F16, 1, cols));
+        let x = p.buffer(len + 10, &rng.vec(len + 10, 3.0));
+        p.run(|be| be.rms_norm(x, norm, n, 1e-5));
+        p.compare(&format!("rms_norm {cols}"), x, len + 10, TOL_REDUCTION);
+        let residual = p.buffer(len, &rng.vec(len, 3.0));
+        let block_out = p.buffer(len + 10, &rng.vec(len + 10, 3.0));
+        p.run(|be| be.add_rms_norm(residual, block_out, norm, n, 1e-5));
+        p.compare(&format!("add_rms_norm {cols}: sum"), residual, len, TOL_ELEMENTWISE);
+        p.compare(
+            &format!("add_rms_norm {cols}: norm"),
+            block_out,
+            len + 10,
+            TOL_REDUCTION,
+        );
+    }
+}
+
 #[test]
 fn elementwise_ops_and_copies() {
     let Some(mut p) = Pair::new() else { return };
@@ -649,6 +674,27 @@ fn paged_attention_many_sequences() {
                 &format!("attention {n_head}/{n_kv_head} heads of {head_dim}, window {window:?}, split {split}"),
                 out,
                 q_len,
+                TOL_F16_ACCUMULATOR,
+            );
+        }
+        // One decode row over 21 keys: a single tile, not a multiple of the value loop's
+        // eight keys a step.
+        let short = [AttnSeq {
+            row0: 0,
+            n_tokens: 1,
+            start_pos: 20,
+            page0: 10,
+            n_pages: 2,
+        }];
+        for split in [true, false] {
+            p.gpu.set_attention_split(split);
+            let out = p.buffer(q_len, &[]);
+            p.run(|be| be.attention(q, keys, values, shape, &short, &page_table, out));
+            let head_len = n_head * head_dim;
+            p.compare(
+                &format!("attention of one row over 21 keys, {n_head}/{n_kv_head} heads of {head_dim}, split {split}"),
+                out,
+                head_len,
                 TOL_F16_ACCUMULATOR,
             );
         }

@@ -36,10 +36,11 @@ const PAIRS: usize = MR / 2;
 const NT512: usize = 4;
 /// Up to this many tokens, AVX-512 streams the weights straight from their blocks
 /// instead of repacking them: each group of rows is unpacked in registers once per
-/// `STREAM_GROUP` tokens (the rows stay in L1 between groups).
+/// group of up to `STREAM_GROUP` tokens (the rows stay in L1 between groups).
 const STREAM_MAX_TOKENS: usize = 16;
-/// Tokens per streaming kernel call.
-const STREAM_GROUP: usize = 4;
+/// Most tokens per streaming kernel call: batched decode of 8 sessions unpacks each
+/// weight block once.
+const STREAM_GROUP: usize = 8;
 /// Tokens per AVX2 kernel call, and rows.
 const T256: usize = 3;
 const R256: usize = 2;
@@ -546,26 +547,29 @@ unsafe fn stream512_rows(
     s16: *const f32,
     out: OutMatrix,
 ) {
-    let (full, last) = (
-        pick_stream(k.ty, STREAM_GROUP),
-        pick_stream(k.ty, (n_tokens - 1) % STREAM_GROUP + 1),
-    );
+    // Tokens per call: groups of 8, then 4, then the rest (so every group starts at a
+    // multiple of 4, as the Q4_1 group sums do).
+    let group = |t0: usize| match n_tokens - t0 {
+        rest if rest >= STREAM_GROUP => STREAM_GROUP,
+        rest if rest >= 4 => 4,
+        rest => rest,
+    };
     let row_bytes = g.nb * k.wb;
     let end = weights.as_ptr_range().end;
     let mut r = 0;
     while r < n_rows {
-        // The 4 rows about to be multiplied, PREFETCH_AHEAD further on.
-        let base = weights.as_ptr().wrapping_add(r * row_bytes + PREFETCH_AHEAD);
-        let stop = base.wrapping_add(4 * row_bytes).min(end);
-        let mut p = base;
-        while p < stop {
-            // A prefetch only hints the cache (p is inside `weights`).
-            _mm_prefetch::<_MM_HINT_T0>(p.cast());
-            p = p.wrapping_add(64);
-        }
+        // The 4 rows about to be multiplied, PREFETCH_AHEAD further on, prefetched by
+        // the first token group's kernel as it goes.
+        let from = weights.as_ptr().wrapping_add(r * row_bytes + PREFETCH_AHEAD);
+        let stop = from.wrapping_add(4 * row_bytes).min(end);
+        let mut ahead = Ahead {
+            from,
+            lines: (stop as usize).saturating_sub(from as usize).div_ceil(64),
+        };
         let four = n_rows - r >= 4;
-        for t0 in (0..n_tokens).step_by(STREAM_GROUP) {
-            let (f4, f1) = if n_tokens - t0 >= STREAM_GROUP { full } else { last };
+        let mut t0 = 0;
+        while t0 < n_tokens {
+            let (f4, f1) = pick_stream(k.ty, group(t0));
             let f = if four { f4 } else { f1 };
             // SAFETY: rows r.. are in `weights` (f4 only runs with 4 rows left), the
             // group's tokens are repacked at `a` from token t0 on, `mins` has room for 4
@@ -580,18 +584,31 @@ unsafe fn stream512_rows(
                     s16.wrapping_add(t0 / 4 * g.nb * 16),
                     out.offset_rows(t0),
                     r,
+                    ahead,
                 )
             };
+            ahead.lines = 0;
+            t0 += group(t0);
         }
         r += if four { 4 } else { 1 };
     }
 }
 
 /// A streaming kernel: `(kind, geo, first weight row, repacked tokens, Q4_1 minimums
-/// scratch, Q4_1 group sums, out, r0)`.
-type StreamFn = unsafe fn(&Kind, &Geo, *const u8, *const u8, *mut f32, *const f32, OutMatrix, usize);
+/// scratch, Q4_1 group sums, out, r0, weights to prefetch)`.
+type StreamFn = unsafe fn(&Kind, &Geo, *const u8, *const u8, *mut f32, *const f32, OutMatrix, usize, Ahead);
 
-/// Streaming kernels for 4 rows and for 1 row at `n` tokens (1..=STREAM_GROUP).
+/// Weights a streaming kernel prefetches while it works: `lines` cache lines from
+/// `from`, a few per block, so the loads overlap the arithmetic. (A burst of prefetches
+/// before the arithmetic stalls once the core's line-fill buffers are full, and then
+/// the memory idles while the kernel computes.)
+#[derive(Clone, Copy)]
+struct Ahead {
+    from: *const u8,
+    lines: usize,
+}
+
+/// Streaming kernels for 4 rows and for 1 row at `n` tokens (1..=4, or 8).
 fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
     macro_rules! by_t {
         ($ty:expr) => {
@@ -602,7 +619,8 @@ fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
                 ),
                 2 => (stream512::<$ty, 2, 4>, stream512::<$ty, 2, 1>),
                 3 => (stream512::<$ty, 3, 4>, stream512::<$ty, 3, 1>),
-                _ => (stream512::<$ty, 4, 4>, stream512::<$ty, 4, 1>),
+                4 => (stream512::<$ty, 4, 4>, stream512::<$ty, 4, 1>),
+                _ => (stream512::<$ty, 8, 4>, stream512::<$ty, 8, 1>),
             }
         };
     }
@@ -622,7 +640,8 @@ fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
 /// permute and scaling, and per token a `vpdpbusd`, conversion and FMA. Q4_1's `m · s`
 /// chains of four rows × the group's tokens run alongside in one zmm against the
 /// group's sums at `s16` ([`prep_s16`]); a single row's minimums wait at `mins` for a
-/// scalar chain at the end.
+/// scalar chain at the end. Prefetches of the rows to come (`ahead`) are spread over the
+/// blocks.
 ///
 /// # Safety
 /// `R` rows of `g.nb` blocks of `TY` at `w`; `T` tokens repacked with geometry `g` at
@@ -640,9 +659,11 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     s16: *const f32,
     out: OutMatrix,
     r0: usize,
+    ahead: Ahead,
 ) {
     const { assert!(R == 4 || R == 1) };
     let pairs = R.div_ceil(2);
+    let ahead_per_block = ahead.lines.div_ceil(g.nb);
     let row_bytes = g.nb * k.wb;
     let row = |r: usize| if R == 1 { 0 } else { r };
     let offs = _mm512_mullo_epi32(
@@ -653,9 +674,9 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     let pattern = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
     let nib = if k.hi16 { nibble_scales() } else { _mm512_set1_ps(1.0) };
     let mut acc = [[_mm512_setzero_ps(); T]; 2];
-    // Q4_1's `m · s` chains, token t's row r in lane 4t + r (one token: row r in lane r
-    // of `chain1`).
-    let mut chain = _mm512_setzero_ps();
+    // Q4_1's `m · s` chains, token t's row r in lane 4 (t % 4) + r of `chain[t / 4]`
+    // (one token: row r in lane r of `chain1`).
+    let mut chain = [_mm512_setzero_ps(); 2];
     let mut chain1 = _mm_setzero_ps();
     // The chunk's minimums transposed: block 4L + j's four rows at 16 j + 4 L.
     let mut m4s = [0f32; 64];
@@ -708,6 +729,11 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
         }
         for jb in 0..nbc {
             let b = b0 + jb;
+            for line in b * ahead_per_block..ahead.lines.min((b + 1) * ahead_per_block) {
+                // A prefetch only hints the cache (the caller keeps `ahead` inside the
+                // weights).
+                _mm_prefetch::<_MM_HINT_T0>(ahead.from.wrapping_add(64 * line).cast());
+            }
             let idx = _mm512_add_epi32(pattern, _mm512_set1_epi32(jb as i32));
             let mut av = [_mm512_setzero_si512(); T];
             let mut nz = [_mm512_setzero_si512(); T];
@@ -738,7 +764,10 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                         chain1 = _mm_fmadd_ps(_mm_loadu_ps(m4), sa, chain1);
                     } else {
                         let m16 = _mm512_broadcast_f32x4(_mm_loadu_ps(m4));
-                        chain = _mm512_fmadd_ps(m16, _mm512_loadu_ps(s16.add(16 * b)), chain);
+                        for (gi, chain) in chain.iter_mut().enumerate().take(T.div_ceil(4)) {
+                            let sums = _mm512_loadu_ps(s16.add(gi * g.nb * 16 + 16 * b));
+                            *chain = _mm512_fmadd_ps(m16, sums, *chain);
+                        }
                     }
                 }
             }
@@ -769,8 +798,8 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
         } else if TY == Q41 && R == 4 {
             let mut all = [0f32; 16];
             // SAFETY: `all` has 16 f32.
-            unsafe { _mm512_storeu_ps(all.as_mut_ptr(), chain) };
-            chains.copy_from_slice(&all[4 * t..4 * t + 4]);
+            unsafe { _mm512_storeu_ps(all.as_mut_ptr(), chain[t / 4]) };
+            chains.copy_from_slice(&all[4 * (t % 4)..4 * (t % 4) + 4]);
         } else if TY == Q41 {
             // One row: the `m · s` chain, block after block.
             for b in 0..g.nb {
