@@ -6,7 +6,7 @@
 mod common;
 
 use common::Rng;
-use kiln_kernels::gemm::{gemm_at, simd_level, OutMatrix, RowShape, SimdLevel};
+use kiln_kernels::gemm::{gemm, gemm_at, gemm_repacked, simd_level, OutMatrix, RepackedActs, RowShape, SimdLevel};
 use kiln_kernels::qdot::{activation_format, dot_in, quantize_activations};
 use kiln_kernels::GgmlType;
 
@@ -183,4 +183,46 @@ fn gemm_is_batch_invariant() {
         }
     }
     assert!(failures.is_empty(), "seed {seed}:\n{}", failures.join("\n"));
+}
+
+/// Activations repacked once and shared by bands of rows give the bits of `gemm`
+/// repacking them per call, and a repack made for another token count is not used.
+#[test]
+fn repacked_activations_give_the_same_bits() {
+    let mut rng = Rng(0x5eed_0a11);
+    let rows = 29;
+    let mut one = Vec::new();
+    for ty in TYPES {
+        let cols = ty.block_size().max(32) * 19;
+        let weights = random_weights(&mut rng, ty, rows, cols);
+        let rb = ty.row_bytes(cols).unwrap();
+        let fmt = activation_format(ty);
+        for n in [1, 3, 8, 13, 40] {
+            let mut acts = Vec::new();
+            for _ in 0..n {
+                let x: Vec<f32> = (0..cols).map(|_| rng.normal() * 0.5).collect();
+                quantize_activations(fmt, &x, &mut one);
+                acts.extend_from_slice(&one);
+            }
+            let mut want = vec![f32::NAN; n * rows];
+            // SAFETY: n × rows elements, ld = rows, one writer.
+            gemm(ty, &weights, rows, cols, &acts, n, &[], unsafe {
+                OutMatrix::new(want.as_mut_ptr(), rows)
+            });
+            let mut repacked = RepackedActs::default();
+            // Stale first (fewer tokens, where n > 1), then the right one.
+            for m in [n.div_ceil(2), n] {
+                repacked.prepare(ty, cols, &acts[..m * fmt.row_bytes(cols).unwrap()], m);
+                let mut got = vec![f32::NAN; n * rows];
+                // SAFETY: as above; the two bands write disjoint columns.
+                let out = unsafe { OutMatrix::new(got.as_mut_ptr(), rows) };
+                for (r0, r1) in [(0, 11), (11, rows)] {
+                    let w = &weights[r0 * rb..r1 * rb];
+                    gemm_repacked(ty, w, r1 - r0, cols, &acts, &repacked, n, &[], out.offset_cols(r0));
+                }
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{ty}, {n} tokens, prepared for {m}");
+            }
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use kiln_kernels::attention::{self, AttnGeometry, CacheRows, KvPages};
 use kiln_kernels::dequant::dequantize_row;
-use kiln_kernels::gemm::{self, OutMatrix, RowShape};
+use kiln_kernels::gemm::{self, OutMatrix, RepackedActs, RowShape};
 use kiln_kernels::{ops, qdot};
 
 use crate::pool::ThreadPool;
@@ -28,6 +28,9 @@ pub struct CpuBackend {
     numerics: Numerics,
     /// Quantized input rows of the current matmul, reused across calls.
     acts: Vec<u8>,
+    /// Those rows repacked for the kernels, once per weight type of the matmul (every
+    /// band of rows shares them).
+    repacked: [RepackedActs; MAX_PRODUCTS],
     /// (sin, cos) per position and rotated pair of the current rope call.
     rope_table: Vec<(f32, f32)>,
     /// The shape of each row of the current batch ([`Backend::set_batch`]).
@@ -54,6 +57,7 @@ impl CpuBackend {
             pool: ThreadPool::new(threads.max(1)),
             numerics,
             acts: Vec::new(),
+            repacked: Default::default(),
             rope_table: Vec::new(),
             shapes: Vec::new(),
             attn_calls: Vec::new(),
@@ -115,6 +119,9 @@ impl<T> Shared<T> {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
     }
 }
+
+/// Products one `matmul_many` call takes at most.
+const MAX_PRODUCTS: usize = 4;
 
 /// Elementwise work below this many floats runs on the calling thread: waking the pool
 /// costs more than it saves.
@@ -232,7 +239,7 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_many(&mut self, x: BufId, n: usize, products: &[(WeightId, BufId)]) {
-        const MAX: usize = 4;
+        const MAX: usize = MAX_PRODUCTS;
         assert!(products.len() <= MAX, "matmul_many takes at most {MAX} products");
         let weight = |id: WeightId| &self.weights[id.0 as usize];
         let first = weight(products[0].0);
@@ -271,6 +278,7 @@ impl Backend for CpuBackend {
             buffers,
             numerics,
             acts,
+            repacked,
             shapes,
             ..
         } = self;
@@ -283,7 +291,7 @@ impl Backend for CpuBackend {
                 .expect("task 0 exists");
             let w = &weights[products[i].0 .0 as usize];
             let band = (k - first_task[i]) * chunks[i]..(w.rows).min((k - first_task[i] + 1) * chunks[i]);
-            (w, band, outs[i].expect("set above"))
+            (i, w, band, outs[i].expect("set above"))
         };
         let n_tasks = first_task[products.len()];
         match numerics {
@@ -305,17 +313,28 @@ impl Backend for CpuBackend {
                     }
                 });
                 let acts = &acts[..n * act_bytes];
+                // Repacked once per weight type (products of one type share a slot).
+                let ty_of = |i: usize| weights[products[i].0 .0 as usize].ty;
+                let mut slot = [0usize; MAX];
+                for i in 0..products.len() {
+                    slot[i] = (0..=i).find(|&j| ty_of(j) == ty_of(i)).expect("j = i matches");
+                    if slot[i] == i {
+                        repacked[i].prepare(ty_of(i), cols, acts, n);
+                    }
+                }
+                let repacked = &*repacked;
                 pool.for_chunks(n_tasks, 1, &|tasks| {
                     for k in tasks {
-                        let (w, band, out) = task(k);
+                        let (i, w, band, out) = task(k);
                         let row_bytes = w.ty.row_bytes(cols).expect("validated at upload");
                         let bytes = &w.bytes.as_slice()[band.start * row_bytes..band.end * row_bytes];
-                        gemm::gemm(
+                        gemm::gemm_repacked(
                             w.ty,
                             bytes,
                             band.len(),
                             cols,
                             acts,
+                            &repacked[slot[i]],
                             n,
                             shapes,
                             out.offset_cols(band.start),
@@ -326,7 +345,7 @@ impl Backend for CpuBackend {
             Numerics::Reference => pool.for_chunks(n_tasks, 1, &|tasks| {
                 let mut row = vec![0.0; cols];
                 for k in tasks {
-                    let (w, band, out) = task(k);
+                    let (_, w, band, out) = task(k);
                     let row_bytes = w.ty.row_bytes(cols).expect("validated at upload");
                     for r in band {
                         dequantize_row(w.ty, &w.bytes.as_slice()[r * row_bytes..][..row_bytes], &mut row);

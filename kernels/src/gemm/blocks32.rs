@@ -56,15 +56,14 @@ const PREFETCH_AHEAD: usize = 4 << 10;
 #[allow(dead_code)]
 #[repr(align(64))]
 #[derive(Clone, Copy)]
-struct Line([u8; 64]);
+pub(super) struct Line([u8; 64]);
 
 /// Per-thread buffers, grown on demand and reused by later calls.
 #[derive(Default)]
 struct Scratch {
+    /// Repacked activations ([`repack_acts`]), when the caller brought none.
     acts: Vec<Line>,
     weights: Vec<Line>,
-    /// Q4_1: the activations' `s` per group of four tokens ([`prep_s16`]).
-    s16: Vec<Line>,
 }
 
 thread_local! {
@@ -157,8 +156,82 @@ impl Geo {
     }
 }
 
+/// The kernels' kind of weights and geometry of repacked activations for `ty` at
+/// `level`, where there are kernels.
+fn layout(level: SimdLevel, ty: GgmlType, cols: usize) -> Option<(Kind, Geo)> {
+    let avx512 = match level {
+        SimdLevel::Avx512Vnni => true,
+        SimdLevel::Avx2 => false,
+        SimdLevel::Scalar => return None,
+    };
+    let k = Kind::new(ty, avx512)?;
+    let g = Geo::new(&k, cols);
+    Some((k, g))
+}
+
+/// Whether the repacked activations carry Q4_1's sums per group of four tokens (AVX-512
+/// with several tokens; one token's chains read its own `s`).
+fn grouped(level: SimdLevel, k: &Kind, n_tokens: usize) -> bool {
+    level == SimdLevel::Avx512Vnni && k.min && n_tokens > 1
+}
+
+/// Bytes of `n_tokens` repacked activation rows: the rows, then the group sums
+/// ([`prep_s16`]) where there are any.
+fn repacked_bytes(level: SimdLevel, k: &Kind, g: &Geo, n_tokens: usize) -> usize {
+    let sums = if grouped(level, k, n_tokens) {
+        n_tokens.div_ceil(4) * g.nb * 64
+    } else {
+        0
+    };
+    n_tokens * g.a_stride + sums
+}
+
+/// Repacks `n_tokens` activation rows (as `super::gemm` takes them) for the kernels of
+/// `ty` at `level` into `into`, which it resizes; false when there are no such kernels.
+/// Every band of a product can then share them ([`gemm`]'s `repacked`).
+///
+/// # Safety
+/// `level` is supported by this CPU; `acts` holds `n_tokens` rows of `cols` quantized
+/// to `ty`'s activation format.
+pub(super) unsafe fn repack_acts(
+    level: SimdLevel,
+    ty: GgmlType,
+    cols: usize,
+    acts: &[u8],
+    n_tokens: usize,
+    into: &mut Vec<Line>,
+) -> bool {
+    let Some((k, g)) = layout(level, ty, cols) else {
+        return false;
+    };
+    assert!(acts.len() >= n_tokens * g.nb * k.ab, "repack_acts: activation bytes");
+    let a = lines(into, repacked_bytes(level, &k, &g, n_tokens));
+    // SAFETY: the sizes were checked and reserved above; the CPU has `level`.
+    unsafe { repack_into(level, &k, &g, acts.as_ptr(), n_tokens, a) };
+    true
+}
+
+/// [`repack_acts`] into `a`, which has room for them.
+///
+/// # Safety
+/// `acts` holds the rows; `a` has [`repacked_bytes`] writable bytes, 64-byte aligned;
+/// the CPU has `level`.
+unsafe fn repack_into(level: SimdLevel, k: &Kind, g: &Geo, acts: *const u8, n_tokens: usize, a: *mut u8) {
+    for t in 0..n_tokens {
+        // SAFETY: token t's activation row is in `acts`, and `a` has room for n_tokens
+        // repacked rows.
+        unsafe { prep_acts(k, g, acts.add(t * g.nb * k.ab), a.add(t * g.a_stride)) };
+    }
+    if grouped(level, k, n_tokens) {
+        // SAFETY: `a` holds n_tokens repacked rows, then room for every group's sums.
+        unsafe { prep_s16(g, a, n_tokens, a.add(n_tokens * g.a_stride).cast()) };
+    }
+}
+
 /// Runs the kernel for `ty` at `level`; returns false when there is none (the caller
-/// then takes the scalar path).
+/// then takes the scalar path). `repacked` holds the activations as [`repack_acts`]
+/// left them for this call's type, columns and tokens, or is empty (then each call
+/// repacks them itself).
 ///
 /// # Safety
 /// `level` is supported by this CPU, and the slices have the sizes `super::gemm_at`
@@ -173,35 +246,29 @@ pub(super) unsafe fn gemm(
     acts: &[u8],
     n_tokens: usize,
     out: OutMatrix,
+    repacked: &[Line],
 ) -> bool {
-    let avx512 = match level {
-        SimdLevel::Avx512Vnni => true,
-        SimdLevel::Avx2 => false,
-        SimdLevel::Scalar => return false,
-    };
-    let Some(k) = Kind::new(ty, avx512) else {
+    let Some((k, g)) = layout(level, ty, cols) else {
         return false;
     };
+    let avx512 = level == SimdLevel::Avx512Vnni;
     if n_rows == 0 || n_tokens == 0 {
         return true;
     }
-    let g = Geo::new(&k, cols);
     SCRATCH.with(|s| {
         let s = &mut *s.borrow_mut();
-        let a = lines(&mut s.acts, n_tokens * g.a_stride);
-        for t in 0..n_tokens {
-            // SAFETY: token t's activation row is in `acts` (sizes checked by the caller),
-            // and `a` has room for n_tokens repacked rows.
-            unsafe { prep_acts(&k, &g, acts.as_ptr().add(t * g.nb * k.ab), a.add(t * g.a_stride)) };
-        }
-        // One token's chains read its own `s`; several tokens', the groups' table.
-        let grouped = avx512 && k.min && n_tokens > 1;
-        let groups = n_tokens.div_ceil(4);
-        let s16 = lines(&mut s.s16, if grouped { groups * g.nb * 64 } else { 0 }).cast::<f32>();
-        if grouped {
-            // SAFETY: `a` holds n_tokens repacked rows; `s16` has room for every group.
-            unsafe { prep_s16(&g, a, n_tokens, s16) };
-        }
+        let bytes = repacked_bytes(level, &k, &g, n_tokens);
+        let a = if repacked.is_empty() {
+            let a = lines(&mut s.acts, bytes);
+            // SAFETY: sizes checked by the caller; `a` has room; the CPU has `level`.
+            unsafe { repack_into(level, &k, &g, acts.as_ptr(), n_tokens, a) };
+            a.cast_const()
+        } else {
+            assert!(repacked.len() * 64 >= bytes, "gemm: repacked activations too short");
+            repacked.as_ptr().cast::<u8>()
+        };
+        // The group sums follow the rows (read only where `grouped`).
+        let s16 = a.wrapping_add(n_tokens * g.a_stride).cast::<f32>();
         if !avx512 {
             // SAFETY: AVX2 is present; the sizes were checked by the caller.
             unsafe { stream256(&k, &g, weights, n_rows, a, n_tokens, out) };

@@ -221,6 +221,84 @@ pub fn gemm(
     gemm_at(simd_level(), ty, weights, n_rows, cols, acts, n_tokens, shapes, out)
 }
 
+/// Activation rows repacked once for every band of one product.
+///
+/// The SIMD kernels for 32-element blocks read activations in a layout of their own;
+/// [`gemm`] repacks them on every call, which for a prefill split into many bands of
+/// rows means repacking every token once per band. A caller that splits one product
+/// into bands prepares them here once and passes them to [`gemm_repacked`].
+#[derive(Default)]
+pub struct RepackedActs {
+    #[cfg(target_arch = "x86_64")]
+    lines: Vec<blocks32::Line>,
+    /// The weight type, columns and tokens they were repacked for; `None` when the
+    /// kernels take the activations as they are.
+    key: Option<(GgmlType, usize, usize)>,
+}
+
+impl RepackedActs {
+    /// Repacks `n_tokens` rows of `acts` (as [`gemm`] takes them) for weights of `ty`
+    /// with `cols` columns, replacing what was here.
+    ///
+    /// # Panics
+    /// If `acts` is shorter than `n_tokens` rows.
+    pub fn prepare(&mut self, ty: GgmlType, cols: usize, acts: &[u8], n_tokens: usize) {
+        self.key = None;
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the level was detected on this CPU; repack_acts checks the size.
+            let done = unsafe { blocks32::repack_acts(simd_level(), ty, cols, acts, n_tokens, &mut self.lines) };
+            if done {
+                self.key = Some((ty, cols, n_tokens));
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (ty, cols, acts, n_tokens);
+    }
+
+    /// The repacked lines, when they were made for this product.
+    #[cfg(target_arch = "x86_64")]
+    fn lines_for(&self, ty: GgmlType, cols: usize, n_tokens: usize) -> &[blocks32::Line] {
+        if self.key == Some((ty, cols, n_tokens)) {
+            &self.lines
+        } else {
+            &[]
+        }
+    }
+}
+
+/// [`gemm`] with the activations also repacked in `repacked` (when it was prepared for
+/// this type, these columns and tokens; otherwise the call repacks them itself). Same
+/// results, bit for bit.
+///
+/// # Panics
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_repacked(
+    ty: GgmlType,
+    weights: &[u8],
+    n_rows: usize,
+    cols: usize,
+    acts: &[u8],
+    repacked: &RepackedActs,
+    n_tokens: usize,
+    shapes: &[RowShape],
+    out: OutMatrix,
+) {
+    gemm_with(
+        simd_level(),
+        ty,
+        weights,
+        n_rows,
+        cols,
+        acts,
+        Some(repacked),
+        n_tokens,
+        shapes,
+        out,
+    )
+}
+
 /// [`gemm`] at a given SIMD level (at most [`simd_level`]): for tests that compare levels.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_at(
@@ -234,6 +312,24 @@ pub fn gemm_at(
     shapes: &[RowShape],
     out: OutMatrix,
 ) {
+    gemm_with(level, ty, weights, n_rows, cols, acts, None, n_tokens, shapes, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_with(
+    level: SimdLevel,
+    ty: GgmlType,
+    weights: &[u8],
+    n_rows: usize,
+    cols: usize,
+    acts: &[u8],
+    repacked: Option<&RepackedActs>,
+    n_tokens: usize,
+    shapes: &[RowShape],
+    out: OutMatrix,
+) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = repacked;
     let row_bytes = ty
         .row_bytes(cols)
         .expect("gemm: cols is a whole number of weight blocks");
@@ -254,7 +350,12 @@ pub fn gemm_at(
         let done = unsafe {
             match ty {
                 GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
-                    blocks32::gemm(level, ty, weights, n_rows, cols, acts, n_tokens, out)
+                    // Repacked activations were made at the detected level.
+                    let lines = match repacked {
+                        Some(r) if level == simd_level() => r.lines_for(ty, cols, n_tokens),
+                        _ => &[],
+                    };
+                    blocks32::gemm(level, ty, weights, n_rows, cols, acts, n_tokens, out, lines)
                 }
                 GgmlType::Q4_K | GgmlType::Q6_K => {
                     kquants::gemm(level, ty, weights, n_rows, cols, acts, n_tokens, shapes, out)
