@@ -421,7 +421,7 @@ fn f16_acc(level: SimdLevel, it: &Item, sc: &mut Scratch) {
     match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512Vnni => match (it.keys, it.values) {
-            (CacheRows::F16(keys), CacheRows::F16(values)) if it.g.head_dim.is_multiple_of(64) => {
+            (CacheRows::F16(keys), CacheRows::F16(values)) if matches!(it.g.head_dim, 64 | 128 | 256) => {
                 // SAFETY: the level was detected on this CPU, and run_item_at checked that
                 // every visible row lies in the caches.
                 unsafe { f16_acc_item_avx512(it, sc, keys, values) }
@@ -506,9 +506,10 @@ fn f16_acc_item(it: &Item, sc: &mut Scratch) {
     }
 }
 
-/// [`f16_acc_item`] written out in AVX-512 for heads of a multiple of 64 over an f16
+/// [`f16_acc_item`] written out in AVX-512 for heads of 64, 128 or 256 over an f16
 /// cache: the same operations in the same order (so the same bits), with the keys and
-/// values converted in registers instead of widened into scratch.
+/// values converted in registers instead of widened into scratch, and the accumulators
+/// of as many heads as fit in 16 registers kept there through a pass over the keys.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL, FMA and F16C are present; every visible row of the item lies in
@@ -521,8 +522,11 @@ unsafe fn f16_acc_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values:
     let (d, hp) = (g.head_dim, it.heads.len());
     let q = aligned(&mut sc.q, hp * d);
     let acc = aligned(&mut sc.o, hp * d);
-    let (maxes, sums) = aligned(&mut sc.stats, 2 * hp).split_at_mut(hp);
+    let sums = aligned(&mut sc.stats, hp);
     let round = |x: __m512| _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+    // Heads a pass over the keys takes: as many as keep their accumulators in 16
+    // registers (one pass for SmolLM2's 3 heads of 64, two for Qwen2.5-0.5B's 7).
+    let chunk = (256 / d).max(1);
     for t in it.tokens.clone() {
         let (first, pos) = g.visible(t);
         for (hi, h) in it.heads.clone().enumerate() {
@@ -536,54 +540,122 @@ unsafe fn f16_acc_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values:
                 };
             }
         }
-        acc.fill(0.0);
-        maxes.fill(f32::NEG_INFINITY);
-        sums.fill(0.0);
-        for p in first..=pos {
-            let row = it.pages.row(p) * g.kv_stride + it.kv_offset;
-            // SAFETY: row..row + d lies in both caches (the caller's contract).
-            let (kp, vp) = unsafe { (keys.as_ptr().add(row), values.as_ptr().add(row)) };
-            for hi in 0..hp {
-                // SAFETY: the query and accumulator of head hi are d floats of scratch;
-                // kp and vp hold d values.
-                unsafe {
-                    let qh = q.as_ptr().add(hi * d);
-                    let mut s = [_mm512_setzero_ps(); 4];
-                    for i in (0..d).step_by(64) {
-                        for (j, s) in s.iter_mut().enumerate() {
-                            let k = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(i + 16 * j).cast()));
-                            *s = _mm512_fmadd_ps(k, _mm512_loadu_ps(qh.add(i + 16 * j)), *s);
-                        }
-                    }
-                    // ggml's (a0 + a2) + (a1 + a3), then GCC's `_mm512_reduce_add_ps`.
-                    let x = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
-                    let dot = reduce_add_gcc(x);
-                    let score = dot * g.scale;
-                    let ah = acc.as_mut_ptr().add(hi * d);
-                    let (rescale, weight) = if score > maxes[hi] {
-                        let rescale = (maxes[hi] - score).exp();
-                        maxes[hi] = score;
-                        for c in (0..d).step_by(16) {
-                            let a = _mm512_mul_ps(_mm512_loadu_ps(ah.add(c)), _mm512_set1_ps(rescale));
-                            _mm512_storeu_ps(ah.add(c), round(a));
-                        }
-                        (rescale, 1.0)
-                    } else {
-                        (1.0, (score - maxes[hi]).exp())
-                    };
-                    let w = _mm512_set1_ps(weight);
-                    for c in (0..d).step_by(16) {
-                        let v = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c).cast()));
-                        _mm512_storeu_ps(ah.add(c), round(_mm512_fmadd_ps(v, w, _mm512_loadu_ps(ah.add(c)))));
-                    }
-                    sums[hi] = sums[hi].mul_add(rescale, weight);
-                }
-            }
+        for h0 in (0..hp).step_by(chunk) {
+            let n = chunk.min(hp - h0);
+            let pass: HeadsPass = match (d, n) {
+                (64, 1) => f16_acc_heads::<1, 4>,
+                (64, 2) => f16_acc_heads::<2, 4>,
+                (64, 3) => f16_acc_heads::<3, 4>,
+                (64, _) => f16_acc_heads::<4, 4>,
+                (128, 1) => f16_acc_heads::<1, 8>,
+                (128, _) => f16_acc_heads::<2, 8>,
+                _ => f16_acc_heads::<1, 16>,
+            };
+            // SAFETY: q, acc and sums hold every head's d (or 1) values; the rows are in
+            // the caches (the caller's contract).
+            unsafe {
+                pass(
+                    it,
+                    keys,
+                    values,
+                    (first, pos),
+                    q.as_ptr().add(h0 * d),
+                    acc.as_mut_ptr().add(h0 * d),
+                    &mut sums[h0..h0 + n],
+                )
+            };
         }
         for (hi, h) in it.heads.clone().enumerate() {
             write_normalized(it, t, h, &acc[hi * d..][..d], sums[hi]);
         }
     }
+}
+
+/// One pass of [`f16_acc_item_avx512`]'s online softmax over the visible keys
+/// `first..=pos` for `sums.len()` heads of `d` values: their rounded queries at `q`,
+/// their f16-rounded weighted sums of values left at `acc` and sums of weights in
+/// `sums`.
+type HeadsPass = unsafe fn(&Item, &[u16], &[u16], (usize, usize), *const f32, *mut f32, &mut [f32]);
+
+/// [`HeadsPass`] for `HP` heads of `16 DC` values, accumulators in registers: llama.cpp
+/// keeps them in f16, so every update rounds them, and an accumulator in memory waits
+/// on a store and a load per key.
+///
+/// # Safety
+/// As [`f16_acc_item_avx512`]; `q` and `acc` hold `HP · 16 DC` floats, `sums` has `HP`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn f16_acc_heads<const HP: usize, const DC: usize>(
+    it: &Item,
+    keys: &[u16],
+    values: &[u16],
+    (first, pos): (usize, usize),
+    q: *const f32,
+    acc_out: *mut f32,
+    sums: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let g = it.g;
+    let d = 16 * DC;
+    let round = |x: __m512| _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));
+    let mut acc = [[_mm512_setzero_ps(); DC]; HP];
+    let mut maxes = [f32::NEG_INFINITY; HP];
+    let mut sum = [0f32; HP];
+    for p in first..=pos {
+        let row = it.pages.row(p) * g.kv_stride + it.kv_offset;
+        // SAFETY: row..row + d lies in both caches (the caller's contract).
+        let (kp, vp) = unsafe { (keys.as_ptr().add(row), values.as_ptr().add(row)) };
+        for hi in 0..HP {
+            // SAFETY: head hi's query is d floats at q; kp and vp hold d values.
+            unsafe {
+                let score = score_f16(q.add(hi * d), kp, d) * g.scale;
+                let (rescale, weight) = if score > maxes[hi] {
+                    let rescale = (maxes[hi] - score).exp();
+                    maxes[hi] = score;
+                    for a in &mut acc[hi] {
+                        *a = round(_mm512_mul_ps(*a, _mm512_set1_ps(rescale)));
+                    }
+                    (rescale, 1.0)
+                } else {
+                    (1.0, (score - maxes[hi]).exp())
+                };
+                let w = _mm512_set1_ps(weight);
+                for (c, a) in acc[hi].iter_mut().enumerate() {
+                    let v = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(16 * c).cast()));
+                    *a = round(_mm512_fmadd_ps(v, w, *a));
+                }
+                sum[hi] = sum[hi].mul_add(rescale, weight);
+            }
+        }
+    }
+    for hi in 0..HP {
+        for (c, a) in acc[hi].iter().enumerate() {
+            // SAFETY: head hi's d floats at acc_out.
+            unsafe { _mm512_storeu_ps(acc_out.add(hi * d + 16 * c), *a) };
+        }
+        sums[hi] = sum[hi];
+    }
+}
+
+/// A rounded query (`d` floats at `q`) dotted with an f16 key row at `kp`, in ggml's
+/// order: four chains over 64 values at a time, `(a0 + a2) + (a1 + a3)`, then GCC's
+/// `_mm512_reduce_add_ps`.
+///
+/// # Safety
+/// `q` holds `d` floats and `kp` `d` values, `d` a multiple of 64.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn score_f16(q: *const f32, kp: *const u16, d: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut s = [_mm512_setzero_ps(); 4];
+    for i in (0..d).step_by(64) {
+        for (j, s) in s.iter_mut().enumerate() {
+            // SAFETY: i + 16 j + 16 ≤ d.
+            let k = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(i + 16 * j).cast())) };
+            *s = _mm512_fmadd_ps(k, unsafe { _mm512_loadu_ps(q.add(i + 16 * j)) }, *s);
+        }
+    }
+    let x = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+    reduce_add_gcc(x)
 }
 
 /// GCC's `_mm512_reduce_add_ps`: halves, quarters, then lanes 0 + 2 and 1 + 3, then

@@ -93,8 +93,8 @@ fn work_items_match_the_reference_at_every_level() {
         .filter(|&l| l <= simd_level())
         .collect();
     let n_kv_head = 2;
-    for head_dim in [64, 256, 48, 40] {
-        for ratio in [1, 3, 4] {
+    for head_dim in [64, 128, 192, 256, 48, 40] {
+        for ratio in [1, 3, 4, 7] {
             for n_tokens in [1, 3, 63, 64, 100] {
                 for start_pos in [0, 29] {
                     for window in [None, Some(7)] {
