@@ -239,8 +239,10 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_many(&mut self, x: BufId, n: usize, products: &[(WeightId, BufId)]) {
-        const MAX: usize = MAX_PRODUCTS;
-        assert!(products.len() <= MAX, "matmul_many takes at most {MAX} products");
+        assert!(
+            products.len() <= MAX_PRODUCTS,
+            "matmul_many takes at most {MAX_PRODUCTS} products"
+        );
         let weight = |id: WeightId| &self.weights[id.0 as usize];
         let first = weight(products[0].0);
         let shares_input = products.iter().all(|&(id, _)| {
@@ -254,11 +256,11 @@ impl Backend for CpuBackend {
             }
             return;
         }
-        let mut outs = [None; MAX];
-        let mut chunks = [0usize; MAX];
+        let mut outs = [None; MAX_PRODUCTS];
+        let mut chunks = [0usize; MAX_PRODUCTS];
         // Task numbers are laid end to end over the products: task k of product i is
         // its rows band k.
-        let mut first_task = [0usize; MAX + 1];
+        let mut first_task = [0usize; MAX_PRODUCTS + 1];
         for (i, &(weight, out)) in products.iter().enumerate() {
             assert!(
                 out != x && products[..i].iter().all(|&(_, o)| o != out),
@@ -315,7 +317,7 @@ impl Backend for CpuBackend {
                 let acts = &acts[..n * act_bytes];
                 // Repacked once per weight type (products of one type share a slot).
                 let ty_of = |i: usize| weights[products[i].0 .0 as usize].ty;
-                let mut slot = [0usize; MAX];
+                let mut slot = [0usize; MAX_PRODUCTS];
                 for i in 0..products.len() {
                     slot[i] = (0..=i).find(|&j| ty_of(j) == ty_of(i)).expect("j = i matches");
                     if slot[i] == i {
