@@ -614,13 +614,22 @@ unsafe fn stream512_rows(
     s16: *const f32,
     out: OutMatrix,
 ) {
-    // Tokens per call: groups of 8, then 4, then the rest (so every group starts at a
-    // multiple of 4, as the Q4_1 group sums do).
-    let group = |t0: usize| match n_tokens - t0 {
-        rest if rest >= STREAM_GROUP => STREAM_GROUP,
-        rest if rest >= 4 => 4,
-        rest => rest,
-    };
+    // Token groups of 8, then 4, then the rest (so every group starts at a multiple of
+    // 4, as the Q4_1 group sums do), and their kernels: the same for every row group.
+    // At most STREAM_MAX_TOKENS = 16 tokens make at most three (15 = 8 + 4 + 3).
+    const { assert!(STREAM_MAX_TOKENS <= 16) };
+    let mut groups = [(0, pick_stream(k.ty, 1)); 3];
+    let (mut n_groups, mut t0) = (0, 0);
+    while t0 < n_tokens {
+        let n = match n_tokens - t0 {
+            rest if rest >= STREAM_GROUP => STREAM_GROUP,
+            rest if rest >= 4 => 4,
+            rest => rest,
+        };
+        groups[n_groups] = (t0, pick_stream(k.ty, n));
+        n_groups += 1;
+        t0 += n;
+    }
     let row_bytes = g.nb * k.wb;
     let end = weights.as_ptr_range().end;
     let mut r = 0;
@@ -634,9 +643,7 @@ unsafe fn stream512_rows(
             lines: (stop as usize).saturating_sub(from as usize).div_ceil(64),
         };
         let four = n_rows - r >= 4;
-        let mut t0 = 0;
-        while t0 < n_tokens {
-            let (f4, f1) = pick_stream(k.ty, group(t0));
+        for &(t0, (f4, f1)) in &groups[..n_groups] {
             let f = if four { f4 } else { f1 };
             // SAFETY: rows r.. are in `weights` (f4 only runs with 4 rows left), the
             // group's tokens are repacked at `a` from token t0 on, `mins` has room for 4
@@ -655,7 +662,6 @@ unsafe fn stream512_rows(
                 )
             };
             ahead.lines = 0;
-            t0 += group(t0);
         }
         r += if four { 4 } else { 1 };
     }
