@@ -16,6 +16,8 @@ pub const ADD: &str = include_str!("wgsl/add.wgsl");
 pub const SCALE: &str = include_str!("wgsl/scale.wgsl");
 pub const ADD_BIAS: &str = include_str!("wgsl/add_bias.wgsl");
 pub const RMS_NORM: &str = include_str!("wgsl/rms_norm.wgsl");
+/// Rotary embedding of queries and keys, and where asked the keys and values stored in
+/// the cache in the same pass.
 pub const ROPE: &str = include_str!("wgsl/rope.wgsl");
 pub const STORE_KV: &str = include_str!("wgsl/store_kv.wgsl");
 /// ggml's SiLU and GELU (compiled before [`GATED`] and [`QUANTIZE`]).

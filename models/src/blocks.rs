@@ -297,19 +297,19 @@ pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, 
         be.rms_norm(s.q, qn, n * h.n_head, h.norm_eps);
         be.rms_norm(s.k, kn, n * h.n_kv_head, h.norm_eps);
     }
-    be.rope_qk(
-        s.q,
-        s.k,
+    be.rope_qk_store_kv(
+        (s.q, s.k, s.v),
         &s.positions,
         (h.n_head, h.n_kv_head),
         h.head_dim,
         plan.rope_theta,
         plan.rope_style,
+        kv,
+        &s.kv_rows,
     );
     if plan.query_scale != 1.0 {
         be.scale(s.q, n * h.n_head * h.head_dim, plan.query_scale);
     }
-    be.store_kv_pair(s.k, s.v, kv, h.kv_dim(), &s.kv_rows);
     let shape = Attention {
         n_head: h.n_head,
         n_kv_head: h.n_kv_head,

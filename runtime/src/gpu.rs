@@ -24,9 +24,11 @@
 //! `KILN_GPU_SUBGROUPS=0` turn these paths off (for comparisons).
 //!
 //! Ops that the models run back to back are fused where a kernel can take both: the
-//! residual add with the next norm, rotary embedding of queries with keys, keys with
-//! values into the cache, the three q/k/v biases, and the gated activation with the
-//! quantization of the down projection's input. Sampling's greedy pick and top-k
+//! residual add with the next norm, rotary embedding of queries and keys with the
+//! storing of keys and values into the cache, the three q/k/v biases, and the gated
+//! activation with the quantization of the down projection's input. (A norm fused with
+//! the quantization of its rows was slower on an H200: one workgroup per row then
+//! quantizes a whole 4096-float row serially, 8B decode 154 -> 121 tokens/s.) Sampling's greedy pick and top-k
 //! selection run here too (`argmax_rows`, `top_k_rows`): a decode step reads back token
 //! ids, or k candidates, rather than the vocabulary's logits.
 //!
@@ -68,7 +70,7 @@ const SUBMIT_EVERY: usize = 64;
 /// recorded (`KILN_GPU_SUBMIT_FIRST` overrides it).
 const SUBMIT_FIRST: usize = 4;
 
-/// Storage bindings of the widest kernel (three biases).
+/// Storage bindings of the widest kernels (three biases; rope with the cache stores).
 const MAX_BINDINGS: usize = 6;
 /// Weight bytes uploaded between waits for the staging memory to be released.
 const UPLOAD_BATCH_BYTES: usize = 256 << 20;
@@ -127,7 +129,7 @@ impl Kernel {
             Kernel::Scale => (wgsl::SCALE, &[true]),
             Kernel::AddBias => (wgsl::ADD_BIAS, &[true, true, true, false, false, false]),
             Kernel::RmsNorm => (wgsl::RMS_NORM, &[true, true, false]),
-            Kernel::Rope => (wgsl::ROPE, &[true, true, false]),
+            Kernel::Rope => (wgsl::ROPE, &[true, true, false, false, true, true]),
             Kernel::StoreKv => (wgsl::STORE_KV, &[false, false, true, true, false]),
             Kernel::Gated => (wgsl::GATED, &[true, false, false]),
             Kernel::Attention => (wgsl::ATTENTION, &[false, false, false, true, false]),
@@ -927,7 +929,9 @@ impl GpuBackend {
     }
 
     /// Rotary embedding of `heads.0` heads a row in the first slot and `heads.1` in the
-    /// second.
+    /// second; with `store = Some(([values, key cache, value cache], rows))` the rotated
+    /// keys and the values are also written to those cache rows.
+    #[allow(clippy::too_many_arguments)]
     fn rotate(
         &mut self,
         slots: [usize; 2],
@@ -936,9 +940,11 @@ impl GpuBackend {
         head_dim: usize,
         theta: f32,
         style: RopeStyle,
+        store: Option<([usize; 3], &[u32])>,
     ) {
         let half = head_dim / 2;
-        self.begin_op(positions.len() * half * 2, 1);
+        let row_words = store.map_or(0, |(_, rows)| rows.len());
+        self.begin_op(positions.len() * half * 2 + row_words, 1);
         let same = |t: &RopeTable| t.positions == positions && t.head_dim == head_dim && t.theta == theta;
         if !self.rope_cache.as_ref().is_some_and(same) {
             // The same angles as the CPU backend, computed on the host.
@@ -956,7 +962,7 @@ impl GpuBackend {
         let at = *table.at.get_or_insert_with(|| self.push(table.words.iter().copied()));
         self.rope_cache = Some(table);
         let neox = u32::from(style == RopeStyle::Neox);
-        let u = [
+        let mut u = vec![
             positions.len() as u32,
             heads.0 as u32,
             head_dim as u32,
@@ -965,13 +971,20 @@ impl GpuBackend {
             neox,
             heads.1 as u32,
         ];
-        self.dispatch(
-            Kernel::Rope,
-            &[slots[0], slots[1], self.arena],
-            &u,
-            &[],
-            (positions.len() * (heads.0 + heads.1) * half).div_ceil(256),
-        );
+        let pairs = positions.len() * (heads.0 + heads.1) * half;
+        let (extra, values) = match store {
+            Some(([v, k_cache, v_cache], rows)) => {
+                u.extend([self.push(rows.iter().copied()), 1]);
+                ([v, k_cache, v_cache], rows.len() * heads.1 * head_dim)
+            }
+            // Unused: any read-only buffer for the values, the rotated ones for the caches.
+            None => {
+                u.extend([0, 0]);
+                ([self.gelu, slots[0], slots[1]], 0)
+            }
+        };
+        let bound = [slots[0], slots[1], self.arena, extra[0], extra[1], extra[2]];
+        self.dispatch(Kernel::Rope, &bound, &u, &[], (pairs + values).div_ceil(256));
     }
 
     /// Cache rows of `pairs` sources (keys, then values): slots are the two sources and
@@ -1361,7 +1374,7 @@ impl Backend for GpuBackend {
 
     fn rope(&mut self, x: BufId, positions: &[u32], n_heads: usize, head_dim: usize, theta: f32, style: RopeStyle) {
         let slots = [self.buf(x), self.unused];
-        self.rotate(slots, positions, (n_heads, 0), head_dim, theta, style);
+        self.rotate(slots, positions, (n_heads, 0), head_dim, theta, style, None);
     }
 
     fn rope_qk(
@@ -1375,7 +1388,24 @@ impl Backend for GpuBackend {
         style: RopeStyle,
     ) {
         let slots = [self.buf(q), self.buf(k)];
-        self.rotate(slots, positions, heads, head_dim, theta, style);
+        self.rotate(slots, positions, heads, head_dim, theta, style, None);
+    }
+
+    fn rope_qk_store_kv(
+        &mut self,
+        (q, k, v): (BufId, BufId, BufId),
+        positions: &[u32],
+        heads: (usize, usize),
+        head_dim: usize,
+        theta: f32,
+        style: RopeStyle,
+        caches: (BufId, BufId),
+        rows: &[u32],
+    ) {
+        assert_eq!(rows.len(), positions.len(), "one cache row per rotated row");
+        let slots = [self.buf(q), self.buf(k)];
+        let store = [self.buf(v), self.buf(caches.0), self.buf(caches.1)];
+        self.rotate(slots, positions, heads, head_dim, theta, style, Some((store, rows)));
     }
 
     fn store_kv(&mut self, src: BufId, cache: BufId, row_len: usize, rows: &[u32]) {

@@ -382,6 +382,24 @@ pub trait Backend: Send {
         self.store_kv(k, caches.0, row_len, rows);
         self.store_kv(v, caches.1, row_len, rows);
     }
+    /// [`Backend::rope_qk`], then [`Backend::store_kv_pair`] of the rotated keys and the
+    /// values `v` (`heads.1` heads a row too): the step between a layer's q/k/v products
+    /// and its attention, one pass where a backend fuses it.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk_store_kv(
+        &mut self,
+        (q, k, v): (BufId, BufId, BufId),
+        positions: &[u32],
+        heads: (usize, usize),
+        head_dim: usize,
+        theta: f32,
+        style: RopeStyle,
+        caches: (BufId, BufId),
+        rows: &[u32],
+    ) {
+        self.rope_qk(q, k, positions, heads, head_dim, theta, style);
+        self.store_kv_pair(k, v, caches, heads.1 * head_dim, rows);
+    }
     /// Causal attention of each sequence's rows of `q` over its cached keys and values,
     /// into the same rows of `out`; `page_table` holds every sequence's page table.
     #[allow(clippy::too_many_arguments)]

@@ -587,6 +587,52 @@ fn rope_both_styles() {
     }
 }
 
+/// Rope of queries and keys with the rotated keys and the values stored in the cache in
+/// the same pass (the GPU's fused kernel): both styles, rows stored out of order.
+#[test]
+fn rope_with_the_cache_stores() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(31);
+    let (q_heads, k_heads, head_dim) = (6, 2, 64);
+    let positions = [3u32, 4, 5, 900];
+    let rows = [11u32, 2, 7, 0];
+    let row_len = k_heads * head_dim;
+    for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
+        let q_len = positions.len() * q_heads * head_dim;
+        let kv_len = positions.len() * row_len;
+        let q = p.buffer(q_len, &rng.vec(q_len, 2.0));
+        let k = p.buffer(kv_len, &rng.vec(kv_len, 2.0));
+        let v = p.buffer(kv_len, &rng.vec(kv_len, 2.0));
+        let keys = p.cache(&mut rng, 12, row_len);
+        let values = p.cache(&mut rng, 12, row_len);
+        p.run(|be| {
+            be.rope_qk_store_kv(
+                (q, k, v),
+                &positions,
+                (q_heads, k_heads),
+                head_dim,
+                10000.0,
+                style,
+                (keys, values),
+                &rows,
+            )
+        });
+        p.compare(&format!("rope_qk_store_kv {style:?}: q"), q, q_len, TOL_ELEMENTWISE);
+        p.compare(&format!("rope_qk_store_kv {style:?}: k"), k, kv_len, TOL_ELEMENTWISE);
+        // Keys equal to an f32 contraction may round to neighbouring f16 values: one
+        // f16 step is 2^-10 of the value.
+        let (want, got) = p.cache_values(keys, 12, row_len);
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= scale / 1024.0,
+            "rope_qk_store_kv {style:?}: cached keys differ by {worst}"
+        );
+        let (want, got) = p.cache_values(values, 12, row_len);
+        assert!(want == got, "rope_qk_store_kv {style:?}: the value caches differ");
+    }
+}
+
 #[test]
 fn store_kv_rounds_to_f16() {
     let Some(mut p) = Pair::new() else { return };
