@@ -18,6 +18,9 @@
 //! subgroup (or 32 lanes summed in workgroup memory, where the adapter has no subgroups)
 //! per weight row, and for Q8_0, Q4_K and Q6_K 16-byte loads of weights and activations,
 //! which is why those weights and the 8-bit activation blocks are stored in 16-byte units.
+//! That kernel also takes up to three weights of one type and width in one dispatch (a
+//! layer's q, k and v, or gate and up, for one input row): on an H200 every dispatch
+//! boundary costs a few microseconds, more than a small product's own work.
 //! Longer inputs take a matmul kernel: from `TILED_ROWS` rows on, quantized weights take
 //! one that decodes 64 weight rows and copies 64 input rows into workgroup memory per
 //! step. `KILN_GPU_MATVEC=0`, `KILN_GPU_VEC4=0`, `KILN_GPU_TILED=0` and
@@ -70,8 +73,8 @@ const SUBMIT_EVERY: usize = 64;
 /// recorded (`KILN_GPU_SUBMIT_FIRST` overrides it).
 const SUBMIT_FIRST: usize = 4;
 
-/// Storage bindings of the widest kernels (three biases; rope with the cache stores).
-const MAX_BINDINGS: usize = 6;
+/// Storage bindings of the widest kernel (a stack of three matvec weights).
+const MAX_BINDINGS: usize = 7;
 /// Weight bytes uploaded between waits for the staging memory to be released.
 const UPLOAD_BATCH_BYTES: usize = 256 << 20;
 
@@ -140,7 +143,7 @@ impl Kernel {
             Kernel::MatmulTiled(_) => (wgsl::MATMUL_TILED, &[false, false, true]),
             Kernel::Matvec(_, _, false) => (wgsl::MATVEC_WG, &[false, false, true]),
             Kernel::Matvec(_, _, true) => (wgsl::MATVEC_SG, &[false, false, true]),
-            Kernel::MatvecVec4(..) => (wgsl::MATVEC_VEC4, &[false, false, true]),
+            Kernel::MatvecVec4(..) => (wgsl::MATVEC_VEC4, &[false, false, true, false, false, true, true]),
             Kernel::Embed(_) => (wgsl::EMBED, &[false, false, true]),
             Kernel::Argmax => (wgsl::ARGMAX, &[false, true]),
             Kernel::TopK => (wgsl::TOP_K, &[false, true]),
@@ -1011,7 +1014,9 @@ impl GpuBackend {
             .sum();
         self.begin_op(0, dispatches);
         let mut prepared: Option<(ActFormat, usize, usize)> = None;
-        for &(weight, out) in products {
+        let mut next = 0;
+        while next < products.len() {
+            let (weight, out) = products[next];
             let w = &self.weights[weight.0 as usize];
             let (rows, cols, row_words, ty) = (w.rows, w.cols, w.row_words, w.ty);
             let n_parts = w.parts.len();
@@ -1025,6 +1030,13 @@ impl GpuBackend {
                     words
                 }
             };
+            let stack = self.matvec_stack(&products[next..], n);
+            if stack > 1 {
+                self.stacked_matvec(&products[next..next + stack], act_words);
+                next += stack;
+                continue;
+            }
+            next += 1;
             let code = wtype(ty).expect("stored types have codes");
             let out = self.buf(out);
             for part in 0..n_parts {
@@ -1038,15 +1050,17 @@ impl GpuBackend {
                     let sg = self.subgroup_rows;
                     let per_group = sg.unwrap_or(MATVEC_WG / 32);
                     let u = params(per_group);
-                    // Q8_0 (in groups of 4), Q4_K and (padded) Q6_K rows are whole
-                    // 16-byte blocks, and so are Q8_0 and Q8_K activation rows.
-                    let vec4 = matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K);
-                    let kernel = if sg.is_some() && vec4 && self.vec4 {
-                        Kernel::MatvecVec4(code, n as u32)
+                    let groups = part_rows.div_ceil(per_group);
+                    if self.takes_vec4(ty) {
+                        // A stack of one: every row is the first weight's.
+                        let mut u = u.to_vec();
+                        u.extend([part_rows as u32; 2]);
+                        let slots = [slot, self.acts, out, slot, slot, out, out];
+                        self.dispatch(Kernel::MatvecVec4(code, n as u32), &slots, &u, &[], groups);
                     } else {
-                        Kernel::Matvec(code, n as u32, sg.is_some())
-                    };
-                    self.dispatch(kernel, &[slot, self.acts, out], &u, &[], part_rows.div_ceil(per_group));
+                        let kernel = Kernel::Matvec(code, n as u32, sg.is_some());
+                        self.dispatch(kernel, &[slot, self.acts, out], &u, &[], groups);
+                    }
                     continue;
                 }
                 if self.tiled && code >= 3 && n >= TILED_ROWS {
@@ -1072,6 +1086,53 @@ impl GpuBackend {
                 );
             }
         }
+    }
+
+    /// Whether few-row products of `ty` take the 16-byte-load kernel: Q8_0 (in groups of
+    /// 4), Q4_K and (padded) Q6_K rows are whole 16-byte blocks, and so are Q8_0 and Q8_K
+    /// activation rows.
+    fn takes_vec4(&self, ty: GgmlType) -> bool {
+        self.vec4 && self.subgroup_rows.is_some() && matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
+    }
+
+    /// How many of the first `products` (up to 3) one stacked matvec dispatch takes: one
+    /// input row, weights of one type and width that the 16-byte kernel reads, each in one
+    /// part. 0 or 1: no stack.
+    fn matvec_stack(&self, products: &[(WeightId, BufId)], n: usize) -> usize {
+        if !self.matvec || n != 1 {
+            return 0;
+        }
+        let first = &self.weights[products[0].0 .0 as usize];
+        if !self.takes_vec4(first.ty) || first.parts.len() != 1 {
+            return 0;
+        }
+        products
+            .iter()
+            .take(3)
+            .take_while(|(w, _)| {
+                let w = &self.weights[w.0 as usize];
+                (w.ty, w.cols, w.parts.len()) == (first.ty, first.cols, 1)
+            })
+            .count()
+    }
+
+    /// One matvec dispatch of a stack of 2 or 3 products (see `matvec_stack`) of one
+    /// input row, quantized in the activations buffer (`act_words` a row).
+    fn stacked_matvec(&mut self, stack: &[(WeightId, BufId)], act_words: usize) {
+        let per_group = self.subgroup_rows.expect("stacks need subgroups");
+        let w = &self.weights[stack[0].0 .0 as usize];
+        let (cols, row_words, code) = (w.cols, w.row_words, wtype(w.ty).expect("stored types have codes"));
+        let rows: Vec<usize> = stack.iter().map(|(w, _)| self.weights[w.0 as usize].rows).collect();
+        let total: usize = rows.iter().sum();
+        // Boundaries: the second weight's first row, then the third's (the total when
+        // there is none).
+        let b1 = rows[0];
+        let b2 = rows[0] + rows[1];
+        let u = [total, cols, 1, rows[0], 0, row_words, act_words, per_group, b1, b2].map(|v| v as u32);
+        let slot = |i: usize| self.weights[stack[i.min(stack.len() - 1)].0 .0 as usize].parts[0].0;
+        let out = |i: usize| self.buf(stack[i.min(stack.len() - 1)].1);
+        let slots = [slot(0), self.acts, out(0), slot(1), slot(2), out(1), out(2)];
+        self.dispatch(Kernel::MatvecVec4(code, 1), &slots, &u, &[], total.div_ceil(per_group));
     }
 
     /// Submits what is pending and copies `out.len()` words of slot `slot` from word

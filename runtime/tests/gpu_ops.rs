@@ -304,6 +304,40 @@ fn matmul_many_shared_and_mixed_formats() {
     }
 }
 
+/// Decode products of one input row that the GPU reads in one dispatch (stacks of up to
+/// three weights of one type and width): stacks of 3 and 2, a stack followed by a
+/// weight of another type, and rows that leave a partial workgroup in each weight.
+#[test]
+fn matmul_many_stacked_decode() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(41);
+    let cases: [&[(GgmlType, usize)]; 4] = [
+        &[(GgmlType::Q4_K, 45), (GgmlType::Q4_K, 13), (GgmlType::Q4_K, 13)],
+        &[(GgmlType::Q6_K, 7), (GgmlType::Q6_K, 30)],
+        &[(GgmlType::Q8_0, 33), (GgmlType::Q8_0, 5), (GgmlType::Q8_0, 2)],
+        &[(GgmlType::Q4_K, 17), (GgmlType::Q4_K, 9), (GgmlType::Q6_K, 21)],
+    ];
+    let cols = 512;
+    let x = p.buffer(cols, &rng.vec(cols, 1.0));
+    for case in cases {
+        let ws: Vec<WeightId> = case
+            .iter()
+            .map(|&(ty, rows)| p.upload(&random_weight(&mut rng, ty, rows, cols)))
+            .collect();
+        let outs: Vec<BufId> = case.iter().map(|&(_, rows)| p.buffer(rows, &[])).collect();
+        let products: Vec<(WeightId, BufId)> = ws.iter().copied().zip(outs.iter().copied()).collect();
+        p.run(|be| be.matmul_many(x, 1, &products));
+        for (i, &(ty, rows)) in case.iter().enumerate() {
+            p.compare(
+                &format!("stacked {ty} {rows}x{cols}, product {i}"),
+                outs[i],
+                rows,
+                TOL_MATMUL,
+            );
+        }
+    }
+}
+
 /// The feed-forward's down projection with the gated activation fused into the
 /// quantization of its input: every activation format, one and several rows.
 #[test]

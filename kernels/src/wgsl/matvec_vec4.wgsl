@@ -7,10 +7,35 @@
 // [d, 0, 0, 0]. Each subgroup takes whole rows (u7 a workgroup), each lane pairs of
 // chunks that share their quant words (Q4_K: 2j, 2j + 1, the low and high nibbles of the
 // same 32 bytes; Q6_K: k, k + 2 of a half block; Q8_0: single blocks). Parameters as
-// matmul.wgsl's.
+// matmul.wgsl's, plus a stack of up to three weights of one type and width read in one
+// dispatch (a layer's q, k and v, or gate and up): the u0 rows are W4's below u8, W4b's
+// from u8 below u9 and W4c's from u9 on, each weight's written to its own output
+// (out, out_b, out_c; stacks take one input row). Unstacked, u8 = u9 = u0.
 @group(0) @binding(1) var<storage, read> W4: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> A4: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> W4b: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read> W4c: array<vec4<u32>>;
+@group(0) @binding(6) var<storage, read_write> out_b: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out_c: array<f32>;
+
+// Which weight of the stack the current row is in (the same for a whole subgroup).
+var<private> stacked: u32;
+
+// Word group i of the current row's weight.
+fn wv(i: u32) -> vec4<u32> {
+    switch stacked {
+        case 1u: {
+            return W4b[i];
+        }
+        case 2u: {
+            return W4c[i];
+        }
+        default: {
+            return W4[i];
+        }
+    }
+}
 
 override NT: u32;
 override WTYPE: u32;
@@ -38,9 +63,9 @@ fn pair_q4k(rb: u32, p: u32, acc: ptr<function, array<f32, 4>>) {
     let sb = p / 4u;
     let j = p % 4u;
     let blk = rb + sb * 9u;
-    let h = W4[blk];
-    let q0 = W4[blk + 1u + 2u * j];
-    let q1 = W4[blk + 2u + 2u * j];
+    let h = wv(blk);
+    let q0 = wv(blk + 1u + 2u * j);
+    let q1 = wv(blk + 2u + 2u * j);
     let d = f16_bits_to_f32(h.x & 0xffffu);
     let m = f16_bits_to_f32(h.x >> 16u);
     let sm0 = scale_min(h, 2u * j);
@@ -69,9 +94,9 @@ fn pair_q4k(rb: u32, p: u32, acc: ptr<function, array<f32, 4>>) {
 fn block_q80(rb: u32, c: u32, acc: ptr<function, array<f32, 4>>) {
     let blk = rb + (c / 4u) * 9u;
     let i = c % 4u;
-    let q0 = W4[blk + 2u * i];
-    let q1 = W4[blk + 2u * i + 1u];
-    let dw = W4[blk + 8u][i / 2u];
+    let q0 = wv(blk + 2u * i);
+    let q1 = wv(blk + 2u * i + 1u);
+    let dw = wv(blk + 8u)[i / 2u];
     let d = f16_bits_to_f32(select(dw & 0xffffu, dw >> 16u, (i % 2u) == 1u));
     for (var t = 0u; t < NT; t++) {
         let base = t * (P.u6 / 4u) + c * 3u;
@@ -92,12 +117,12 @@ fn pair_q6k(rb: u32, p: u32, acc: ptr<function, array<f32, 4>>) {
     let half = (p % 4u) / 2u;
     let kl = p % 2u;
     let blk = rb + sb * 14u;
-    let l0 = W4[blk + 4u * half + 2u * kl];
-    let l1 = W4[blk + 4u * half + 2u * kl + 1u];
-    let h0 = W4[blk + 8u + 2u * half];
-    let h1 = W4[blk + 9u + 2u * half];
-    let sc = W4[blk + 12u];
-    let d = f16_bits_to_f32(W4[blk + 13u].x & 0xffffu);
+    let l0 = wv(blk + 4u * half + 2u * kl);
+    let l1 = wv(blk + 4u * half + 2u * kl + 1u);
+    let h0 = wv(blk + 8u + 2u * half);
+    let h1 = wv(blk + 9u + 2u * half);
+    let sc = wv(blk + 12u);
+    let d = f16_bits_to_f32(wv(blk + 13u).x & 0xffffu);
     let hs = 2u * kl;
     let qa0 = q6(l0, h0, hs);
     let qa1 = q6(l1, h1, hs);
@@ -144,7 +169,9 @@ fn main(
         if row >= P.u0 {
             break;
         }
-        let rb = row * (P.u5 / 4u);
+        stacked = select(select(0u, 1u, row >= P.u8), 2u, row >= P.u9);
+        let first_row = select(select(0u, P.u8, row >= P.u8), P.u9, row >= P.u9);
+        let rb = (row - first_row) * (P.u5 / 4u);
         var acc: array<f32, 4>;
         for (var p = sl; p < units; p += ss) {
             if WTYPE == 6u {
@@ -158,7 +185,17 @@ fn main(
         for (var t = 0u; t < NT; t++) {
             let s = subgroupAdd(acc[t]);
             if sl == 0u {
-                out[t * P.u3 + P.u4 + row] = s;
+                switch stacked {
+                    case 1u: {
+                        out_b[row - P.u8] = s;
+                    }
+                    case 2u: {
+                        out_c[row - P.u9] = s;
+                    }
+                    default: {
+                        out[t * P.u3 + P.u4 + row] = s;
+                    }
+                }
             }
         }
     }
