@@ -3,8 +3,12 @@
 # llama-cpp-python==0.3.36; see scripts/fetch-llama-cpp-src.sh) for this machine's CPU
 # into third_party/llama.cpp-build (git-ignored).
 #
-# Flags: GGML_NATIVE=OFF with AVX-512/VNNI/BF16 on and AMX off. The VM's CPUID lists AMX
-# but AMX instructions fault (SIGILL), so a native build crashes (see /work/shared/REFERENCE.md).
+# Flags: GGML_NATIVE=OFF, each x86 extension (AVX2, AVX-512, VNNI, BF16, AVX-VNNI) on
+# only where /proc/cpuinfo lists it, and AMX always off. These VMs' CPUID lists AMX but
+# AMX instructions fault (SIGILL), so a native build crashes (see
+# /work/shared/REFERENCE.md); and AMD EPYC (Zen 4) VMs have AVX-512 VNNI but not the VEX
+# AVX-VNNI, which a build with every flag on executes and faults on. The flags used are
+# kept in the build directory; a machine that lists other flags rebuilds.
 #
 # Targets: llama-simple llama-perplexity llama-tokenize llama-bench. (llama-cli is not
 # built: at this commit it links the whole server.) Also builds libllama/libggml* shared
@@ -19,9 +23,20 @@ build="$root/third_party/llama.cpp-build"
 bin="$build/bin"
 targets=(llama-simple llama-perplexity llama-tokenize llama-bench)
 
+# -DGGML_X=ON|OFF for each extension, from the CPU's flags.
+cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+ggml_flags=()
+for pair in AVX:avx AVX2:avx2 FMA:fma F16C:f16c AVX512:avx512f AVX512_VBMI:avx512vbmi \
+  AVX512_VNNI:avx512_vnni AVX512_BF16:avx512_bf16 AVX_VNNI:avx_vnni; do
+  if [[ "$cpu_flags" == *" ${pair#*:} "* ]]; then on=ON; else on=OFF; fi
+  ggml_flags+=("-DGGML_${pair%%:*}=$on")
+done
+stamp="$build/kiln-cpu-flags"
+
 all_built() {
   for t in "${targets[@]}"; do [ -x "$bin/$t" ] || return 1; done
   [ -f "$bin/libllama.so" ] || return 1
+  [ "$(cat "$stamp" 2>/dev/null)" = "${ggml_flags[*]}" ] || return 1
 }
 
 if [ "${KILN_LLAMA_REBUILD:-0}" != 1 ] && all_built; then
@@ -37,9 +52,7 @@ cmake -S "$src" -B "$build" "${gen[@]}" \
   -DCMAKE_BUILD_TYPE=Release \
   -DBUILD_SHARED_LIBS=ON \
   -DGGML_NATIVE=OFF \
-  -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-  -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
-  -DGGML_AVX_VNNI=ON \
+  "${ggml_flags[@]}" \
   -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
   -DGGML_OPENMP=ON \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
@@ -47,6 +60,7 @@ cmake -S "$src" -B "$build" "${gen[@]}" \
   >&2
 
 cmake --build "$build" --config Release -j "${KILN_LLAMA_JOBS:-$(nproc)}" --target "${targets[@]}" >&2
+echo "${ggml_flags[*]}" > "$stamp"
 
 all_built || { echo "build-llama-cpp: missing binaries in $bin" >&2; exit 1; }
 echo "$bin"
