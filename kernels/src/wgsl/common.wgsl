@@ -86,3 +86,95 @@ fn sbyte(w: u32, k: u32) -> i32 {
 fn ubyte(w: u32, k: u32) -> u32 {
     return extractBits(w, 8u * k, 8u);
 }
+
+// a / b rounded to nearest even, as IEEE division (and so the CPU's kernels) rounds it:
+// WGSL lets `/` be off by 2.5 ulp, and NVIDIA's Vulkan driver is, which moved quantized
+// activations across rounding ties (products off by ~5e-4 of their largest). Integer
+// long division of the significands; zeros, subnormals, infinities and results out of
+// the normal range take the driver's `/`. (A correction step with `fma` would need a
+// fused fma, which WGSL does not promise: lavapipe's is not.)
+fn div_rn(a: f32, b: f32) -> f32 {
+    let ua = bitcast<u32>(a);
+    let ub = bitcast<u32>(b);
+    let ea = (ua >> 23u) & 0xffu;
+    let eb = (ub >> 23u) & 0xffu;
+    if ea == 0u || eb == 0u || ea == 255u || eb == 255u {
+        return a / b;
+    }
+    let mb = (ub & 0x7fffffu) | 0x800000u;
+    var rem = (ua & 0x7fffffu) | 0x800000u;
+    var e = i32(ea) - i32(eb) + 127;
+    if rem < mb {
+        rem = rem << 1u;
+        e -= 1;
+    }
+    // rem / mb is in [1, 2): its 24 significant bits and a guard bit.
+    var q = 0u;
+    for (var i = 0u; i < 25u; i++) {
+        q = q << 1u;
+        if rem >= mb {
+            rem -= mb;
+            q |= 1u;
+        }
+        rem = rem << 1u;
+    }
+    return pack_rounded(q, rem != 0u, e, (ua ^ ub) & 0x80000000u, a / b);
+}
+
+// sqrt(x) rounded to nearest even (WGSL's `sqrt` need not be), for x > 0: integer
+// square root of the significand, digit by digit; otherwise the driver's `sqrt`.
+fn sqrt_rn(x: f32) -> f32 {
+    let ux = bitcast<u32>(x);
+    let ex = (ux >> 23u) & 0xffu;
+    if ex == 0u || ex >= 255u || (ux >> 31u) == 1u {
+        return sqrt(x);
+    }
+    // x = m · 2^(k - 23) with k even and m in [2^23, 2^25); sqrt(x) = sqrt(m · 2^25) ·
+    // 2^(k / 2 - 24), whose 25 leading bits (24 and a guard bit) come from the 25 pairs
+    // of bits of the 50-bit m · 2^25.
+    var m = (ux & 0x7fffffu) | 0x800000u;
+    var k = i32(ex) - 127;
+    if (k & 1) != 0 {
+        m = m << 1u;
+        k -= 1;
+    }
+    var rem = 0u;
+    var root = 0u;
+    for (var i = 0u; i < 25u; i++) {
+        // Bits 49 - 2i and 48 - 2i of m · 2^25.
+        let low = 48 - 2 * i32(i) - 25;
+        var pair = 0u;
+        if low >= 0 {
+            pair = (m >> u32(low)) & 3u;
+        } else if low == -1 {
+            pair = (m & 1u) << 1u;
+        }
+        rem = (rem << 2u) | pair;
+        let trial = (root << 2u) | 1u;
+        root = root << 1u;
+        if rem >= trial {
+            rem -= trial;
+            root |= 1u;
+        }
+    }
+    return pack_rounded(root, rem != 0u, k / 2 + 127, 0u, sqrt(x));
+}
+
+// The float of sign `sign`, biased exponent `e` and the 25-bit significand-and-guard `q`
+// (leading bit at bit 24; `sticky`: a nonzero remainder below the guard), rounded to
+// nearest even; `fallback` when the result leaves the normal range.
+fn pack_rounded(q: u32, sticky: bool, e: i32, sign: u32, fallback: f32) -> f32 {
+    var m = q >> 1u;
+    var exp = e;
+    if (q & 1u) == 1u && (sticky || (m & 1u) == 1u) {
+        m += 1u;
+    }
+    if m == 0x1000000u {
+        m = 0x800000u;
+        exp += 1;
+    }
+    if exp <= 0 || exp >= 255 {
+        return fallback;
+    }
+    return bitcast<f32>(sign | (u32(exp) << 23u) | (m & 0x7fffffu));
+}

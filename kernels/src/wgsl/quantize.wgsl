@@ -85,7 +85,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if valid && !zero {
             maxv = input(src + first[lid - j]);
         }
-        let iscale = -127.0 / maxv;
+        let iscale = div_rn(-127.0, maxv);
         qs[lid] = select(min(127, i32(round(iscale * v))), 0, zero);
         workgroupBarrier();
         if valid && j < 64u {
@@ -97,7 +97,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             A[dst + j] = word;
         }
         if valid && j == 0u {
-            A[dst + 64u] = select(bitcast<u32>(1.0 / iscale), 0u, zero);
+            A[dst + 64u] = select(bitcast<u32>(div_rn(1.0, iscale)), 0u, zero);
         }
         if valid && j >= 65u && j < 68u {
             A[dst + j] = 0u;
@@ -105,8 +105,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         return;
     }
     let dst = t * P.u2 + (b % per_row) * 12u;
-    let d = amax / 127.0;
-    let id = select(0.0, 127.0 / amax, amax != 0.0);
+    let d = div_rn(amax, 127.0);
+    let id = select(0.0, div_rn(127.0, amax), amax != 0.0);
     qs[lid] = i32(round(v * id));
     workgroupBarrier();
     if valid && j < 8u {

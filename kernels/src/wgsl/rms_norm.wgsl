@@ -58,7 +58,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         workgroupBarrier();
     }
-    let inv = 1.0 / sqrt(partial[0] / f32(cols) + P.f0);
+    let inv = div_rn(1.0, sqrt_rn(div_rn(partial[0], f32(cols)) + P.f0));
     c = lid;
     for (; c + 768u < cols; c += 1024u) {
         let a = source(base + c);
