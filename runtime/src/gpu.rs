@@ -31,9 +31,9 @@
 //! storing of keys and values into the cache, the three q/k/v biases, and the gated
 //! activation with the quantization of the down projection's input. (A norm fused with
 //! the quantization of its rows was slower on an H200: one workgroup per row then
-//! quantizes a whole 4096-float row serially, 8B decode 154 -> 121 tokens/s.) Sampling's greedy pick and top-k
-//! selection run here too (`argmax_rows`, `top_k_rows`): a decode step reads back token
-//! ids, or k candidates, rather than the vocabulary's logits.
+//! quantizes a whole 4096-float row serially, 8B decode 154 -> 121 tokens/s.) Sampling's
+//! greedy pick and top-k selection run here too (`argmax_rows`, `top_k_rows`): a decode
+//! step reads back token ids, or k candidates, rather than the vocabulary's logits.
 //!
 //! `KILN_GPU_PROFILE=1` prints GPU time per kernel (timestamp queries, which inflate
 //! short dispatches), `KILN_GPU_PROFILE=host` the host's time per submission: recording,
@@ -965,7 +965,16 @@ impl GpuBackend {
         let at = *table.at.get_or_insert_with(|| self.push(table.words.iter().copied()));
         self.rope_cache = Some(table);
         let neox = u32::from(style == RopeStyle::Neox);
-        let mut u = vec![
+        let pairs = positions.len() * (heads.0 + heads.1) * half;
+        let (extra, values, rows_at, stores) = match store {
+            Some(([v, k_cache, v_cache], rows)) => {
+                let at = self.push(rows.iter().copied());
+                ([v, k_cache, v_cache], rows.len() * heads.1 * head_dim, at, 1)
+            }
+            // Unused: any read-only buffer for the values, the rotated ones for the caches.
+            None => ([self.gelu, slots[0], slots[1]], 0, 0, 0),
+        };
+        let u = [
             positions.len() as u32,
             heads.0 as u32,
             head_dim as u32,
@@ -973,19 +982,9 @@ impl GpuBackend {
             at,
             neox,
             heads.1 as u32,
+            rows_at,
+            stores,
         ];
-        let pairs = positions.len() * (heads.0 + heads.1) * half;
-        let (extra, values) = match store {
-            Some(([v, k_cache, v_cache], rows)) => {
-                u.extend([self.push(rows.iter().copied()), 1]);
-                ([v, k_cache, v_cache], rows.len() * heads.1 * head_dim)
-            }
-            // Unused: any read-only buffer for the values, the rotated ones for the caches.
-            None => {
-                u.extend([0, 0]);
-                ([self.gelu, slots[0], slots[1]], 0)
-            }
-        };
         let bound = [slots[0], slots[1], self.arena, extra[0], extra[1], extra[2]];
         self.dispatch(Kernel::Rope, &bound, &u, &[], (pairs + values).div_ceil(256));
     }
@@ -1053,10 +1052,10 @@ impl GpuBackend {
                     let groups = part_rows.div_ceil(per_group);
                     if self.takes_vec4(ty) {
                         // A stack of one: every row is the first weight's.
-                        let mut u = u.to_vec();
-                        u.extend([part_rows as u32; 2]);
+                        let mut u10 = [part_rows as u32; 10];
+                        u10[..8].copy_from_slice(&u);
                         let slots = [slot, self.acts, out, slot, slot, out, out];
-                        self.dispatch(Kernel::MatvecVec4(code, n as u32), &slots, &u, &[], groups);
+                        self.dispatch(Kernel::MatvecVec4(code, n as u32), &slots, &u10, &[], groups);
                     } else {
                         let kernel = Kernel::Matvec(code, n as u32, sg.is_some());
                         self.dispatch(kernel, &[slot, self.acts, out], &u, &[], groups);
@@ -1122,7 +1121,10 @@ impl GpuBackend {
         let per_group = self.subgroup_rows.expect("stacks need subgroups");
         let w = &self.weights[stack[0].0 .0 as usize];
         let (cols, row_words, code) = (w.cols, w.row_words, wtype(w.ty).expect("stored types have codes"));
-        let rows: Vec<usize> = stack.iter().map(|(w, _)| self.weights[w.0 as usize].rows).collect();
+        let mut rows = [0usize; 3];
+        for (r, (w, _)) in rows.iter_mut().zip(stack) {
+            *r = self.weights[w.0 as usize].rows;
+        }
         let total: usize = rows.iter().sum();
         // Boundaries: the second weight's first row, then the third's (the total when
         // there is none).
