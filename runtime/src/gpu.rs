@@ -533,6 +533,17 @@ impl GpuBackend {
     pub fn new(adapter: &wgpu::Adapter) -> Result<Self> {
         let limits = adapter.limits();
         let info = adapter.get_info();
+        // Kernels bind up to MAX_BINDINGS storage buffers and run 256 invocations a
+        // workgroup; an adapter below that fails here, not at its first such dispatch.
+        if (limits.max_storage_buffers_per_shader_stage as usize) < MAX_BINDINGS
+            || limits.max_compute_invocations_per_workgroup < 256
+        {
+            return Err(RuntimeError::Gpu(format!(
+                "{} allows {} storage buffers per shader stage and {} invocations per \
+                 workgroup; kiln's kernels need {MAX_BINDINGS} and 256",
+                info.name, limits.max_storage_buffers_per_shader_stage, limits.max_compute_invocations_per_workgroup
+            )));
+        }
         let env_off = |name: &str| std::env::var(name).is_ok_and(|v| v == "0");
         let subgroup_rows = (adapter.features().contains(wgpu::Features::SUBGROUP)
             && (1..=MATVEC_WG as u32).contains(&info.subgroup_min_size)
