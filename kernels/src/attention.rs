@@ -71,6 +71,13 @@ const F16_ACC_MAX_TOKENS: usize = 64;
 /// Calls whose last query sees this many keys or more take the f32 kernel.
 const F16_ACC_MAX_KEYS: usize = 512;
 
+/// Whether a call of `n_tokens` queries from position `start_pos` over an f16 cache runs
+/// the f16-accumulator kernel: other backends that mean to give the same bits (the GPU's
+/// `attention_f16.wgsl`) choose by this too.
+pub fn f16_accumulator_call(n_tokens: usize, start_pos: usize) -> bool {
+    n_tokens < F16_ACC_MAX_TOKENS && start_pos + n_tokens < F16_ACC_MAX_KEYS
+}
+
 impl AttnGeometry {
     fn group(&self) -> usize {
         self.n_head / self.n_kv_head
@@ -78,7 +85,7 @@ impl AttnGeometry {
 
     /// Whether this call runs the f16-accumulator kernel (see the module docs).
     fn f16_accumulator(&self) -> bool {
-        self.f16_cache && self.n_tokens < F16_ACC_MAX_TOKENS && self.start_pos + self.n_tokens < F16_ACC_MAX_KEYS
+        self.f16_cache && f16_accumulator_call(self.n_tokens, self.start_pos)
     }
 
     /// The keys query `t` sees: `first..=pos`.

@@ -28,6 +28,10 @@ pub const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
 /// softmax sums), merged by [`ATTENTION_COMBINE`].
 pub const ATTENTION_SPLIT: &str = include_str!("wgsl/attention_split.wgsl");
 pub const ATTENTION_COMBINE: &str = include_str!("wgsl/attention_combine.wgsl");
+/// Attention for calls the CPU backend runs with its f16 accumulator (short prefill
+/// chunks and decode steps over fewer than 512 keys), with the same operations in the
+/// same order, so the same bits.
+pub const ATTENTION_F16: &str = include_str!("wgsl/attention_f16.wgsl");
 /// Activation rows to the 8-bit block (or rounded float) format of a weight type.
 pub const QUANTIZE: &str = include_str!("wgsl/quantize.wgsl");
 /// Chunk decoding and block dot products shared by the matmul and matvec kernels

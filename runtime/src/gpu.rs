@@ -42,7 +42,11 @@
 //! Numerics follow the CPU backend's `Numerics::Quantized`: activations quantized per row
 //! to the 8-bit block format of the weight type, integer dot products per block, f32
 //! scales; the cache rounded to f16; ggml's SiLU and GELU. The two differ by f32
-//! summation order (and `exp` in attention).
+//! summation order (and `exp` in long attention calls). Short attention calls (decode
+//! steps and prefill chunks of fewer than 64 rows over fewer than 512 keys, heads of 64,
+//! 128 or 256) repeat the CPU's f16-accumulator kernel operation for operation
+//! (`attention_f16.wgsl`): its f16 rounding noise, amplified over many layers, was what
+//! made greedy tokens of a random-weights Llama-8B shape part from the CPU's at token 7.
 //!
 //! Limits: the cache holds its f16 values as f32 (one value a float, unlike the CPU's
 //! packed pairs); attention takes heads of at most 256; weight types the kernels do not
@@ -53,7 +57,7 @@ use std::collections::HashMap;
 
 use kiln_kernels::dequant::dequantize_row;
 use kiln_kernels::qdot::{self, ActFormat};
-use kiln_kernels::{ops, wgsl, GgmlType};
+use kiln_kernels::{attention, ops, wgsl, GgmlType};
 
 use crate::{Activation, Attention, AttnSeq, Backend, BufId, Result, RopeStyle, RuntimeError, WeightId, WeightSource};
 
@@ -97,6 +101,8 @@ enum Kernel {
     /// Attention with each query row's keys split across workgroups, and its merge.
     AttentionSplit,
     AttentionCombine,
+    /// Attention as the CPU backend's f16-accumulator kernel computes it.
+    AttentionF16,
     Quantize(u32),
     Matmul(u32),
     /// Quantized weight types (codes 3..=8) times many rows, in 64 × 64 tiles.
@@ -138,6 +144,7 @@ impl Kernel {
             Kernel::Attention => (wgsl::ATTENTION, &[false, false, false, true, false]),
             Kernel::AttentionSplit => (wgsl::ATTENTION_SPLIT, &[false, false, false, true, false]),
             Kernel::AttentionCombine => (wgsl::ATTENTION_COMBINE, &[false, true, false]),
+            Kernel::AttentionF16 => (wgsl::ATTENTION_F16, &[false, false, false, true, false]),
             Kernel::Quantize(_) => (wgsl::QUANTIZE, &[false, true, false, false]),
             Kernel::Matmul(_) => (wgsl::MATMUL, &[false, false, true]),
             Kernel::MatmulTiled(_) => (wgsl::MATMUL_TILED, &[false, false, true]),
@@ -149,6 +156,13 @@ impl Kernel {
             Kernel::TopK => (wgsl::TOP_K, &[false, true]),
         }
     }
+}
+
+/// The attention kernels' items of `seqs`' rows: (row, position, first page-table entry).
+fn attention_items<'a>(seqs: impl Iterator<Item = &'a AttnSeq> + 'a) -> impl Iterator<Item = u32> + 'a {
+    seqs.flat_map(|s| {
+        (0..s.n_tokens).flat_map(move |i| [(s.row0 + i) as u32, (s.start_pos + i) as u32, s.page0 as u32])
+    })
 }
 
 /// The code of a weight type in `weights.wgsl`, or `None` for types stored as F32.
@@ -1503,10 +1517,44 @@ impl Backend for GpuBackend {
         out: BufId,
     ) {
         assert!(a.head_dim <= 256, "the GPU attention kernel takes heads of at most 256");
+        // Sequences the CPU backend attends with its f16 accumulator take the kernel that
+        // repeats it operation for operation (for the head sizes of the architectures kiln
+        // runs; the CPU sums a remainder past 64-value chunks in f64, which WGSL lacks);
+        // the others take the f32 kernels.
+        let exact = |s: &AttnSeq| {
+            s.n_tokens > 0
+                && matches!(a.head_dim, 64 | 128 | 256)
+                && attention::f16_accumulator_call(s.n_tokens, s.start_pos)
+        };
         let n_rows: usize = seqs.iter().map(|s| s.n_tokens).sum();
+        self.begin_op(3 * n_rows + page_table.len(), 3);
+        let at_pages = self.push(page_table.iter().copied());
+        let mut u = [
+            0,
+            a.n_head as u32,
+            a.n_kv_head as u32,
+            a.head_dim as u32,
+            a.page_size as u32,
+            a.window.unwrap_or(0) as u32,
+            0,
+            at_pages,
+        ];
+        let rows_of = |keep: bool| seqs.iter().filter(move |s| exact(s) == keep);
+        let exact_rows: usize = rows_of(true).map(|s| s.n_tokens).sum();
+        if exact_rows > 0 {
+            u[0] = exact_rows as u32;
+            u[6] = self.push(attention_items(rows_of(true)));
+            let slots = [self.buf(q), self.buf(keys), self.buf(values), self.buf(out), self.arena];
+            self.dispatch(Kernel::AttentionF16, &slots, &u, &[a.scale], exact_rows * a.n_head);
+        }
+        let n_rows = n_rows - exact_rows;
+        if n_rows == 0 {
+            return;
+        }
+        u[0] = n_rows as u32;
+        u[6] = self.push(attention_items(rows_of(false)));
         // Keys the longest row sees, in tiles of 64.
-        let max_keys = seqs
-            .iter()
+        let max_keys = rows_of(false)
             .filter(|s| s.n_tokens > 0)
             .map(|s| {
                 let keys = s.start_pos + s.n_tokens;
@@ -1518,27 +1566,11 @@ impl Backend for GpuBackend {
         let heads = n_rows * a.n_head;
         let mut splits = 1;
         let mut chunk = 0;
-        if self.attn_split && a.head_dim.is_multiple_of(4) && heads > 0 && heads < ATTN_SPLIT_GROUPS && tiles > 1 {
+        if self.attn_split && a.head_dim.is_multiple_of(4) && heads < ATTN_SPLIT_GROUPS && tiles > 1 {
             let want = ATTN_SPLIT_GROUPS.div_ceil(heads).min(tiles);
             chunk = tiles.div_ceil(want) * 64;
             splits = max_keys.div_ceil(chunk);
         }
-        self.begin_op(3 * n_rows + page_table.len(), 2);
-        let items = seqs.iter().flat_map(|s| {
-            (0..s.n_tokens).flat_map(move |i| [(s.row0 + i) as u32, (s.start_pos + i) as u32, s.page0 as u32])
-        });
-        let at_items = self.push(items);
-        let at_pages = self.push(page_table.iter().copied());
-        let u = [
-            n_rows as u32,
-            a.n_head as u32,
-            a.n_kv_head as u32,
-            a.head_dim as u32,
-            a.page_size as u32,
-            a.window.unwrap_or(0) as u32,
-            at_items,
-            at_pages,
-        ];
         if splits <= 1 {
             let slots = [self.buf(q), self.buf(keys), self.buf(values), self.buf(out), self.arena];
             self.dispatch(Kernel::Attention, &slots, &u, &[a.scale], heads);
