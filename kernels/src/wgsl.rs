@@ -32,6 +32,9 @@ pub const ATTENTION_COMBINE: &str = include_str!("wgsl/attention_combine.wgsl");
 /// chunks and decode steps over fewer than 512 keys), with the same operations in the
 /// same order, so the same bits.
 pub const ATTENTION_F16: &str = include_str!("wgsl/attention_f16.wgsl");
+/// Attention for blocks of consecutive query rows (prefill): each key and value row read
+/// once per block rather than once per row.
+pub const ATTENTION_BLOCK: &str = include_str!("wgsl/attention_block.wgsl");
 /// Activation rows to the 8-bit block (or rounded float) format of a weight type.
 pub const QUANTIZE: &str = include_str!("wgsl/quantize.wgsl");
 /// Chunk decoding and block dot products shared by the matmul and matvec kernels

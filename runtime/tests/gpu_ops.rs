@@ -876,6 +876,50 @@ fn short_attention_repeats_the_cpu() {
     }
 }
 
+/// Prefill chunks take the kernel that attends blocks of query rows (16, or 8 for heads
+/// of 256): full and partial blocks, a chunk past 512 keys (which the CPU, too, attends in
+/// f32), windows, and a decode row in the same call, against the CPU's f32 kernels.
+#[test]
+fn prefill_attention_in_blocks_of_rows() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(31);
+    for (n_head, n_kv_head, head_dim, window) in [(6, 2, 40, None), (4, 1, 256, Some(70)), (14, 2, 64, Some(300))] {
+        let page_size = 16;
+        let n_pages = 48;
+        let kv_dim = n_kv_head * head_dim;
+        let keys = p.cache(&mut rng, n_pages * page_size, kv_dim);
+        let values = p.cache(&mut rng, n_pages * page_size, kv_dim);
+        let seq = |row0, n_tokens, start_pos| AttnSeq {
+            row0,
+            n_tokens,
+            start_pos,
+            page0: 0,
+            n_pages,
+        };
+        // 70 rows from 0 (four blocks of 16 and one of 6), 9 rows from 600, one at 700.
+        let seqs = [seq(0, 70, 0), seq(70, 9, 600), seq(79, 1, 700)];
+        let page_table: Vec<u32> = (0..n_pages as u32).map(|i| (i * 7) % n_pages as u32).collect();
+        let len = 80 * n_head * head_dim;
+        let q = p.buffer(len, &rng.vec(len, 2.0));
+        let shape = Attention {
+            n_head,
+            n_kv_head,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window,
+            page_size,
+        };
+        let out = p.buffer(len, &[]);
+        p.run(|be| be.attention(q, keys, values, shape, &seqs, &page_table, out));
+        p.compare(
+            &format!("prefill attention, {n_head}/{n_kv_head} heads of {head_dim}, window {window:?}"),
+            out,
+            len,
+            TOL_REDUCTION,
+        );
+    }
+}
+
 #[test]
 fn open_backend_follows_the_choice() {
     use kiln_runtime::{open_backend, BackendChoice};
