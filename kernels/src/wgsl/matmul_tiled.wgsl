@@ -4,6 +4,9 @@
 // rows' chunks to signed bytes (decode_chunk) and copies its input rows' chunks into
 // workgroup memory, once, and each of the 256 invocations then takes 4 × 4 outputs
 // (rows tr + 16i, input rows tc + 16j) with integer dot products of the shared words.
+// Workgroup memory holds the four rows (or input rows) an invocation reads together in
+// one vec4 (row r in component r / 16 of entry r % 16), so each step's operands are one
+// 16-byte load per side rather than four.
 // Parameters as matmul.wgsl's, except u7 = tiles of rows.
 //
 // Every weight chunk is reduced to the same form: `d · (sc0 · s0 + sc1 · s1) + m · sa`,
@@ -17,17 +20,18 @@ const TILE_TOKENS: u32 = 64u;
 // Chunks per step.
 const STEP: u32 = 4u;
 
-// Quant words, index (chunk · 8 + word) · 64 + row (or input row): the 16 invocations
-// that share an input row read 16 consecutive words.
-var<workgroup> tw: array<u32, 2048>;
-var<workgroup> ta: array<u32, 2048>;
-// Per (chunk · 64 + row): d, m and the two sub-scales; per (chunk · 64 + input row):
-// the activation's scale and scaled sum.
-var<workgroup> tw_d: array<f32, 256>;
-var<workgroup> tw_m: array<f32, 256>;
-var<workgroup> tw_sc: array<vec2<i32>, 256>;
-var<workgroup> ta_d: array<f32, 256>;
-var<workgroup> ta_s: array<f32, 256>;
+// Quant words, entry (chunk · 8 + word) · 16 + row % 16, component row / 16 (rows or
+// input rows).
+var<workgroup> tw: array<vec4<u32>, 512>;
+var<workgroup> ta: array<vec4<u32>, 512>;
+// Per chunk · 16 + row % 16 (component row / 16): d, m and the two sub-scales; per
+// chunk · 16 + input row % 16: the activation's scale and scaled sum.
+var<workgroup> tw_d: array<vec4<f32>, 64>;
+var<workgroup> tw_m: array<vec4<f32>, 64>;
+var<workgroup> tw_sc0: array<vec4<i32>, 64>;
+var<workgroup> tw_sc1: array<vec4<i32>, 64>;
+var<workgroup> ta_d: array<vec4<f32>, 64>;
+var<workgroup> ta_s: array<vec4<f32>, 64>;
 
 fn dots(w: u32, a: vec4<u32>) -> vec4<i32> {
     return vec4<i32>(dot4I8Packed(w, a.x), dot4I8Packed(w, a.y), dot4I8Packed(w, a.z), dot4I8Packed(w, a.w));
@@ -35,50 +39,53 @@ fn dots(w: u32, a: vec4<u32>) -> vec4<i32> {
 
 // Decodes chunk c of weight row `row` into the tile (zeros past the rows or columns).
 fn load_weight_chunk(row: u32, c: u32, slot: u32, r: u32, nchunks: u32) {
-    let i = slot * TILE_ROWS + r;
+    let i = slot * 16u + r % 16u;
+    let j = r / 16u;
     if row >= P.u0 || c >= nchunks {
         for (var k = 0u; k < 8u; k++) {
-            tw[(slot * 8u + k) * TILE_ROWS + r] = 0u;
+            tw[(slot * 8u + k) * 16u + r % 16u][j] = 0u;
         }
-        tw_d[i] = 0.0;
-        tw_m[i] = 0.0;
-        tw_sc[i] = vec2<i32>(0, 0);
+        tw_d[i][j] = 0.0;
+        tw_m[i][j] = 0.0;
+        tw_sc0[i][j] = 0;
+        tw_sc1[i][j] = 0;
         return;
     }
     decode_chunk(row * P.u5, c);
     for (var k = 0u; k < 8u; k++) {
-        tw[(slot * 8u + k) * TILE_ROWS + r] = wq[k];
+        tw[(slot * 8u + k) * 16u + r % 16u][j] = wq[k];
     }
-    tw_d[i] = wd;
+    tw_d[i][j] = wd;
+    var m = 0.0;
+    var sc = vec2<i32>(1, 1);
     switch WTYPE {
         case 4u: {
-            tw_m[i] = wm;
-            tw_sc[i] = vec2<i32>(1, 1);
+            m = wm;
         }
         case 7u: {
-            tw_m[i] = -wm * f32(wsc.y);
-            tw_sc[i] = vec2<i32>(wsc.x, wsc.x);
+            m = -wm * f32(wsc.y);
+            sc = vec2<i32>(wsc.x, wsc.x);
         }
         case 8u: {
-            tw_m[i] = 0.0;
-            tw_sc[i] = wsc;
+            sc = wsc;
         }
-        default: {
-            tw_m[i] = 0.0;
-            tw_sc[i] = vec2<i32>(1, 1);
-        }
+        default: {}
     }
+    tw_m[i][j] = m;
+    tw_sc0[i][j] = sc.x;
+    tw_sc1[i][j] = sc.y;
 }
 
 // Copies chunk c of input row t into the tile (zeros past the input rows or columns).
 fn load_act_chunk(t: u32, c: u32, slot: u32, r: u32, nchunks: u32) {
-    let i = slot * TILE_TOKENS + r;
+    let i = slot * 16u + r % 16u;
+    let j = r / 16u;
     if t >= P.u2 || c >= nchunks {
         for (var k = 0u; k < 8u; k++) {
-            ta[(slot * 8u + k) * TILE_TOKENS + r] = 0u;
+            ta[(slot * 8u + k) * 16u + r % 16u][j] = 0u;
         }
-        ta_d[i] = 0.0;
-        ta_s[i] = 0.0;
+        ta_d[i][j] = 0.0;
+        ta_s[i][j] = 0.0;
         return;
     }
     let arow = t * P.u6;
@@ -89,20 +96,20 @@ fn load_act_chunk(t: u32, c: u32, slot: u32, r: u32, nchunks: u32) {
         var sum = 0;
         for (var k = 0u; k < 8u; k++) {
             let q = A[qs + k];
-            ta[(slot * 8u + k) * TILE_TOKENS + r] = q;
+            ta[(slot * 8u + k) * 16u + r % 16u][j] = q;
             sum += dot4I8Packed(q, 0x01010101u);
         }
         let d = bitcast<f32>(A[base + 64u]);
-        ta_d[i] = d;
-        ta_s[i] = d * f32(sum);
+        ta_d[i][j] = d;
+        ta_s[i][j] = d * f32(sum);
     } else {
         // Q8_0 / Q8_1: [qs ×8, d, s, 0, 0] per 32.
         let base = arow + c * 12u;
         for (var k = 0u; k < 8u; k++) {
-            ta[(slot * 8u + k) * TILE_TOKENS + r] = A[base + k];
+            ta[(slot * 8u + k) * 16u + r % 16u][j] = A[base + k];
         }
-        ta_d[i] = bitcast<f32>(A[base + 8u]);
-        ta_s[i] = bitcast<f32>(A[base + 9u]);
+        ta_d[i][j] = bitcast<f32>(A[base + 8u]);
+        ta_s[i][j] = bitcast<f32>(A[base + 9u]);
     }
 }
 
@@ -139,33 +146,30 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             var hi2 = vec4<i32>(0);
             var hi3 = vec4<i32>(0);
             for (var k = 0u; k < 4u; k++) {
-                let wb = (s * 8u + k) * TILE_ROWS + tr;
-                let ab = (s * 8u + k) * TILE_TOKENS + tc;
-                let a = vec4<u32>(ta[ab], ta[ab + 16u], ta[ab + 32u], ta[ab + 48u]);
-                lo0 += dots(tw[wb], a);
-                lo1 += dots(tw[wb + 16u], a);
-                lo2 += dots(tw[wb + 32u], a);
-                lo3 += dots(tw[wb + 48u], a);
-                let wb2 = wb + 4u * TILE_ROWS;
-                let ab2 = ab + 4u * TILE_TOKENS;
-                let a2 = vec4<u32>(ta[ab2], ta[ab2 + 16u], ta[ab2 + 32u], ta[ab2 + 48u]);
-                hi0 += dots(tw[wb2], a2);
-                hi1 += dots(tw[wb2 + 16u], a2);
-                hi2 += dots(tw[wb2 + 32u], a2);
-                hi3 += dots(tw[wb2 + 48u], a2);
+                let w = tw[(s * 8u + k) * 16u + tr];
+                let a = ta[(s * 8u + k) * 16u + tc];
+                lo0 += dots(w.x, a);
+                lo1 += dots(w.y, a);
+                lo2 += dots(w.z, a);
+                lo3 += dots(w.w, a);
+                let w2 = tw[(s * 8u + k + 4u) * 16u + tr];
+                let a2 = ta[(s * 8u + k + 4u) * 16u + tc];
+                hi0 += dots(w2.x, a2);
+                hi1 += dots(w2.y, a2);
+                hi2 += dots(w2.z, a2);
+                hi3 += dots(w2.w, a2);
             }
-            let pa = s * TILE_TOKENS + tc;
-            let da = vec4<f32>(ta_d[pa], ta_d[pa + 16u], ta_d[pa + 32u], ta_d[pa + 48u]);
-            let sa = vec4<f32>(ta_s[pa], ta_s[pa + 16u], ta_s[pa + 32u], ta_s[pa + 48u]);
-            let pw = s * TILE_ROWS + tr;
-            var sc = tw_sc[pw];
-            acc0 += (tw_d[pw] * da) * vec4<f32>(sc.x * lo0 + sc.y * hi0) + tw_m[pw] * sa;
-            sc = tw_sc[pw + 16u];
-            acc1 += (tw_d[pw + 16u] * da) * vec4<f32>(sc.x * lo1 + sc.y * hi1) + tw_m[pw + 16u] * sa;
-            sc = tw_sc[pw + 32u];
-            acc2 += (tw_d[pw + 32u] * da) * vec4<f32>(sc.x * lo2 + sc.y * hi2) + tw_m[pw + 32u] * sa;
-            sc = tw_sc[pw + 48u];
-            acc3 += (tw_d[pw + 48u] * da) * vec4<f32>(sc.x * lo3 + sc.y * hi3) + tw_m[pw + 48u] * sa;
+            let da = ta_d[s * 16u + tc];
+            let sa = ta_s[s * 16u + tc];
+            let pw = s * 16u + tr;
+            let wd4 = tw_d[pw];
+            let wm4 = tw_m[pw];
+            let sc0 = tw_sc0[pw];
+            let sc1 = tw_sc1[pw];
+            acc0 += (wd4.x * da) * vec4<f32>(sc0.x * lo0 + sc1.x * hi0) + wm4.x * sa;
+            acc1 += (wd4.y * da) * vec4<f32>(sc0.y * lo1 + sc1.y * hi1) + wm4.y * sa;
+            acc2 += (wd4.z * da) * vec4<f32>(sc0.z * lo2 + sc1.z * hi2) + wm4.z * sa;
+            acc3 += (wd4.w * da) * vec4<f32>(sc0.w * lo3 + sc1.w * hi3) + wm4.w * sa;
         }
         workgroupBarrier();
     }
