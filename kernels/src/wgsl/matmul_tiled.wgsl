@@ -154,10 +154,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 lo3 += dots(w.w, a);
                 let w2 = tw[(s * 8u + k + 4u) * 16u + tr];
                 let a2 = ta[(s * 8u + k + 4u) * 16u + tc];
-                hi0 += dots(w2.x, a2);
-                hi1 += dots(w2.y, a2);
-                hi2 += dots(w2.z, a2);
-                hi3 += dots(w2.w, a2);
+                // Only Q6_K scales its halves apart; the others sum them as one.
+                if WTYPE == 8u {
+                    hi0 += dots(w2.x, a2);
+                    hi1 += dots(w2.y, a2);
+                    hi2 += dots(w2.z, a2);
+                    hi3 += dots(w2.w, a2);
+                } else {
+                    lo0 += dots(w2.x, a2);
+                    lo1 += dots(w2.y, a2);
+                    lo2 += dots(w2.z, a2);
+                    lo3 += dots(w2.w, a2);
+                }
             }
             let da = ta_d[s * 16u + tc];
             let sa = ta_s[s * 16u + tc];
@@ -166,10 +174,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             let wm4 = tw_m[pw];
             let sc0 = tw_sc0[pw];
             let sc1 = tw_sc1[pw];
-            acc0 += (wd4.x * da) * vec4<f32>(sc0.x * lo0 + sc1.x * hi0) + wm4.x * sa;
-            acc1 += (wd4.y * da) * vec4<f32>(sc0.y * lo1 + sc1.y * hi1) + wm4.y * sa;
-            acc2 += (wd4.z * da) * vec4<f32>(sc0.z * lo2 + sc1.z * hi2) + wm4.z * sa;
-            acc3 += (wd4.w * da) * vec4<f32>(sc0.w * lo3 + sc1.w * hi3) + wm4.w * sa;
+            if WTYPE == 8u {
+                acc0 += (wd4.x * da) * vec4<f32>(sc0.x * lo0 + sc1.x * hi0);
+                acc1 += (wd4.y * da) * vec4<f32>(sc0.y * lo1 + sc1.y * hi1);
+                acc2 += (wd4.z * da) * vec4<f32>(sc0.z * lo2 + sc1.z * hi2);
+                acc3 += (wd4.w * da) * vec4<f32>(sc0.w * lo3 + sc1.w * hi3);
+            } else if WTYPE == 4u || WTYPE == 7u {
+                // Q4_1 and Q4_K: a minimum term (Q4_1's sub-scale is 1, so the product is
+                // the same integer).
+                acc0 += (wd4.x * da) * vec4<f32>(sc0.x * lo0) + wm4.x * sa;
+                acc1 += (wd4.y * da) * vec4<f32>(sc0.y * lo1) + wm4.y * sa;
+                acc2 += (wd4.z * da) * vec4<f32>(sc0.z * lo2) + wm4.z * sa;
+                acc3 += (wd4.w * da) * vec4<f32>(sc0.w * lo3) + wm4.w * sa;
+            } else {
+                acc0 += (wd4.x * da) * vec4<f32>(lo0);
+                acc1 += (wd4.y * da) * vec4<f32>(lo1);
+                acc2 += (wd4.z * da) * vec4<f32>(lo2);
+                acc3 += (wd4.w * da) * vec4<f32>(lo3);
+            }
         }
         workgroupBarrier();
     }
