@@ -82,17 +82,6 @@ fn exp_rn(x: f32) -> f32 {
     return ldexp(y, ki >> 6u);
 }
 
-// x rounded to f16 precision (to nearest, ties to even), kept as f32: where x is in f16's
-// normal range the rounding of the low 13 significand bits, else `round_f16`.
-fn round_f16_fast(x: f32) -> f32 {
-    let b = bitcast<u32>(x);
-    let e = (b >> 23u) & 0xffu;
-    if e >= 113u && e <= 141u {
-        return bitcast<f32>((b + 0xfffu + ((b >> 13u) & 1u)) & 0xffffe000u);
-    }
-    return round_f16(x);
-}
-
 // x rounded to f16 precision (to nearest, ties to even), kept as f32: where every lane is
 // in f16's normal range the rounding of the low 13 significand bits, else `round_f16`.
 fn round_f16_4(x: vec4<f32>) -> vec4<f32> {
