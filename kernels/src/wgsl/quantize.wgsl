@@ -2,8 +2,10 @@
 // (see matmul.wgsl), as kiln_kernels::qdot::quantize_activations does:
 //   0 F32, 1 F16, 2 BF16 (one rounded f32 word per element), 3 Q8_0, 4 Q8_1, 5 Q8_K.
 // Floats: one invocation per element. Blocks: one invocation per element too, a
-// workgroup holding 8 blocks of 32 or one of 256, whose maximum (and, for Q8_K, the
-// first element of that magnitude) is found by tree reductions in workgroup memory.
+// workgroup holding 8 blocks of 32 or one of 256, whose maximum magnitude (and, for Q8_K,
+// the first element of that magnitude) is found by workgroup atomics on the bits of the
+// magnitudes (ordered as unsigned integers for non-negative floats): one barrier each,
+// where tree reductions took one per halving (16 for Q8_K).
 // u3 = elements (floats) or blocks. u4 = 0 reads x; u4 = 1 or 2 reads act(x) * up, SiLU
 // or GELU (see activation.wgsl: the gated feed-forward's output, never stored as floats).
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -20,8 +22,8 @@ fn input(i: u32) -> f32 {
 
 override AFMT: u32;
 
-var<workgroup> mx: array<f32, 256>;
-var<workgroup> first: array<u32, 256>;
+var<workgroup> block_max: array<atomic<u32>, 8>;
+var<workgroup> block_first: atomic<u32>;
 var<workgroup> qs: array<i32, 256>;
 
 @compute @workgroup_size(256)
@@ -59,31 +61,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if valid {
         v = input(src + j);
     }
-    mx[lid] = abs(v);
-    workgroupBarrier();
-    for (var step = bs / 2u; step > 0u; step = step >> 1u) {
-        if j < step {
-            mx[lid] = max(mx[lid], mx[lid + step]);
-        }
-        workgroupBarrier();
+    let slot = lid / bs;
+    if j == 0u {
+        atomicStore(&block_max[slot], 0u);
+        atomicStore(&block_first, bs);
     }
-    let amax = mx[lid - j];
+    workgroupBarrier();
+    atomicMax(&block_max[slot], bitcast<u32>(abs(v)));
+    workgroupBarrier();
+    let amax = bitcast<f32>(atomicLoad(&block_max[slot]));
     if AFMT == 5u {
         // The serial scan keeps the first element of the largest magnitude.
-        first[lid] = select(bs, j, abs(v) == amax);
-        workgroupBarrier();
-        for (var step = bs / 2u; step > 0u; step = step >> 1u) {
-            if j < step {
-                first[lid] = min(first[lid], first[lid + step]);
-            }
-            workgroupBarrier();
+        if abs(v) == amax {
+            atomicMin(&block_first, j);
         }
+        workgroupBarrier();
+        let first = atomicLoad(&block_first);
         let dst = t * P.u2 + (b % per_row) * 68u;
         // An all-zero block is all zero words.
         let zero = amax == 0.0;
         var maxv = 1.0;
         if valid && !zero {
-            maxv = input(src + first[lid - j]);
+            maxv = input(src + first);
         }
         let iscale = div_rn(-127.0, maxv);
         qs[lid] = select(min(127, i32(round(iscale * v))), 0, zero);
