@@ -818,8 +818,8 @@ fn paged_attention_many_sequences() {
     }
 }
 
-/// Short calls (fewer than 64 rows, fewer than 512 keys) with heads of whole 64-value
-/// chunks take the GPU kernel that repeats the CPU's f16-accumulator kernel operation for
+/// Short calls (fewer than 64 rows, fewer than 512 keys) with heads of 64, 128 or 256
+/// take the GPU kernel that repeats the CPU's f16-accumulator kernel operation for
 /// operation: the outputs are the CPU's up to an f32 rounding, but where an f32 operation
 /// lands within an ulp of an f16 rounding tie (a driver's `fma` that is not fused, as
 /// lavapipe's, or `exp`'s rare 1-ulp difference from glibc's) and one accumulator moves
