@@ -23,6 +23,9 @@ pub const STORE_KV: &str = include_str!("wgsl/store_kv.wgsl");
 /// ggml's SiLU and GELU (compiled before [`GATED`] and [`QUANTIZE`]).
 pub const ACTIVATION: &str = include_str!("wgsl/activation.wgsl");
 pub const GATED: &str = include_str!("wgsl/gated.wgsl");
+/// An attention item's row, position and page-table entry, and a query's first visible
+/// key (compiled before the attention kernels).
+pub const ATTENTION_COMMON: &str = include_str!("wgsl/attention_common.wgsl");
 pub const ATTENTION: &str = include_str!("wgsl/attention.wgsl");
 /// Attention for few query rows with each row's keys split across workgroups (partial
 /// softmax sums), merged by [`ATTENTION_COMBINE`].

@@ -739,6 +739,12 @@ impl GpuBackend {
         if matches!(kernel, Kernel::Gated | Kernel::Quantize(_)) {
             text.push_str(wgsl::ACTIVATION);
         }
+        if matches!(
+            kernel,
+            Kernel::Attention | Kernel::AttentionSplit | Kernel::AttentionF16 | Kernel::AttentionBlock
+        ) {
+            text.push_str(wgsl::ATTENTION_COMMON);
+        }
         text.push_str(source);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("kiln kernel"),
@@ -1557,12 +1563,13 @@ impl Backend for GpuBackend {
             0,
             at_pages,
         ];
+        // The exact, block and per-row kernels bind the same buffers.
+        let slots = [self.buf(q), self.buf(keys), self.buf(values), self.buf(out), self.arena];
         let exact_seqs = || seqs.iter().filter(|s| exact(s));
         let exact_rows: usize = exact_seqs().map(|s| s.n_tokens).sum();
         if exact_rows > 0 {
             u[0] = exact_rows as u32;
             u[6] = self.push(attention_items(exact_seqs()));
-            let slots = [self.buf(q), self.buf(keys), self.buf(values), self.buf(out), self.arena];
             self.dispatch(Kernel::AttentionF16, &slots, &u, &[a.scale], exact_rows * a.n_head);
         }
         let blocked_seqs = || seqs.iter().filter(|s| blocked(s));
@@ -1579,7 +1586,6 @@ impl Backend for GpuBackend {
             ub[0] = blocks as u32;
             ub[6] = at_blocks;
             ub[8] = block_rows as u32;
-            let slots = [self.buf(q), self.buf(keys), self.buf(values), self.buf(out), self.arena];
             self.dispatch(Kernel::AttentionBlock, &slots, &ub, &[a.scale], blocks * a.n_head);
         }
         let row_seqs = || seqs.iter().filter(|s| !exact(s) && !blocked(s));
@@ -1608,7 +1614,6 @@ impl Backend for GpuBackend {
             splits = max_keys.div_ceil(chunk);
         }
         if splits <= 1 {
-            let slots = [self.buf(q), self.buf(keys), self.buf(values), self.buf(out), self.arena];
             self.dispatch(Kernel::Attention, &slots, &u, &[a.scale], heads);
             return;
         }
@@ -1623,15 +1628,15 @@ impl Backend for GpuBackend {
         u_split[..8].copy_from_slice(&u);
         u_split[8] = splits as u32;
         u_split[9] = chunk as u32;
-        let slots = [
-            self.buf(q),
-            self.buf(keys),
-            self.buf(values),
-            self.attn_part,
-            self.arena,
-        ];
-        self.dispatch(Kernel::AttentionSplit, &slots, &u_split, &[a.scale], heads * splits);
-        let slots = [self.attn_part, self.buf(out), self.arena];
+        let split_slots = [slots[0], slots[1], slots[2], self.attn_part, self.arena];
+        self.dispatch(
+            Kernel::AttentionSplit,
+            &split_slots,
+            &u_split,
+            &[a.scale],
+            heads * splits,
+        );
+        let slots = [self.attn_part, slots[3], self.arena];
         self.dispatch(Kernel::AttentionCombine, &slots, &u_split, &[], heads);
     }
 

@@ -706,6 +706,24 @@ fn store_kv_rounds_to_f16() {
     }
 }
 
+/// An attention geometry with the usual `1 / √head_dim` score scale.
+fn attention_shape(
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    page_size: usize,
+) -> Attention {
+    Attention {
+        n_head,
+        n_kv_head,
+        head_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        window,
+        page_size,
+    }
+}
+
 #[test]
 fn paged_attention_many_sequences() {
     let Some(mut p) = Pair::new() else { return };
@@ -750,14 +768,7 @@ fn paged_attention_many_sequences() {
         let rows = 9;
         let q_len = rows * n_head * head_dim;
         let q = p.buffer(q_len, &rng.vec(q_len, 2.0));
-        let shape = Attention {
-            n_head,
-            n_kv_head,
-            head_dim,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-            window,
-            page_size,
-        };
+        let shape = attention_shape(n_head, n_kv_head, head_dim, window, page_size);
         // Keys split across workgroups (few rows) and one workgroup per row and head.
         for split in [true, false] {
             p.gpu.set_attention_split(split);
@@ -855,14 +866,7 @@ fn short_attention_repeats_the_cpu() {
         let rows = 43;
         let row_len = n_head * head_dim;
         let q = p.buffer(rows * row_len, &rng.vec(rows * row_len, 2.0));
-        let shape = Attention {
-            n_head,
-            n_kv_head,
-            head_dim,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-            window,
-            page_size,
-        };
+        let shape = attention_shape(n_head, n_kv_head, head_dim, window, page_size);
         let out = p.buffer(rows * row_len, &[]);
         p.run(|be| be.attention(q, keys, values, shape, &seqs, &page_table, out));
         let what = format!("short attention, {n_head}/{n_kv_head} heads of {head_dim}, window {window:?}");
@@ -901,14 +905,7 @@ fn prefill_attention_in_blocks_of_rows() {
         let page_table: Vec<u32> = (0..n_pages as u32).map(|i| (i * 7) % n_pages as u32).collect();
         let len = 80 * n_head * head_dim;
         let q = p.buffer(len, &rng.vec(len, 2.0));
-        let shape = Attention {
-            n_head,
-            n_kv_head,
-            head_dim,
-            scale: 1.0 / (head_dim as f32).sqrt(),
-            window,
-            page_size,
-        };
+        let shape = attention_shape(n_head, n_kv_head, head_dim, window, page_size);
         let out = p.buffer(len, &[]);
         p.run(|be| be.attention(q, keys, values, shape, &seqs, &page_table, out));
         p.compare(

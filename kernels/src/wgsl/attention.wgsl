@@ -15,7 +15,6 @@ const TILE: u32 = 64u;
 var<workgroup> qv: array<f32, 256>;
 var<workgroup> p: array<f32, 64>;
 var<workgroup> rows: array<u32, 64>;
-var<workgroup> info: vec3<u32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -25,11 +24,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if item >= P.u0 {
         return;
     }
-    if lid == 0u {
-        let at = P.u6 + 3u * item;
-        info = vec3<u32>(arena[at], arena[at + 1u], arena[at + 2u]);
-    }
-    let seq = workgroupUniformLoad(&info);
+    let seq = load_item(item, lid);
     let row = seq.x;
     let pos = seq.y;
     let page0 = seq.z;
@@ -41,10 +36,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var d = lid; d < hd; d += TILE) {
         qv[d] = q[qbase + d];
     }
-    var first = 0u;
-    if P.u5 != 0u && pos + 1u > P.u5 {
-        first = pos + 1u - P.u5;
-    }
+    let first = first_key(pos);
     var m = -3.0e38;
     var l = 0.0;
     var acc: array<f32, 4>;

@@ -61,10 +61,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
     let last = pos0 + n_rows - 1u;
     // Keys before the first row's window are nobody's.
-    var first = 0u;
-    if P.u5 != 0u && pos0 + 1u > P.u5 {
-        first = pos0 + 1u - P.u5;
-    }
+    let first = first_key(pos0);
     // P·V lanes: dimension group dg (of hd4), rows rg · rpl .. + rpl of the block.
     let dg = lid % hd4;
     let groups = TILE / hd4;

@@ -32,7 +32,6 @@ var<workgroup> scan: array<f32, 64>;
 var<workgroup> rescales: array<f32, 64>;
 var<workgroup> weights: array<f32, 64>;
 var<workgroup> rows: array<u32, 64>;
-var<workgroup> info: vec3<u32>;
 // One round's 16 keys × 16 lanes' chain sums (see the header).
 var<workgroup> chain_sums: array<vec4<f32>, 256>;
 // EXP2_HI and EXP2_LO, read once per workgroup (a constant array indexed at run time
@@ -113,11 +112,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if item >= P.u0 {
         return;
     }
-    if lid == 0u {
-        let at = P.u6 + 3u * item;
-        info = vec3<u32>(arena[at], arena[at + 1u], arena[at + 2u]);
-    }
-    let seq = workgroupUniformLoad(&info);
+    let seq = load_item(item, lid);
     let row = seq.x;
     let pos = seq.y;
     let page0 = seq.z;
@@ -133,10 +128,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         qv[lid] = vec4<f32>(round_f16(q[at]), round_f16(q[at + 1u]), round_f16(q[at + 2u]), round_f16(q[at + 3u]));
     }
     exp2_table[lid] = vec2<f32>(bitcast<f32>(EXP2_HI[lid]), bitcast<f32>(EXP2_LO[lid]));
-    var first = 0u;
-    if P.u5 != 0u && pos + 1u > P.u5 {
-        first = pos + 1u - P.u5;
-    }
+    let first = first_key(pos);
     workgroupBarrier();
     // Scores: this lane's vec4 column within each 64-value chunk, and its key slot.
     let column = lid % 16u;

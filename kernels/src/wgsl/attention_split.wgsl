@@ -18,7 +18,6 @@ const TILE: u32 = 64u;
 var<workgroup> qv: array<vec4<f32>, 64>;
 var<workgroup> p: array<f32, 64>;
 var<workgroup> rows: array<u32, 64>;
-var<workgroup> info: vec3<u32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -30,11 +29,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if item >= P.u0 {
         return;
     }
-    if lid == 0u {
-        let at = P.u6 + 3u * item;
-        info = vec3<u32>(arena[at], arena[at + 1u], arena[at + 2u]);
-    }
-    let seq = workgroupUniformLoad(&info);
+    let seq = load_item(item, lid);
     let row = seq.x;
     let pos = seq.y;
     let page0 = seq.z;
@@ -47,10 +42,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var d = lid; d < hd4; d += TILE) {
         qv[d] = q[qbase / 4u + d];
     }
-    var first = 0u;
-    if P.u5 != 0u && pos + 1u > P.u5 {
-        first = pos + 1u - P.u5;
-    }
+    let first = first_key(pos);
     let kbeg = first + split * P.u9;
     let kend = min(kbeg + P.u9, pos + 1u);
     var m = -3.0e38;
