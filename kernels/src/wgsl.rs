@@ -51,7 +51,7 @@ pub const MATMUL_TILED: &str = include_str!("wgsl/matmul_tiled.wgsl");
 pub const MATVEC: &str = include_str!("wgsl/matvec.wgsl");
 pub const MATVEC_WG: &str = include_str!("wgsl/matvec_wg.wgsl");
 pub const MATVEC_SG: &str = include_str!("wgsl/matvec_sg.wgsl");
-/// Q8_0, Q4_K and Q6_K few-rows products with 16-byte loads and subgroup sums (after
+/// Q5_0, Q8_0, Q4_K and Q6_K few-rows products with 16-byte loads and subgroup sums (after
 /// [`COMMON`] only).
 pub const MATVEC_VEC4: &str = include_str!("wgsl/matvec_vec4.wgsl");
 pub const EMBED: &str = include_str!("wgsl/embed.wgsl");

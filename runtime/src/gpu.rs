@@ -16,8 +16,9 @@
 //!
 //! Products of up to `MATVEC_ROWS` input rows (decode) take the matvec kernels: one
 //! subgroup (or 32 lanes summed in workgroup memory, where the adapter has no subgroups)
-//! per weight row, and for Q8_0, Q4_K and Q6_K 16-byte loads of weights and activations,
-//! which is why those weights and the 8-bit activation blocks are stored in 16-byte units.
+//! per weight row, and for Q8_0, Q4_K, Q6_K and (rows of an even number of blocks) Q5_0
+//! 16-byte loads of weights and activations, which is why those weights and the 8-bit
+//! activation blocks are stored in 16-byte units.
 //! That kernel also takes up to three weights of one type and width in one dispatch (a
 //! layer's q, k and v, or gate and up, for one input row): on an H200 every dispatch
 //! boundary costs a few microseconds, more than a small product's own work.
@@ -119,7 +120,8 @@ enum Kernel {
     MatmulTiled(u32),
     /// Weight type, input rows (1..=MATVEC_ROWS), subgroup sums.
     Matvec(u32, u32, bool),
-    /// Q8_0, Q4_K or Q6_K with 16-byte loads (subgroup sums): weight type, input rows.
+    /// Q5_0, Q8_0, Q4_K or Q6_K with 16-byte loads (subgroup sums): weight type, input
+    /// rows.
     MatvecVec4(u32, u32),
     Embed(u32),
     Argmax,
@@ -271,7 +273,7 @@ pub struct GpuBackend {
     matvec: bool,
     /// Whether products of many rows take the tiled kernel (`KILN_GPU_TILED=0` declines).
     tiled: bool,
-    /// Whether Q8_0, Q4_K and Q6_K ones take the 16-byte-load kernel
+    /// Whether Q5_0, Q8_0, Q4_K and Q6_K ones take the 16-byte-load kernel
     /// (`KILN_GPU_VEC4=0` declines).
     vec4: bool,
     max_binding: u64,
@@ -1095,7 +1097,7 @@ impl GpuBackend {
                     let per_group = sg.unwrap_or(MATVEC_WG / 32);
                     let u = params(per_group);
                     let groups = part_rows.div_ceil(per_group);
-                    if self.takes_vec4(ty) {
+                    if self.takes_vec4(ty, cols) {
                         // A stack of one: every row is the first weight's.
                         let mut u10 = [part_rows as u32; 10];
                         u10[..8].copy_from_slice(&u);
@@ -1132,11 +1134,16 @@ impl GpuBackend {
         }
     }
 
-    /// Whether few-row products of `ty` take the 16-byte-load kernel: Q8_0 (in groups of
-    /// 4), Q4_K and (padded) Q6_K rows are whole 16-byte blocks, and so are Q8_0 and Q8_K
-    /// activation rows.
-    fn takes_vec4(&self, ty: GgmlType) -> bool {
-        self.vec4 && self.subgroup_rows.is_some() && matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K)
+    /// Whether few-row products of `ty`, `cols` wide, take the 16-byte-load kernel: Q8_0
+    /// (in groups of 4), Q4_K, (padded) Q6_K rows and Q5_0 rows of an even number of
+    /// blocks are whole 16-byte blocks, and so are Q8_0 and Q8_K activation rows.
+    fn takes_vec4(&self, ty: GgmlType, cols: usize) -> bool {
+        let whole = match ty {
+            GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K => true,
+            GgmlType::Q5_0 => cols.is_multiple_of(64),
+            _ => false,
+        };
+        self.vec4 && self.subgroup_rows.is_some() && whole
     }
 
     /// How many of the first `products` (up to 3) one stacked matvec dispatch takes: one
@@ -1147,7 +1154,7 @@ impl GpuBackend {
             return 0;
         }
         let first = &self.weights[products[0].0 .0 as usize];
-        if !self.takes_vec4(first.ty) || first.parts.len() != 1 {
+        if !self.takes_vec4(first.ty, first.cols) || first.parts.len() != 1 {
             return 0;
         }
         products

@@ -206,13 +206,16 @@ impl Pair {
     }
 }
 
-const TYPES: [(GgmlType, usize); 9] = [
+/// Weight types and row lengths: Q5_0 twice, as rows of an odd number of blocks (the
+/// generic kernels) and of an even number (also the 16-byte decode kernel).
+const TYPES: [(GgmlType, usize); 10] = [
     (GgmlType::F32, 45),
     (GgmlType::F16, 45),
     (GgmlType::BF16, 47),
     (GgmlType::Q4_0, 224),
     (GgmlType::Q4_1, 224),
     (GgmlType::Q5_0, 224),
+    (GgmlType::Q5_0, 256),
     (GgmlType::Q8_0, 224),
     (GgmlType::Q4_K, 768),
     (GgmlType::Q6_K, 768),
@@ -324,8 +327,9 @@ fn matmul_many_shared_and_mixed_formats() {
 fn matmul_many_stacked_decode() {
     let Some(mut p) = Pair::new() else { return };
     let mut rng = Rng(41);
-    let cases: [&[(GgmlType, usize)]; 4] = [
+    let cases: [&[(GgmlType, usize)]; 5] = [
         &[(GgmlType::Q4_K, 45), (GgmlType::Q4_K, 13), (GgmlType::Q4_K, 13)],
+        &[(GgmlType::Q5_0, 29), (GgmlType::Q5_0, 11), (GgmlType::Q8_0, 6)],
         &[(GgmlType::Q6_K, 7), (GgmlType::Q6_K, 30)],
         &[(GgmlType::Q8_0, 33), (GgmlType::Q8_0, 5), (GgmlType::Q8_0, 2)],
         &[(GgmlType::Q4_K, 17), (GgmlType::Q4_K, 9), (GgmlType::Q6_K, 21)],

@@ -1,12 +1,14 @@
-// Q8_0, Q4_K and Q6_K weights (WTYPE 6, 7, 8) times Q8_0 / Q8_K activations for a few
+// Q5_0, Q8_0, Q4_K and Q6_K weights (WTYPE 5, 6, 7, 8) times Q8_0 / Q8_K activations for a few
 // input rows (NT ≤ 4), summed with subgroup operations: matvec.wgsl's paths with 16-byte
 // loads. A Q8_0 group of 4 blocks is 9 vec4s [qs ×8 words] ×4, [d0 | d1 << 16, d2 | d3
-// << 16, 0, 0]; a Q8_0 activation block 3 [qs ×8 words], [d, s, 0, 0].
+// << 16, 0, 0]; a Q8_0 activation block 3 [qs ×8 words], [d, s, 0, 0]. Two Q5_0 blocks
+// (rows of an even number of them) are 3 vec4s: [qs ×4], [qh, d, qs' ×2], [qs' ×2, qh', d'].
 // A Q4_K block is 9 vec4s [d | dmin << 16, scales ×3], [qs ×32 words]; a Q6_K block 14
 // [ql ×32 words], [qh ×16], [scales ×4], [d, 0, 0, 0]; a Q8_K block 17 [qs ×64 words],
 // [d, 0, 0, 0]. Each subgroup takes whole rows (u7 a workgroup), each lane pairs of
 // chunks that share their quant words (Q4_K: 2j, 2j + 1, the low and high nibbles of the
-// same 32 bytes; Q6_K: k, k + 2 of a half block; Q8_0: single blocks). Parameters as
+// same 32 bytes; Q6_K: k, k + 2 of a half block; Q5_0: pairs of blocks; Q8_0: single
+// blocks). Parameters as
 // matmul.wgsl's, plus a stack of up to three weights of one type and width read in one
 // dispatch (a layer's q, k and v, or gate and up): the u0 rows are W4's below u8, W4b's
 // from u8 below u9 and W4c's from u9 on, each weight's written to its own output
@@ -106,6 +108,37 @@ fn block_q80(rb: u32, c: u32, acc: ptr<function, array<f32, 4>>) {
     }
 }
 
+// Bits 4k..4k + 3 of qh as bit 4 of each byte of a word (Q5_0's fifth bits).
+fn fifth_bits(qh: u32, k: u32) -> u32 {
+    let b = qh >> (4u * k);
+    return ((b & 1u) << 4u) | ((b & 2u) << 11u) | ((b & 4u) << 18u) | ((b & 8u) << 25u);
+}
+
+// Q5_0 block c of a pair (quants qs, fifth bits qh, scale d) against activation block c.
+fn block_q50(qs: vec4<u32>, qh: u32, d: f32, c: u32, acc: ptr<function, array<f32, 4>>) {
+    let m4 = vec4<u32>(0x0f0f0f0fu);
+    let h0 = vec4<u32>(fifth_bits(qh, 0u), fifth_bits(qh, 1u), fifth_bits(qh, 2u), fifth_bits(qh, 3u));
+    let h1 = vec4<u32>(fifth_bits(qh, 4u), fifth_bits(qh, 5u), fifth_bits(qh, 6u), fifth_bits(qh, 7u));
+    // 5-bit quants q as signed bytes q - 16: (q + 0x70) ^ 0x80 never carries.
+    let q0 = (((qs & m4) | h0) + vec4<u32>(0x70707070u)) ^ vec4<u32>(0x80808080u);
+    let q1 = ((((qs >> vec4<u32>(4u)) & m4) | h1) + vec4<u32>(0x70707070u)) ^ vec4<u32>(0x80808080u);
+    for (var t = 0u; t < NT; t++) {
+        let base = t * (P.u6 / 4u) + c * 3u;
+        let s = dot16(q0, A4[base]) + dot16(q1, A4[base + 1u]);
+        let da = bitcast<f32>(A4[base + 2u].x);
+        (*acc)[t] += f32(s) * (d * da);
+    }
+}
+
+// Blocks 2p and 2p + 1 of a Q5_0 row at vec4 rb.
+fn pair_q50(rb: u32, p: u32, acc: ptr<function, array<f32, 4>>) {
+    let v0 = wv(rb + 3u * p);
+    let v1 = wv(rb + 3u * p + 1u);
+    let v2 = wv(rb + 3u * p + 2u);
+    block_q50(v0, v1.x, f16_bits_to_f32(v1.y & 0xffffu), 2u * p, acc);
+    block_q50(vec4<u32>(v1.z, v1.w, v2.x, v2.y), v2.z, f16_bits_to_f32(v2.w & 0xffffu), 2u * p + 1u, acc);
+}
+
 // 6-bit quants of 16 bytes as signed bytes: low 4 bits from l, high 2 from h >> hs.
 fn q6(l: vec4<u32>, h: vec4<u32>, hs: u32) -> vec4<u32> {
     let q = (l & vec4<u32>(0x0f0f0f0fu)) | (((h >> vec4<u32>(hs)) & vec4<u32>(0x03030303u)) << vec4<u32>(4u));
@@ -162,7 +195,8 @@ fn main(
     @builtin(num_subgroups) nsg: u32,
 ) {
     let g = flat_group(wid, nwg);
-    // Units a lane takes: Q8_0 blocks of 32, Q4_K / Q6_K pairs of chunks.
+    // Units a lane takes: Q8_0 blocks of 32; Q5_0 pairs of blocks, Q4_K / Q6_K pairs of
+    // chunks (64 elements).
     let units = select(P.u1 / 64u, P.u1 / 32u, WTYPE == 6u);
     for (var r = sid; r < P.u7; r += nsg) {
         let row = g * P.u7 + r;
@@ -176,6 +210,8 @@ fn main(
         for (var p = sl; p < units; p += ss) {
             if WTYPE == 6u {
                 block_q80(rb, p, &acc);
+            } else if WTYPE == 5u {
+                pair_q50(rb, p, &acc);
             } else if WTYPE == 7u {
                 pair_q4k(rb, p, &acc);
             } else {
