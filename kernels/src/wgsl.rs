@@ -15,7 +15,12 @@ pub const COPY_WITHIN: &str = include_str!("wgsl/copy_within.wgsl");
 pub const ADD: &str = include_str!("wgsl/add.wgsl");
 pub const SCALE: &str = include_str!("wgsl/scale.wgsl");
 pub const ADD_BIAS: &str = include_str!("wgsl/add_bias.wgsl");
+/// RMS norm of a row by one workgroup (`norm_row`), compiled before one of the two entry
+/// points that follow.
 pub const RMS_NORM: &str = include_str!("wgsl/rms_norm.wgsl");
+pub const RMS_NORM_MAIN: &str = include_str!("wgsl/rms_norm_main.wgsl");
+/// The norm, then its rows quantized for the next product (needs subgroups).
+pub const NORM_QUANTIZE: &str = include_str!("wgsl/norm_quantize.wgsl");
 /// Rotary embedding of queries and keys, and where asked the keys and values stored in
 /// the cache in the same pass.
 pub const ROPE: &str = include_str!("wgsl/rope.wgsl");

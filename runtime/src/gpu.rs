@@ -103,6 +103,8 @@ enum Kernel {
     Scale,
     AddBias,
     RmsNorm,
+    /// The norm, then its rows in an activation format (code as `Quantize`'s).
+    NormQuantize(u32),
     Rope,
     StoreKv,
     Gated,
@@ -153,6 +155,7 @@ impl Kernel {
             Kernel::Scale => (wgsl::SCALE, &[true]),
             Kernel::AddBias => (wgsl::ADD_BIAS, &[true, true, true, false, false, false]),
             Kernel::RmsNorm => (wgsl::RMS_NORM, &[true, true, false]),
+            Kernel::NormQuantize(_) => (wgsl::RMS_NORM, &[true, true, false, true]),
             Kernel::Rope => (wgsl::ROPE, &[true, true, false, false, true, true]),
             Kernel::StoreKv => (wgsl::STORE_KV, &[false, false, true, true, false]),
             Kernel::Gated => (wgsl::GATED, &[true, false, false]),
@@ -299,6 +302,15 @@ pub struct GpuBackend {
     /// Quantized activations of the current matmul.
     acts: usize,
     acts_words: usize,
+    /// What the activations buffer holds when the last dispatch was a norm that also
+    /// quantized its rows.
+    acts_ready: Option<ReadyActs>,
+    /// (rows slot, norm weight, rows) when the last dispatch was a norm.
+    last_norm: Option<(usize, u32, usize)>,
+    /// The activation format of the products that read each norm's rows (by norm weight).
+    norm_formats: HashMap<u32, ActFormat>,
+    /// Dispatches recorded since the backend started.
+    dispatches: u64,
     gelu: usize,
     /// A small buffer bound in place of a fused kernel's operand when that is unused.
     unused: usize,
@@ -499,6 +511,17 @@ impl Drop for HostTimes {
     }
 }
 
+/// Rows a norm left quantized in the activations buffer: its rows' slot, their format
+/// and width, how many, and words a row.
+#[derive(Clone, Copy)]
+struct ReadyActs {
+    input: usize,
+    format: ActFormat,
+    cols: usize,
+    n: usize,
+    row_words: usize,
+}
+
 /// What the quantize kernel reads: a buffer, or (gated) act(that buffer) · the slot
 /// given, with the activation's code plus one.
 #[derive(Clone, Copy)]
@@ -635,6 +658,10 @@ impl GpuBackend {
             arena_cap: ARENA_WORDS,
             acts: 0,
             acts_words: 1,
+            acts_ready: None,
+            last_norm: None,
+            norm_formats: HashMap::new(),
+            dispatches: 0,
             gelu: 0,
             unused: 0,
             picks: 0,
@@ -688,6 +715,12 @@ impl GpuBackend {
     /// (on by default; tests turn it off to exercise the one-workgroup-per-row kernel).
     pub fn set_attention_split(&mut self, on: bool) {
         self.attn_split = on;
+    }
+
+    /// Dispatches recorded since the backend started (kernels run; tests and profiles
+    /// count them).
+    pub fn dispatches(&self) -> u64 {
+        self.dispatches
     }
 
     /// The adapter's name and API, e.g. "NVIDIA H200 (Vulkan)".
@@ -748,6 +781,11 @@ impl GpuBackend {
             text.push_str(wgsl::ATTENTION_COMMON);
         }
         text.push_str(source);
+        match kernel {
+            Kernel::RmsNorm => text.push_str(wgsl::RMS_NORM_MAIN),
+            Kernel::NormQuantize(_) => text.push_str(wgsl::NORM_QUANTIZE),
+            _ => {}
+        }
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("kiln kernel"),
             source: wgpu::ShaderSource::Wgsl(text.into()),
@@ -787,7 +825,7 @@ impl GpuBackend {
             Kernel::Matmul(t) | Kernel::MatmulTiled(t) | Kernel::Embed(t) => vec![("WTYPE", t as f64)],
             Kernel::Matvec(t, nt, _) => vec![("WTYPE", t as f64), ("NT", nt as f64)],
             Kernel::MatvecVec4(t, nt) => vec![("WTYPE", t as f64), ("NT", nt as f64)],
-            Kernel::Quantize(f) => vec![("AFMT", f as f64)],
+            Kernel::Quantize(f) | Kernel::NormQuantize(f) => vec![("AFMT", f as f64)],
             _ => Vec::new(),
         };
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -837,6 +875,10 @@ impl GpuBackend {
         if groups == 0 {
             return;
         }
+        // Any dispatch may write a norm's rows or the activations buffer.
+        self.acts_ready = None;
+        self.last_norm = None;
+        self.dispatches += 1;
         // (Timed only for `KILN_GPU_PROFILE=host`: a clock read per dispatch is not free.)
         let started = self.host_times.is_some().then(std::time::Instant::now);
         self.pipeline(kernel);
@@ -940,16 +982,20 @@ impl GpuBackend {
         }
     }
 
-    /// Activations of `n` rows of `input` in `format`, in the activations buffer.
-    fn quantize(&mut self, input: Input, n: usize, cols: usize, format: ActFormat) -> usize {
-        let (code, row_words) = afmt(format, cols);
-        let words = n * row_words;
+    /// Makes the activations buffer hold at least `words` words.
+    fn reserve_acts(&mut self, words: usize) {
         if words > self.acts_words {
             let old = self.acts;
             self.acts_words = words.next_power_of_two();
             self.acts = self.new_slot(self.acts_words * 4, "kiln activations");
             self.drop_slot(old);
         }
+    }
+
+    /// Activations of `n` rows of `input` in `format`, in the activations buffer.
+    fn quantize(&mut self, input: Input, n: usize, cols: usize, format: ActFormat) -> usize {
+        let (code, row_words) = afmt(format, cols);
+        self.reserve_acts(n * row_words);
         // One invocation per element: floats 256 a workgroup, blocks 256 / block size.
         let blocks = n * cols / format.block_size();
         let groups = if code <= 2 {
@@ -970,12 +1016,43 @@ impl GpuBackend {
     }
 
     /// RMS norm of `n` rows in slot `y` (first adding them into slot `x` when `add`).
+    /// Where the products that read this norm's rows last time took a block format, the
+    /// same dispatch also leaves the rows in that format in the activations buffer, for
+    /// the products that follow at once (see `products`).
     fn norm(&mut self, x: usize, y: usize, weight: WeightId, n: usize, eps: f32, add: bool) {
         let w = &self.weights[weight.0 as usize];
         let (cols, v) = (w.cols, w.vector.expect("a norm weight is a vector"));
         self.begin_op(0, 1);
         let u = [n as u32, cols as u32, u32::from(add)];
-        self.dispatch(Kernel::RmsNorm, &[x, y, v], &u, &[eps], n);
+        let learned = self.norm_formats.get(&weight.0).copied();
+        // The workgroup (256 invocations) quantizes Q8_K blocks a subgroup each and
+        // smaller ones an invocation each; rows that need a second round of that (Q8_K
+        // rows over 2048 with subgroups of 32) quantize apart: on the H200 the second
+        // round cost more than the dispatch it saves (llama-8b tg128 161 -> 158).
+        let one_round = |format: ActFormat| {
+            let lanes = match format {
+                ActFormat::Q8_K => self.subgroup_rows.map_or(0, |rows| 256 * rows / MATVEC_WG),
+                _ => 256,
+            };
+            cols.is_multiple_of(format.block_size()) && cols / format.block_size() <= lanes
+        };
+        match learned.filter(|_| self.subgroup_rows.is_some()) {
+            Some(format) if one_round(format) => {
+                let (code, row_words) = afmt(format, cols);
+                self.reserve_acts(n * row_words);
+                let u = [u[0], u[1], u[2], row_words as u32];
+                self.dispatch(Kernel::NormQuantize(code), &[x, y, v, self.acts], &u, &[eps], n);
+                self.acts_ready = Some(ReadyActs {
+                    input: y,
+                    format,
+                    cols,
+                    n,
+                    row_words,
+                });
+            }
+            _ => self.dispatch(Kernel::RmsNorm, &[x, y, v], &u, &[eps], n),
+        }
+        self.last_norm = Some((y, weight.0, n));
     }
 
     /// Rotary embedding of `heads.0` heads a row in the first slot and `heads.1` in the
@@ -1059,7 +1136,21 @@ impl GpuBackend {
             .map(|(w, _)| 1 + self.weights[w.0 as usize].parts.len())
             .sum();
         self.begin_op(0, dispatches);
-        let mut prepared: Option<(ActFormat, usize, usize)> = None;
+        let plain = input.gated.is_none();
+        let ready = self
+            .acts_ready
+            .take()
+            .filter(|r| plain && r.input == input.x && r.n == n);
+        let mut prepared: Option<(ActFormat, usize, usize)> = ready.map(|r| (r.format, r.cols, r.row_words));
+        if let Some((slot, norm, norm_n)) = self.last_norm.take() {
+            // This norm's rows feed these products: its next run can quantize them.
+            let (w, _) = products[0];
+            let format = qdot::activation_format(self.weights[w.0 as usize].ty);
+            let block = matches!(format, ActFormat::Q8_0 | ActFormat::Q8_1 | ActFormat::Q8_K);
+            if plain && slot == input.x && norm_n == n && block {
+                self.norm_formats.entry(norm).or_insert(format);
+            }
+        }
         let mut next = 0;
         while next < products.len() {
             let (weight, out) = products[next];

@@ -355,6 +355,98 @@ fn matmul_many_stacked_decode() {
     }
 }
 
+/// A norm whose rows feed products: from the second time on, the norm's dispatch also
+/// quantizes its rows for them (one dispatch fewer), in the words the quantize kernel
+/// writes, so the products' bits do not change. Block formats Q8_1 (Q4_1), Q8_0 (Q5_0,
+/// Q8_0) and Q8_K (Q4_K, Q6_K), one and several rows, rows with an all-zero block and
+/// with the largest magnitude twice in both signs (the first sets the scale's sign); and
+/// an op between the norm and the products, after which the products must quantize the
+/// rows again.
+#[test]
+fn norms_quantize_for_the_products_after_them() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(0xace5);
+    for (tys, cols) in [
+        (&[GgmlType::Q4_1][..], 512),
+        (&[GgmlType::Q5_0, GgmlType::Q5_0, GgmlType::Q8_0][..], 896),
+        (&[GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K][..], 2048),
+    ] {
+        let norm = p.upload(&WeightSource {
+            name: "norm".into(),
+            ty: GgmlType::F32,
+            rows: 1,
+            cols,
+            bytes: HostBytes::from_vec(rng.vec(cols, 1.5).iter().flat_map(|v| v.to_le_bytes()).collect()),
+        });
+        let ws: Vec<WeightId> = tys
+            .iter()
+            .enumerate()
+            .map(|(i, &ty)| p.upload(&random_weight(&mut rng, ty, 19 + 8 * i, cols)))
+            .collect();
+        for n in [1, 3] {
+            let mut x = rng.vec(n * cols, 2.0);
+            let y = rng.vec(n * cols, 1.0);
+            let block = if tys[0] == GgmlType::Q4_K { 256 } else { 32 };
+            x[block..2 * block].fill(0.0);
+            x[2 * block + 5] = -40.0;
+            x[2 * block + 17] = 40.0;
+            let xb = p.buffer(n * cols, &x);
+            let yb = p.buffer(n * cols, &y);
+            let outs: Vec<BufId> = ws
+                .iter()
+                .enumerate()
+                .map(|(i, _)| p.buffer(n * (19 + 8 * i), &[]))
+                .collect();
+            let products: Vec<(WeightId, BufId)> = ws.iter().copied().zip(outs.iter().copied()).collect();
+            let mut runs = Vec::new();
+            for (round, between) in [(0, false), (1, false), (2, true)] {
+                p.run(|be| {
+                    be.write(xb, 0, &x);
+                    be.write(yb, 0, &y);
+                });
+                let before = p.gpu.dispatches();
+                p.run(|be| {
+                    be.add_rms_norm(xb, yb, norm, n, 1e-6);
+                    if between {
+                        be.scale(yb, n * cols, 0.5);
+                    }
+                    be.matmul_many(yb, n, &products);
+                });
+                let used = p.gpu.dispatches() - before;
+                let mut bits = Vec::new();
+                for (i, &out) in outs.iter().enumerate() {
+                    let what = format!("{:?} {cols} wide, {n} rows, round {round}, product {i}", tys[i]);
+                    p.compare(&what, out, n * (19 + 8 * i), TOL_MATMUL);
+                    let mut v = vec![0f32; n * (19 + 8 * i)];
+                    p.gpu.read(out, 0, &mut v);
+                    bits.push(v.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+                }
+                runs.push((used, bits));
+            }
+            // The first round of all learned the format and quantized apart; later ones
+            // save that dispatch, but for the scale's in round 2, after which the
+            // products quantize again.
+            let learning = usize::from(n == 1) as u64;
+            assert_eq!(
+                runs[1].0 + learning,
+                runs[0].0,
+                "{tys:?}: dispatches {} then {}",
+                runs[0].0,
+                runs[1].0
+            );
+            assert_eq!(
+                runs[2].0,
+                runs[1].0 + 2,
+                "{tys:?}: the scale's dispatch, and a quantize"
+            );
+            assert!(
+                runs[0].1 == runs[1].1,
+                "{tys:?}, {n} rows: the norm's quantization changed the products' bits"
+            );
+        }
+    }
+}
+
 /// The feed-forward's down projection with the gated activation fused into the
 /// quantization of its input: every activation format, one and several rows.
 #[test]

@@ -1,6 +1,6 @@
 // RMS norm of u0 rows of u1 floats times weight, eps = f0, one workgroup per row:
 // u2 = 0 normalizes y in place (x unused); u2 = 1 adds y into x first and writes the
-// normalized sum to y (the residual step between two blocks).
+// normalized sum to y (the residual step between two blocks). An entry point follows.
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> weight: array<f32>;
@@ -25,12 +25,9 @@ fn source(i: u32) -> f32 {
     return y[i];
 }
 
-@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let row = flat_group(wid, nwg);
-    if row >= P.u0 {
-        return;
-    }
+// Row `row` of a workgroup of 256 invocations (rms_norm_main.wgsl or
+// norm_quantize.wgsl calls it).
+fn norm_row(row: u32, lid: u32) {
     let cols = P.u1;
     let base = row * cols;
     // Four loads in flight per step (one row is one workgroup: latency, not bandwidth,
