@@ -1238,7 +1238,8 @@ impl GpuBackend {
     }
 
     /// How many of the first `products` (up to 3) one stacked matvec dispatch takes: one
-    /// input row, weights of one type and width that the 16-byte kernel reads, each in one
+    /// input row, weights of one width that the 16-byte kernel reads with one activation
+    /// format (of one type, or mixed: a layer's Q4_K q and k with its Q6_K v), each in one
     /// part. 0 or 1: no stack.
     fn matvec_stack(&self, products: &[(WeightId, BufId)], n: usize) -> usize {
         if !self.matvec || n != 1 {
@@ -1253,7 +1254,10 @@ impl GpuBackend {
             .take(3)
             .take_while(|(w, _)| {
                 let w = &self.weights[w.0 as usize];
-                (w.ty, w.cols, w.parts.len()) == (first.ty, first.cols, 1)
+                let format = qdot::activation_format(w.ty);
+                self.takes_vec4(w.ty, w.cols)
+                    && (format, w.cols, w.parts.len()) == (qdot::activation_format(first.ty), first.cols, 1)
+                    && w.row_words < 1 << 16
             })
             .count()
     }
@@ -1265,15 +1269,40 @@ impl GpuBackend {
         let w = &self.weights[stack[0].0 .0 as usize];
         let (cols, row_words, code) = (w.cols, w.row_words, wtype(w.ty).expect("stored types have codes"));
         let mut rows = [0usize; 3];
-        for (r, (w, _)) in rows.iter_mut().zip(stack) {
-            *r = self.weights[w.0 as usize].rows;
+        // Each weight's type (a byte each) and, past the first, words a row (16 bits
+        // each), for a mixed stack (pipeline type 0).
+        let (mut types, mut words, mut mixed) = (0, 0, false);
+        for (i, (w, _)) in stack.iter().enumerate() {
+            let w = &self.weights[w.0 as usize];
+            rows[i] = w.rows;
+            let c = wtype(w.ty).expect("stored types have codes");
+            mixed |= c != code;
+            types |= c << (8 * i);
+            if i > 0 {
+                words |= w.row_words << (16 * (i - 1));
+            }
         }
+        let code = if mixed { 0 } else { code };
         let total: usize = rows.iter().sum();
         // Boundaries: the second weight's first row, then the third's (the total when
         // there is none).
         let b1 = rows[0];
         let b2 = rows[0] + rows[1];
-        let u = [total, cols, 1, rows[0], 0, row_words, act_words, per_group, b1, b2].map(|v| v as u32);
+        let u = [
+            total,
+            cols,
+            1,
+            rows[0],
+            0,
+            row_words,
+            act_words,
+            per_group,
+            b1,
+            b2,
+            types as usize,
+            words,
+        ]
+        .map(|v| v as u32);
         let slot = |i: usize| self.weights[stack[i.min(stack.len() - 1)].0 .0 as usize].parts[0].0;
         let out = |i: usize| self.buf(stack[i.min(stack.len() - 1)].1);
         let slots = [slot(0), self.acts, out(0), slot(1), slot(2), out(1), out(2)];

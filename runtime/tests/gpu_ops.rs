@@ -321,15 +321,18 @@ fn matmul_many_shared_and_mixed_formats() {
 }
 
 /// Decode products of one input row that the GPU reads in one dispatch (stacks of up to
-/// three weights of one type and width): stacks of 3 and 2, a stack followed by a
-/// weight of another type, and rows that leave a partial workgroup in each weight.
+/// three weights of one width and activation format, of one type or mixed): stacks of 3
+/// and 2, mixed stacks in several orders, a weight of another format that ends a stack,
+/// and rows that leave a partial workgroup in each weight.
 #[test]
 fn matmul_many_stacked_decode() {
     let Some(mut p) = Pair::new() else { return };
     let mut rng = Rng(41);
-    let cases: [&[(GgmlType, usize)]; 5] = [
+    let cases: [&[(GgmlType, usize)]; 7] = [
         &[(GgmlType::Q4_K, 45), (GgmlType::Q4_K, 13), (GgmlType::Q4_K, 13)],
         &[(GgmlType::Q5_0, 29), (GgmlType::Q5_0, 11), (GgmlType::Q8_0, 6)],
+        &[(GgmlType::Q6_K, 5), (GgmlType::Q4_K, 12), (GgmlType::Q6_K, 7)],
+        &[(GgmlType::Q8_0, 9), (GgmlType::Q4_K, 12), (GgmlType::Q6_K, 7)],
         &[(GgmlType::Q6_K, 7), (GgmlType::Q6_K, 30)],
         &[(GgmlType::Q8_0, 33), (GgmlType::Q8_0, 5), (GgmlType::Q8_0, 2)],
         &[(GgmlType::Q4_K, 17), (GgmlType::Q4_K, 9), (GgmlType::Q6_K, 21)],

@@ -12,7 +12,10 @@
 // matmul.wgsl's, plus a stack of up to three weights of one type and width read in one
 // dispatch (a layer's q, k and v, or gate and up): the u0 rows are W4's below u8, W4b's
 // from u8 below u9 and W4c's from u9 on, each weight's written to its own output
-// (out, out_b, out_c; stacks take one input row). Unstacked, u8 = u9 = u0.
+// (out, out_b, out_c; stacks take one input row). Unstacked, u8 = u9 = u0. WTYPE 0 is a
+// stack of weights of several types that share an activation format (Q4_K and Q6_K, or
+// Q5_0 and Q8_0): byte i of u10 is weight i's type, and u11 holds the second and third
+// weights' words a row (16 bits each; u5 the first's).
 @group(0) @binding(1) var<storage, read> W4: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> A4: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
@@ -195,9 +198,6 @@ fn main(
     @builtin(num_subgroups) nsg: u32,
 ) {
     let g = flat_group(wid, nwg);
-    // Units a lane takes: Q8_0 blocks of 32; Q5_0 pairs of blocks, Q4_K / Q6_K pairs of
-    // chunks (64 elements).
-    let units = select(P.u1 / 64u, P.u1 / 32u, WTYPE == 6u);
     for (var r = sid; r < P.u7; r += nsg) {
         let row = g * P.u7 + r;
         if row >= P.u0 {
@@ -205,14 +205,24 @@ fn main(
         }
         stacked = select(select(0u, 1u, row >= P.u8), 2u, row >= P.u9);
         let first_row = select(select(0u, P.u8, row >= P.u8), P.u9, row >= P.u9);
-        let rb = (row - first_row) * (P.u5 / 4u);
+        // A mixed stack (WTYPE 0): each weight's type and row words from u10 and u11.
+        var ty = WTYPE;
+        var row_words = P.u5;
+        if WTYPE == 0u {
+            ty = extractBits(P.u10, 8u * stacked, 8u);
+            row_words = select(P.u5, extractBits(P.u11, 16u * (stacked - 1u), 16u), stacked > 0u);
+        }
+        let rb = (row - first_row) * (row_words / 4u);
+        // Units a lane takes: Q8_0 blocks of 32; Q5_0 pairs of blocks, Q4_K / Q6_K pairs
+        // of chunks (64 elements).
+        let units = select(P.u1 / 64u, P.u1 / 32u, ty == 6u);
         var acc: array<f32, 4>;
         for (var p = sl; p < units; p += ss) {
-            if WTYPE == 6u {
+            if ty == 6u {
                 block_q80(rb, p, &acc);
-            } else if WTYPE == 5u {
+            } else if ty == 5u {
                 pair_q50(rb, p, &acc);
-            } else if WTYPE == 7u {
+            } else if ty == 7u {
                 pair_q4k(rb, p, &acc);
             } else {
                 pair_q6k(rb, p, &acc);
