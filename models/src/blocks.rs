@@ -289,9 +289,10 @@ pub struct AttnPlan {
 /// in `s.xb`. Stores this layer's keys and values of those positions in the cache.
 pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, kv: (BufId, BufId), plan: AttnPlan) {
     let n = s.positions.len();
-    be.matmul_many(s.xb, n, &[(w.q, s.q), (w.k, s.k), (w.v, s.v)]);
-    if let Some([qb, kb, vb]) = w.qkv_bias {
-        be.add_biases(&[(s.q, qb), (s.k, kb), (s.v, vb)], n);
+    let products = [(w.q, s.q), (w.k, s.k), (w.v, s.v)];
+    match w.qkv_bias {
+        Some(biases) => be.matmul_many_biased(s.xb, n, &products, &biases),
+        None => be.matmul_many(s.xb, n, &products),
     }
     if let Some([qn, kn]) = w.qk_norm {
         be.rms_norm(s.q, qn, n * h.n_head, h.norm_eps);

@@ -86,8 +86,9 @@ const SUBMIT_EVERY: usize = 64;
 /// recorded (`KILN_GPU_SUBMIT_FIRST` overrides it).
 const SUBMIT_FIRST: usize = 4;
 
-/// Storage bindings of the widest kernel (a stack of three matvec weights).
-const MAX_BINDINGS: usize = 7;
+/// Storage bindings of the widest kernel (a stack of three matvec weights and their
+/// biases).
+const MAX_BINDINGS: usize = 8;
 /// Weight bytes uploaded between waits for the staging memory to be released.
 const UPLOAD_BATCH_BYTES: usize = 256 << 20;
 
@@ -169,7 +170,10 @@ impl Kernel {
             Kernel::MatmulTiled(_) => (wgsl::MATMUL_TILED, &[false, false, true]),
             Kernel::Matvec(_, _, false) => (wgsl::MATVEC_WG, &[false, false, true]),
             Kernel::Matvec(_, _, true) => (wgsl::MATVEC_SG, &[false, false, true]),
-            Kernel::MatvecVec4(..) => (wgsl::MATVEC_VEC4, &[false, false, true, false, false, true, true]),
+            Kernel::MatvecVec4(..) => (
+                wgsl::MATVEC_VEC4,
+                &[false, false, true, false, false, true, true, false],
+            ),
             Kernel::Embed(_) => (wgsl::EMBED, &[false, false, true]),
             Kernel::Argmax => (wgsl::ARGMAX, &[false, true]),
             Kernel::TopK => (wgsl::TOP_K, &[false, true]),
@@ -309,6 +313,8 @@ pub struct GpuBackend {
     last_norm: Option<(usize, u32, usize)>,
     /// The activation format of the products that read each norm's rows (by norm weight).
     norm_formats: HashMap<u32, ActFormat>,
+    /// The slot holding each stack's biases (by bias weights; see `stack_bias`).
+    stack_biases: HashMap<[u32; 3], usize>,
     /// Dispatches recorded since the backend started.
     dispatches: u64,
     gelu: usize,
@@ -661,6 +667,7 @@ impl GpuBackend {
             acts_ready: None,
             last_norm: None,
             norm_formats: HashMap::new(),
+            stack_biases: HashMap::new(),
             dispatches: 0,
             gelu: 0,
             unused: 0,
@@ -1129,8 +1136,12 @@ impl GpuBackend {
         );
     }
 
-    /// The products of `input` (`n` rows) and each weight, into each output.
-    fn products(&mut self, input: Input, n: usize, products: &[(WeightId, BufId)]) {
+    /// The products of `input` (`n` rows) and each weight, into each output, plus
+    /// `biases[i]` on product i's rows where `biases` is not empty: the 16-byte matvec
+    /// adds them as it writes, other kernels' outputs take an add after.
+    fn products(&mut self, input: Input, n: usize, products: &[(WeightId, BufId)], biases: &[WeightId]) {
+        let mut unbiased = [(BufId(0), WeightId(0)); 4];
+        let mut n_unbiased = 0;
         let dispatches: usize = products
             .iter()
             .map(|(w, _)| 1 + self.weights[w.0 as usize].parts.len())
@@ -1169,11 +1180,17 @@ impl GpuBackend {
             };
             let stack = self.matvec_stack(&products[next..], n);
             if stack > 1 {
-                self.stacked_matvec(&products[next..next + stack], act_words);
+                let bias = (!biases.is_empty()).then(|| self.stack_bias(&biases[next..next + stack]));
+                self.stacked_matvec(&products[next..next + stack], act_words, bias);
                 next += stack;
                 continue;
             }
+            let bias = biases.get(next).copied();
             next += 1;
+            if let Some(b) = bias.filter(|_| !(self.matvec && n <= MATVEC_ROWS && self.takes_vec4(ty, cols))) {
+                unbiased[n_unbiased] = (out, b);
+                n_unbiased += 1;
+            }
             let code = wtype(ty).expect("stored types have codes");
             let out = self.buf(out);
             for part in 0..n_parts {
@@ -1190,10 +1207,21 @@ impl GpuBackend {
                     let groups = part_rows.div_ceil(per_group);
                     if self.takes_vec4(ty, cols) {
                         // A stack of one: every row is the first weight's.
-                        let mut u10 = [part_rows as u32; 10];
-                        u10[..8].copy_from_slice(&u);
-                        let slots = [slot, self.acts, out, slot, slot, out, out];
-                        self.dispatch(Kernel::MatvecVec4(code, n as u32), &slots, &u10, &[], groups);
+                        let mut u11 = [part_rows as u32; 11];
+                        u11[..8].copy_from_slice(&u);
+                        let vector = bias.map(|b| self.weights[b.0 as usize].vector.expect("a bias is a vector"));
+                        u11[10] = u32::from(vector.is_some()) << 24;
+                        let slots = [
+                            slot,
+                            self.acts,
+                            out,
+                            slot,
+                            slot,
+                            out,
+                            out,
+                            vector.unwrap_or(self.unused),
+                        ];
+                        self.dispatch(Kernel::MatvecVec4(code, n as u32), &slots, &u11, &[], groups);
                     } else {
                         let kernel = Kernel::Matvec(code, n as u32, sg.is_some());
                         self.dispatch(kernel, &[slot, self.acts, out], &u, &[], groups);
@@ -1222,6 +1250,9 @@ impl GpuBackend {
                     row_groups * n.div_ceil(8),
                 );
             }
+        }
+        if n_unbiased > 0 {
+            self.add_biases(&unbiased[..n_unbiased], n);
         }
     }
 
@@ -1263,8 +1294,9 @@ impl GpuBackend {
     }
 
     /// One matvec dispatch of a stack of 2 or 3 products (see `matvec_stack`) of one
-    /// input row, quantized in the activations buffer (`act_words` a row).
-    fn stacked_matvec(&mut self, stack: &[(WeightId, BufId)], act_words: usize) {
+    /// input row, quantized in the activations buffer (`act_words` a row), with the
+    /// stack's biases (one slot, in stack order) added where given.
+    fn stacked_matvec(&mut self, stack: &[(WeightId, BufId)], act_words: usize, bias: Option<usize>) {
         let per_group = self.subgroup_rows.expect("stacks need subgroups");
         let w = &self.weights[stack[0].0 .0 as usize];
         let (cols, row_words, code) = (w.cols, w.row_words, wtype(w.ty).expect("stored types have codes"));
@@ -1288,6 +1320,7 @@ impl GpuBackend {
         // there is none).
         let b1 = rows[0];
         let b2 = rows[0] + rows[1];
+        let types = types | u32::from(bias.is_some()) << 24;
         let u = [
             total,
             cols,
@@ -1305,8 +1338,39 @@ impl GpuBackend {
         .map(|v| v as u32);
         let slot = |i: usize| self.weights[stack[i.min(stack.len() - 1)].0 .0 as usize].parts[0].0;
         let out = |i: usize| self.buf(stack[i.min(stack.len() - 1)].1);
-        let slots = [slot(0), self.acts, out(0), slot(1), slot(2), out(1), out(2)];
+        let slots = [
+            slot(0),
+            self.acts,
+            out(0),
+            slot(1),
+            slot(2),
+            out(1),
+            out(2),
+            bias.unwrap_or(self.unused),
+        ];
         self.dispatch(Kernel::MatvecVec4(code, 1), &slots, &u, &[], total.div_ceil(per_group));
+    }
+
+    /// One slot holding `biases` one after another (a stacked product's), made once.
+    fn stack_bias(&mut self, biases: &[WeightId]) -> usize {
+        let mut key = [u32::MAX; 3];
+        for (k, b) in key.iter_mut().zip(biases) {
+            *k = b.0;
+        }
+        if let Some(&slot) = self.stack_biases.get(&key) {
+            return slot;
+        }
+        let total: usize = biases.iter().map(|b| self.weights[b.0 as usize].cols).sum();
+        let slot = self.new_slot(total * 4, "kiln stacked biases");
+        let mut at = 0;
+        for b in biases {
+            let w = &self.weights[b.0 as usize];
+            let (cols, v) = (w.cols, w.vector.expect("a bias is a vector"));
+            self.elementwise(Kernel::Copy, &[v, slot], &[cols as u32, 0, at as u32], &[], cols);
+            at += cols;
+        }
+        self.stack_biases.insert(key, slot);
+        slot
     }
 
     /// Submits what is pending and copies `out.len()` words of slot `slot` from word
@@ -1554,7 +1618,19 @@ impl Backend for GpuBackend {
             x: self.buf(x),
             gated: None,
         };
-        self.products(input, n, products);
+        self.products(input, n, products, &[]);
+    }
+
+    fn matmul_many_biased(&mut self, x: BufId, n: usize, products: &[(WeightId, BufId)], biases: &[WeightId]) {
+        assert!(
+            products.len() == biases.len() && products.len() <= 4,
+            "a bias for each of at most four products"
+        );
+        let input = Input {
+            x: self.buf(x),
+            gated: None,
+        };
+        self.products(input, n, products, biases);
     }
 
     fn matmul_gated(&mut self, weight: WeightId, gate: BufId, up: BufId, act: Activation, n: usize, out: BufId) {
@@ -1562,7 +1638,7 @@ impl Backend for GpuBackend {
             x: self.buf(gate),
             gated: Some((self.buf(up), activation_code(act) + 1)),
         };
-        self.products(input, n, &[(weight, out)]);
+        self.products(input, n, &[(weight, out)], &[]);
     }
 
     fn add_bias(&mut self, x: BufId, bias: WeightId, n: usize) {

@@ -325,6 +325,21 @@ pub trait Backend: Send {
             self.matmul(weight, x, n, out);
         }
     }
+    /// [`Backend::matmul_many`], then `biases[i]` added to every row of product `i`'s
+    /// output (a projection's q, k and v biases; as many as products): one pass fewer
+    /// where a backend adds them as it writes the products.
+    fn matmul_many_biased(&mut self, x: BufId, n: usize, products: &[(WeightId, BufId)], biases: &[WeightId]) {
+        assert!(
+            products.len() == biases.len() && products.len() <= 4,
+            "a bias for each of at most four products"
+        );
+        self.matmul_many(x, n, products);
+        let mut pairs = [(BufId(0), WeightId(0)); 4];
+        for (pair, (&(_, out), &bias)) in pairs.iter_mut().zip(products.iter().zip(biases)) {
+            *pair = (out, bias);
+        }
+        self.add_biases(&pairs[..products.len()], n);
+    }
     /// `x[t] += bias` for `n` rows.
     fn add_bias(&mut self, x: BufId, bias: WeightId, n: usize);
     /// [`Backend::add_bias`] of each `(x, bias)` pair, one pass where a backend fuses

@@ -450,6 +450,71 @@ fn norms_quantize_for_the_products_after_them() {
     }
 }
 
+/// Products with a bias each (a projection's q, k and v): the GPU adds biases as it
+/// writes decode products (stacked ones from one slot of the stack's biases) and after
+/// other products. The same bits as the products and then `add_biases`, and within
+/// `TOL_MATMUL` of the CPU: a mixed decode stack, decode rows of a weight the 16-byte
+/// kernel does not read, a few rows (unstacked) and a prefill.
+#[test]
+fn products_with_biases() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(0xb1a5);
+    let cols = 896;
+    let vector = |rng: &mut Rng, len: usize| WeightSource {
+        name: "bias".into(),
+        ty: GgmlType::F32,
+        rows: 1,
+        cols: len,
+        bytes: HostBytes::from_vec(rng.vec(len, 3.0).iter().flat_map(|v| v.to_le_bytes()).collect()),
+    };
+    for tys in [
+        [GgmlType::Q5_0, GgmlType::Q5_0, GgmlType::Q8_0],
+        [GgmlType::Q4_1, GgmlType::Q4_1, GgmlType::Q4_1],
+    ] {
+        let rows = [64, 16, 16];
+        let ws: Vec<WeightId> = tys
+            .iter()
+            .zip(rows)
+            .map(|(&ty, r)| p.upload(&random_weight(&mut rng, ty, r, cols)))
+            .collect();
+        let biases: Vec<WeightId> = rows.iter().map(|&r| p.upload(&vector(&mut rng, r))).collect();
+        for n in [1, 3, 40] {
+            let x = p.buffer(n * cols, &rng.vec(n * cols, 1.0));
+            let outs: Vec<BufId> = rows.iter().map(|&r| p.buffer(n * r, &[])).collect();
+            let products: Vec<(WeightId, BufId)> = ws.iter().copied().zip(outs.iter().copied()).collect();
+            let mut bits = Vec::new();
+            for fused in [true, false] {
+                if fused {
+                    p.run(|be| be.matmul_many_biased(x, n, &products, &biases));
+                } else {
+                    let pairs: Vec<(BufId, WeightId)> = outs.iter().copied().zip(biases.iter().copied()).collect();
+                    p.run(|be| {
+                        be.matmul_many(x, n, &products);
+                        be.add_biases(&pairs, n);
+                    });
+                }
+                let mut run = Vec::new();
+                for (i, &r) in rows.iter().enumerate() {
+                    p.compare(
+                        &format!("biased {:?} product {i}, {n} rows", tys[i]),
+                        outs[i],
+                        n * r,
+                        TOL_MATMUL,
+                    );
+                    let mut v = vec![0f32; n * r];
+                    p.gpu.read(outs[i], 0, &mut v);
+                    run.extend(v.iter().map(|f| f.to_bits()));
+                }
+                bits.push(run);
+            }
+            assert!(
+                bits[0] == bits[1],
+                "{tys:?}, {n} rows: the fused biases changed the bits"
+            );
+        }
+    }
+}
+
 /// The feed-forward's down projection with the gated activation fused into the
 /// quantization of its input: every activation format, one and several rows.
 #[test]

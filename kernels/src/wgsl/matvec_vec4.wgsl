@@ -23,6 +23,9 @@
 @group(0) @binding(5) var<storage, read> W4c: array<vec4<u32>>;
 @group(0) @binding(6) var<storage, read_write> out_b: array<f32>;
 @group(0) @binding(7) var<storage, read_write> out_c: array<f32>;
+// Bit 24 of u10: add bias[row] (the stack's rows in order; unstacked, row + u4) to
+// each output.
+@group(0) @binding(8) var<storage, read> bias: array<f32>;
 
 // Which weight of the stack the current row is in (the same for a whole subgroup).
 var<private> stacked: u32;
@@ -228,8 +231,12 @@ fn main(
                 pair_q6k(rb, p, &acc);
             }
         }
+        let biased = extractBits(P.u10, 24u, 1u) == 1u;
         for (var t = 0u; t < NT; t++) {
-            let s = subgroupAdd(acc[t]);
+            var s = subgroupAdd(acc[t]);
+            if biased {
+                s += bias[P.u4 + row];
+            }
             if sl == 0u {
                 switch stacked {
                     case 1u: {
