@@ -11,7 +11,7 @@
 // One workgroup per (row, head), keys in tiles of 64. Few workgroups run at once in a
 // decode step, so the kernel is bound by memory latency, and each phase issues its loads
 // in batches, without arrays in registers (which drivers may place in memory):
-// - scores: lane (slot, L) holds, for four keys at a time, chains L / 4 of CPU lanes
+// - scores: lane (slot, L) holds, for eight keys at a time, chains L / 4 of CPU lanes
 //   4 (L % 4) .. + 4 as a vec4 (a 16-byte load per 64 values); lane r then reduces key r's
 //   16 vec4s in the CPU's order;
 // - lane j finds key j's running max before it (a max-scan), then its rescale and
@@ -32,8 +32,8 @@ var<workgroup> scan: array<f32, 64>;
 var<workgroup> rescales: array<f32, 64>;
 var<workgroup> weights: array<f32, 64>;
 var<workgroup> rows: array<u32, 64>;
-// One round's 16 keys × 16 lanes' chain sums (see the header).
-var<workgroup> chain_sums: array<vec4<f32>, 256>;
+// One round's 32 keys × 16 lanes' chain sums (see the header).
+var<workgroup> chain_sums: array<vec4<f32>, 512>;
 // EXP2_HI and EXP2_LO, read once per workgroup (a constant array indexed at run time
 // may be copied into each invocation's memory at every call).
 var<workgroup> exp2_table: array<vec2<f32>, 64>;
@@ -148,13 +148,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         }
         workgroupBarrier();
         var s = -3.0e38;
-        for (var kr = 0u; kr < n; kr += 16u) {
-            // Keys kr + slot + 4c for c < 4, all their loads before their sums.
+        for (var kr = 0u; kr < n; kr += 32u) {
+            // Keys kr + slot + 4e for e < 8, all their loads before their sums.
             let j0 = kr + slot;
             var a0 = vec4<f32>(0.0);
             var a1 = vec4<f32>(0.0);
             var a2 = vec4<f32>(0.0);
             var a3 = vec4<f32>(0.0);
+            var a4 = vec4<f32>(0.0);
+            var a5 = vec4<f32>(0.0);
+            var a6 = vec4<f32>(0.0);
+            var a7 = vec4<f32>(0.0);
             for (var c = 0u; c < chunks; c++) {
                 let o = 16u * c + column;
                 let q4 = qv[o];
@@ -170,15 +174,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
                 if j0 + 12u < n {
                     a3 = fma(keys[rows[j0 + 12u] + o], q4, a3);
                 }
+                if j0 + 16u < n {
+                    a4 = fma(keys[rows[j0 + 16u] + o], q4, a4);
+                }
+                if j0 + 20u < n {
+                    a5 = fma(keys[rows[j0 + 20u] + o], q4, a5);
+                }
+                if j0 + 24u < n {
+                    a6 = fma(keys[rows[j0 + 24u] + o], q4, a6);
+                }
+                if j0 + 28u < n {
+                    a7 = fma(keys[rows[j0 + 28u] + o], q4, a7);
+                }
             }
             chain_sums[16u * slot + column] = a0;
             chain_sums[16u * (slot + 4u) + column] = a1;
             chain_sums[16u * (slot + 8u) + column] = a2;
             chain_sums[16u * (slot + 12u) + column] = a3;
+            chain_sums[16u * (slot + 16u) + column] = a4;
+            chain_sums[16u * (slot + 20u) + column] = a5;
+            chain_sums[16u * (slot + 24u) + column] = a6;
+            chain_sums[16u * (slot + 28u) + column] = a7;
             workgroupBarrier();
             // Key kr + r's chains: vec4 4e + g holds chain e of CPU lanes 4g .. 4g + 4.
             let r = lid - kr;
-            if lid >= kr && r < 16u && lid < n {
+            if lid >= kr && r < 32u && lid < n {
                 let c = 16u * r;
                 let x0 = (chain_sums[c] + chain_sums[c + 8u]) + (chain_sums[c + 4u] + chain_sums[c + 12u]);
                 let x1 = (chain_sums[c + 1u] + chain_sums[c + 9u]) + (chain_sums[c + 5u] + chain_sums[c + 13u]);
