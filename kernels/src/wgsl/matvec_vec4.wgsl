@@ -1,20 +1,19 @@
-// Q5_0, Q8_0, Q4_K and Q6_K weights (WTYPE 5, 6, 7, 8) times Q8_0 / Q8_K activations for a few
-// input rows (NT ≤ 4), summed with subgroup operations: matvec.wgsl's paths with 16-byte
-// loads. A Q8_0 group of 4 blocks is 9 vec4s [qs ×8 words] ×4, [d0 | d1 << 16, d2 | d3
-// << 16, 0, 0]; a Q8_0 activation block 3 [qs ×8 words], [d, s, 0, 0]. Two Q5_0 blocks
-// (rows of an even number of them) are 3 vec4s: [qs ×4], [qh, d, qs' ×2], [qs' ×2, qh', d'].
-// A Q4_K block is 9 vec4s [d | dmin << 16, scales ×3], [qs ×32 words]; a Q6_K block 14
-// [ql ×32 words], [qh ×16], [scales ×4], [d, 0, 0, 0]; a Q8_K block 17 [qs ×64 words],
-// [d, 0, 0, 0]. Each subgroup takes whole rows (u7 a workgroup), each lane pairs of
-// chunks that share their quant words (Q4_K: 2j, 2j + 1, the low and high nibbles of the
-// same 32 bytes; Q6_K: k, k + 2 of a half block; Q5_0: pairs of blocks; Q8_0: single
-// blocks). Parameters as
-// matmul.wgsl's, plus a stack of up to three weights of one type and width read in one
-// dispatch (a layer's q, k and v, or gate and up): the u0 rows are W4's below u8, W4b's
-// from u8 below u9 and W4c's from u9 on, each weight's written to its own output
-// (out, out_b, out_c; stacks take one input row). Unstacked, u8 = u9 = u0. WTYPE 0 is a
-// stack of weights of several types that share an activation format (Q4_K and Q6_K, or
-// Q5_0 and Q8_0): byte i of u10 is weight i's type, and u11 holds the second and third
+// Q5_0, Q8_0, Q4_K and Q6_K weights (WTYPE 5, 6, 7, 8) times Q8_0 / Q8_K activations for
+// a few input rows (NT ≤ 4), summed with subgroup operations: matvec.wgsl's paths with
+// 16-byte loads. A Q8_0 group of 4 blocks is 9 vec4s [qs ×8 words] ×4, [d0 | d1 << 16, d2
+// | d3 << 16, 0, 0]; a Q8_0 activation block 3 [qs ×8 words], [d, s, 0, 0]. Two Q5_0
+// blocks (rows of an even number of them) are 3 vec4s: [qs ×4], [qh, d, qs' ×2], [qs' ×2,
+// qh', d']. A Q4_K block is 9 vec4s [d | dmin << 16, scales ×3], [qs ×32 words]; a Q6_K
+// block 14 [ql ×32 words], [qh ×16], [scales ×4], [d, 0, 0, 0]; a Q8_K block 17 [qs ×64
+// words], [d, 0, 0, 0]. Each subgroup takes whole rows (u7 a workgroup), each lane pairs
+// of chunks that share their quant words (Q4_K: 2j, 2j + 1, the low and high nibbles of
+// the same 32 bytes; Q6_K: k, k + 2 of a half block; Q5_0: pairs of blocks; Q8_0: single
+// blocks). Parameters as matmul.wgsl's, plus a stack of up to three weights of one width
+// read in one dispatch (a layer's q, k and v, or gate and up): the u0 rows are W4's below
+// u8, W4b's from u8 below u9 and W4c's from u9 on, each weight's written to its own
+// output (out, out_b, out_c; stacks take one input row). Unstacked, u8 = u9 = u0. WTYPE 0
+// is a stack of weights of several types that share an activation format (Q4_K and Q6_K,
+// or Q5_0 and Q8_0): byte i of u10 is weight i's type, and u11 holds the second and third
 // weights' words a row (16 bits each; u5 the first's).
 @group(0) @binding(1) var<storage, read> W4: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> A4: array<vec4<u32>>;
