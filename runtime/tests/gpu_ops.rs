@@ -171,6 +171,14 @@ impl Pair {
         f(&mut self.gpu);
     }
 
+    /// The bits of the GPU's first `len` floats of `buf` (for outputs that must equal
+    /// another GPU path's exactly).
+    fn gpu_bits(&mut self, buf: BufId, len: usize) -> Vec<u32> {
+        let mut v = vec![0f32; len];
+        self.gpu.read(buf, 0, &mut v);
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
     /// Largest difference over the largest magnitude of `buf`'s first `len` floats.
     fn compare(&mut self, what: &str, buf: BufId, len: usize, tol: f32) -> f32 {
         self.compare_counting(what, buf, len, tol).0
@@ -374,13 +382,7 @@ fn norms_quantize_for_the_products_after_them() {
         (&[GgmlType::Q5_0, GgmlType::Q5_0, GgmlType::Q8_0][..], 896),
         (&[GgmlType::Q4_K, GgmlType::Q4_K, GgmlType::Q6_K][..], 2048),
     ] {
-        let norm = p.upload(&WeightSource {
-            name: "norm".into(),
-            ty: GgmlType::F32,
-            rows: 1,
-            cols,
-            bytes: HostBytes::from_vec(rng.vec(cols, 1.5).iter().flat_map(|v| v.to_le_bytes()).collect()),
-        });
+        let norm = p.upload(&random_weight(&mut rng, GgmlType::F32, 1, cols));
         let ws: Vec<WeightId> = tys
             .iter()
             .enumerate()
@@ -420,9 +422,7 @@ fn norms_quantize_for_the_products_after_them() {
                 for (i, &out) in outs.iter().enumerate() {
                     let what = format!("{:?} {cols} wide, {n} rows, round {round}, product {i}", tys[i]);
                     p.compare(&what, out, n * (19 + 8 * i), TOL_MATMUL);
-                    let mut v = vec![0f32; n * (19 + 8 * i)];
-                    p.gpu.read(out, 0, &mut v);
-                    bits.push(v.iter().map(|f| f.to_bits()).collect::<Vec<_>>());
+                    bits.push(p.gpu_bits(out, n * (19 + 8 * i)));
                 }
                 runs.push((used, bits));
             }
@@ -460,13 +460,6 @@ fn products_with_biases() {
     let Some(mut p) = Pair::new() else { return };
     let mut rng = Rng(0xb1a5);
     let cols = 896;
-    let vector = |rng: &mut Rng, len: usize| WeightSource {
-        name: "bias".into(),
-        ty: GgmlType::F32,
-        rows: 1,
-        cols: len,
-        bytes: HostBytes::from_vec(rng.vec(len, 3.0).iter().flat_map(|v| v.to_le_bytes()).collect()),
-    };
     for tys in [
         [GgmlType::Q5_0, GgmlType::Q5_0, GgmlType::Q8_0],
         [GgmlType::Q4_1, GgmlType::Q4_1, GgmlType::Q4_1],
@@ -477,7 +470,10 @@ fn products_with_biases() {
             .zip(rows)
             .map(|(&ty, r)| p.upload(&random_weight(&mut rng, ty, r, cols)))
             .collect();
-        let biases: Vec<WeightId> = rows.iter().map(|&r| p.upload(&vector(&mut rng, r))).collect();
+        let biases: Vec<WeightId> = rows
+            .iter()
+            .map(|&r| p.upload(&random_weight(&mut rng, GgmlType::F32, 1, r)))
+            .collect();
         for n in [1, 3, 40] {
             let x = p.buffer(n * cols, &rng.vec(n * cols, 1.0));
             let outs: Vec<BufId> = rows.iter().map(|&r| p.buffer(n * r, &[])).collect();
@@ -501,9 +497,7 @@ fn products_with_biases() {
                         n * r,
                         TOL_MATMUL,
                     );
-                    let mut v = vec![0f32; n * r];
-                    p.gpu.read(outs[i], 0, &mut v);
-                    run.extend(v.iter().map(|f| f.to_bits()));
+                    run.extend(p.gpu_bits(outs[i], n * r));
                 }
                 bits.push(run);
             }

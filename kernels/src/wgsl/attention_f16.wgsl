@@ -104,6 +104,14 @@ fn update(a: vec4<f32>, value: vec4<f32>, j: u32) -> vec4<f32> {
     return round_f16_4(fma(value, vec4<f32>(weights[j]), r));
 }
 
+// Chain sum `a` after key j's (of n in the tile) vec4 o of the query q4.
+fn chain_step(a: vec4<f32>, j: u32, n: u32, o: u32, q4: vec4<f32>) -> vec4<f32> {
+    if j < n {
+        return fma(keys[rows[j] + o], q4, a);
+    }
+    return a;
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let g = flat_group(wid, nwg);
@@ -162,30 +170,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             for (var c = 0u; c < chunks; c++) {
                 let o = 16u * c + column;
                 let q4 = qv[o];
-                if j0 < n {
-                    a0 = fma(keys[rows[j0] + o], q4, a0);
-                }
-                if j0 + 4u < n {
-                    a1 = fma(keys[rows[j0 + 4u] + o], q4, a1);
-                }
-                if j0 + 8u < n {
-                    a2 = fma(keys[rows[j0 + 8u] + o], q4, a2);
-                }
-                if j0 + 12u < n {
-                    a3 = fma(keys[rows[j0 + 12u] + o], q4, a3);
-                }
-                if j0 + 16u < n {
-                    a4 = fma(keys[rows[j0 + 16u] + o], q4, a4);
-                }
-                if j0 + 20u < n {
-                    a5 = fma(keys[rows[j0 + 20u] + o], q4, a5);
-                }
-                if j0 + 24u < n {
-                    a6 = fma(keys[rows[j0 + 24u] + o], q4, a6);
-                }
-                if j0 + 28u < n {
-                    a7 = fma(keys[rows[j0 + 28u] + o], q4, a7);
-                }
+                a0 = chain_step(a0, j0, n, o, q4);
+                a1 = chain_step(a1, j0 + 4u, n, o, q4);
+                a2 = chain_step(a2, j0 + 8u, n, o, q4);
+                a3 = chain_step(a3, j0 + 12u, n, o, q4);
+                a4 = chain_step(a4, j0 + 16u, n, o, q4);
+                a5 = chain_step(a5, j0 + 20u, n, o, q4);
+                a6 = chain_step(a6, j0 + 24u, n, o, q4);
+                a7 = chain_step(a7, j0 + 28u, n, o, q4);
             }
             chain_sums[16u * slot + column] = a0;
             chain_sums[16u * (slot + 4u) + column] = a1;
