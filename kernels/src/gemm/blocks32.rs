@@ -808,22 +808,6 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                 _mm_prefetch::<_MM_HINT_T0>(ahead.from.wrapping_add(64 * line).cast());
             }
             let idx = _mm512_add_epi32(pattern, _mm512_set1_epi32(jb as i32));
-            let mut av = [_mm512_setzero_si512(); T];
-            let mut nz = [_mm512_setzero_si512(); T];
-            let mut da = [_mm512_setzero_ps(); T];
-            for t in 0..T {
-                // SAFETY: block b of token t is repacked.
-                unsafe {
-                    let at = a.add(t * g.a_stride);
-                    av[t] = bcast256(at.add(64 * b));
-                    if TY != Q41 {
-                        nz[t] = bcast256(at.add(64 * b + 32));
-                    }
-                    if T > 1 {
-                        da[t] = _mm512_set1_ps(at.add(g.a_da).cast::<f32>().add(b).read());
-                    }
-                }
-            }
             if TY == Q41 && R == 4 {
                 // One step of the chains: the four rows' `m` of this block (transposed
                 // below), against the token's `s` (one token) or the group's (several).
@@ -844,15 +828,39 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                     }
                 }
             }
-            for (p, acc) in acc.iter_mut().enumerate().take(pairs) {
+            // Each pair's block unpacked and scaled once, then every token against the
+            // pairs: a token's loads are live only while its products run, which keeps
+            // 8 tokens × 2 pairs of accumulators in registers.
+            let mut u = [_mm512_setzero_si512(); 2];
+            let mut s = [_mm512_setzero_ps(); 2];
+            for p in 0..pairs {
                 let (ra, rb) = (row(2 * p), row(2 * p + 1));
                 // SAFETY: block b is in rows ra and rb.
-                let u = unsafe { unpack512::<TY>(w.add(ra * row_bytes + b * k.wb), w.add(rb * row_bytes + b * k.wb)) };
-                let s = _mm512_mul_ps(_mm512_permutex2var_ps(dw[ra], idx, dw[rb]), nib);
-                for t in 0..T {
-                    let sc = if T == 1 { s } else { _mm512_mul_ps(s, da[t]) };
-                    let q = _mm512_dpbusd_epi32(nz[t], u, av[t]);
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), sc, acc[t]);
+                u[p] = unsafe { unpack512::<TY>(w.add(ra * row_bytes + b * k.wb), w.add(rb * row_bytes + b * k.wb)) };
+                s[p] = _mm512_mul_ps(_mm512_permutex2var_ps(dw[ra], idx, dw[rb]), nib);
+            }
+            for t in 0..T {
+                // SAFETY: block b of token t is repacked.
+                let (av, nz, da) = unsafe {
+                    let at = a.add(t * g.a_stride);
+                    (
+                        bcast256(at.add(64 * b)),
+                        if TY != Q41 {
+                            bcast256(at.add(64 * b + 32))
+                        } else {
+                            _mm512_setzero_si512()
+                        },
+                        if T > 1 {
+                            _mm512_set1_ps(at.add(g.a_da).cast::<f32>().add(b).read())
+                        } else {
+                            _mm512_setzero_ps()
+                        },
+                    )
+                };
+                for p in 0..pairs {
+                    let sc = if T == 1 { s[p] } else { _mm512_mul_ps(s[p], da) };
+                    let q = _mm512_dpbusd_epi32(nz, u[p], av);
+                    acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), sc, acc[p][t]);
                 }
             }
         }
