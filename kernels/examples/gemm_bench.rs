@@ -3,7 +3,8 @@
 //! `cargo run --release -p kiln-kernels --example gemm_bench [-- TYPE...]`.
 //!
 //! With `--dram`, decode only, over a 256 MiB matrix (far beyond the caches) on two
-//! threads, each taking half the rows: the memory-bound case of real models' decode.
+//! threads, each taking half the rows: the memory-bound case of real models' decode
+//! (with `--tokens N` as well, N tokens: batched decode over weights streamed from DRAM).
 //! With `--model-prefill`, prefill only, at the shapes of the small models' matrices
 //! (rows × cols × 512 tokens). With `--tokens N`, SmolLM2's matrix shapes at a batch of
 //! N tokens (batched decode).
@@ -44,7 +45,7 @@ fn main() {
         // rows × 1024 cols against 512 tokens.
         let shapes: Vec<(usize, usize, usize)> = if dram {
             let cols = if ty.block_size() == 256 { 1024 } else { 896 };
-            vec![((256 << 20) / ty.row_bytes(cols).unwrap(), cols, 1)]
+            vec![((256 << 20) / ty.row_bytes(cols).unwrap(), cols, tokens_arg.unwrap_or(1))]
         } else if let Some(n) = tokens_arg {
             // SmolLM2's widest matrices (ffn gate/up: 1536 × 576, down: 576 × 1536) at a
             // small batch: the shape of batched decode across sessions.

@@ -39,7 +39,7 @@ const NT512: usize = 4;
 /// group of up to `STREAM_GROUP` tokens (the rows stay in L1 between groups).
 const STREAM_MAX_TOKENS: usize = 16;
 /// Most tokens per streaming kernel call: batched decode of 8 sessions unpacks each
-/// weight block once.
+/// weight block once (for the types of [`wide_groups`]; twice for the others).
 const STREAM_GROUP: usize = 8;
 /// Tokens per AVX2 kernel call, and rows.
 const T256: usize = 3;
@@ -614,15 +614,16 @@ unsafe fn stream512_rows(
     s16: *const f32,
     out: OutMatrix,
 ) {
-    // Token groups of 8, then 4, then the rest (so every group starts at a multiple of
-    // 4, as the Q4_1 group sums do), and their kernels: the same for every row group.
-    // At most STREAM_MAX_TOKENS = 16 tokens make at most three (15 = 8 + 4 + 3).
+    // Token groups of 8 (where `wide_groups`), then 4, then the rest (so every group
+    // starts at a multiple of 4, as the Q4_1 group sums do), and their kernels: the same
+    // for every row group. At most STREAM_MAX_TOKENS = 16 tokens make at most four
+    // (15 = 4 + 4 + 4 + 3).
     const { assert!(STREAM_MAX_TOKENS <= 16) };
-    let mut groups = [(0, pick_stream(k.ty, 1)); 3];
+    let mut groups = [(0, pick_stream(k.ty, 1)); 4];
     let (mut n_groups, mut t0) = (0, 0);
     while t0 < n_tokens {
         let n = match n_tokens - t0 {
-            rest if rest >= STREAM_GROUP => STREAM_GROUP,
+            rest if rest >= STREAM_GROUP && wide_groups(k.ty) => STREAM_GROUP,
             rest if rest >= 4 => 4,
             rest => rest,
         };
@@ -665,6 +666,15 @@ unsafe fn stream512_rows(
         }
         r += if four { 4 } else { 1 };
     }
+}
+
+/// Whether `ty`'s decode kernel takes `STREAM_GROUP` tokens at once rather than 4. For
+/// Q4_0 and Q8_0 the compiler hoists the 8 tokens' activation loads and spills
+/// accumulators, which costs more than unpacking each row block twice (from L1):
+/// `gemm_bench --tokens 8` gives them 10-45% more with groups of 4, and Q4_1 and Q5_0
+/// 30-45% more with groups of 8.
+fn wide_groups(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_0)
 }
 
 /// A streaming kernel: `(kind, geo, first weight row, repacked tokens, Q4_1 minimums
@@ -839,6 +849,8 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
                 u[p] = unsafe { unpack512::<TY>(w.add(ra * row_bytes + b * k.wb), w.add(rb * row_bytes + b * k.wb)) };
                 s[p] = _mm512_mul_ps(_mm512_permutex2var_ps(dw[ra], idx, dw[rb]), nib);
             }
+            // t indexes the inner dimension of every pair's accumulators at once.
+            #[allow(clippy::needless_range_loop)]
             for t in 0..T {
                 // SAFETY: block b of token t is repacked.
                 let (av, nz, da) = unsafe {
