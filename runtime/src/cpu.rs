@@ -7,7 +7,7 @@ use std::ops::Range;
 use kiln_kernels::attention::{self, AttnGeometry, CacheRows, KvPages};
 use kiln_kernels::dequant::dequantize_row;
 use kiln_kernels::gemm::{self, OutMatrix, RepackedActs, RowShape};
-use kiln_kernels::{ops, qdot};
+use kiln_kernels::{ops, qdot, GgmlType};
 
 use crate::pool::ThreadPool;
 use crate::{Activation, Attention, AttnSeq, Backend, BufId, Result, RopeStyle, WeightId, WeightSource};
@@ -141,11 +141,16 @@ fn for_rows(pool: &ThreadPool, n: usize, row_len: usize, f: &(dyn Fn(Range<usize
 
 /// Weight rows per parallel task of a matmul: small enough to balance the threads,
 /// large enough that each task streams a useful run of rows.
-fn rows_per_task(rows: usize, n_tokens: usize, threads: usize) -> usize {
-    // Decode: ~8 tasks per thread; prefill: bands of 64 rows stay in L1/L2 while the
-    // kernel sweeps the tokens.
-    let target = if n_tokens == 1 { rows.div_ceil(threads * 8) } else { 64 };
-    target.clamp(16, 256).next_multiple_of(16)
+fn rows_per_task(ty: GgmlType, rows: usize, n_tokens: usize, threads: usize) -> usize {
+    // Streaming (decode): two long runs per thread, which the prefetchers follow, and a
+    // spare for whichever thread is ahead; prefill: bands of 64 rows stay in L1/L2 while
+    // the kernel sweeps the tokens.
+    let target = if gemm::streams_weights(ty, n_tokens) {
+        rows.div_ceil(threads * 2)
+    } else {
+        64
+    };
+    target.max(16).next_multiple_of(16)
 }
 
 impl Backend for CpuBackend {
@@ -273,7 +278,7 @@ impl Backend for CpuBackend {
             // SAFETY: `buf` holds n × rows floats; tasks own disjoint bands of rows r of
             // one product and write only (t, r) for their r.
             outs[i] = Some(unsafe { OutMatrix::new(buf.as_mut_ptr(), rows) });
-            chunks[i] = rows_per_task(rows, n, self.pool.n_threads());
+            chunks[i] = rows_per_task(self.weights[weight.0 as usize].ty, rows, n, self.pool.n_threads());
             first_task[i + 1] = first_task[i] + rows.div_ceil(chunks[i]);
         }
         let CpuBackend {

@@ -175,6 +175,18 @@ fn grouped(level: SimdLevel, k: &Kind, n_tokens: usize) -> bool {
     level == SimdLevel::Avx512Vnni && k.min && n_tokens > 1
 }
 
+/// Whether [`gemm`] at `level` streams `ty`'s rows for `n_tokens` tokens (see
+/// `super::streams_weights`); `None` where it has no kernel for them.
+pub(super) fn streams(level: SimdLevel, ty: GgmlType, n_tokens: usize) -> Option<bool> {
+    let avx512 = match level {
+        SimdLevel::Avx512Vnni => true,
+        SimdLevel::Avx2 => false,
+        SimdLevel::Scalar => return None,
+    };
+    Kind::new(ty, avx512)?;
+    Some(!avx512 || n_tokens <= STREAM_MAX_TOKENS)
+}
+
 /// Bytes of `n_tokens` repacked activation rows: the rows, then the group sums
 /// ([`prep_s16`]) where there are any.
 fn repacked_bytes(level: SimdLevel, k: &Kind, g: &Geo, n_tokens: usize) -> usize {
