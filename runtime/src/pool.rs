@@ -32,6 +32,8 @@ struct Shared {
     stop: AtomicBool,
     /// Workers asleep (or about to be), so `run` knows whether to notify.
     sleepers: AtomicUsize,
+    /// `for_chunks`' share of each thread: the chunks `front..back` left of it.
+    segments: Vec<Segment>,
     lock: Mutex<()>,
     wake: Condvar,
 }
@@ -52,6 +54,7 @@ impl ThreadPool {
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
+            segments: (0..n_threads.max(1)).map(|_| Segment::default()).collect(),
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -104,25 +107,78 @@ impl ThreadPool {
         }
     }
 
-    /// Splits `0..n_items` into chunks of `chunk` and hands them to the threads as they
-    /// become free (dynamic scheduling evens out uneven chunks and noisy cores).
+    /// Splits `0..n_items` into chunks of `chunk` and runs `f` on each, every thread
+    /// first taking the chunks of its own contiguous share in order, then helping the
+    /// others from the far end of theirs. Each thread thus walks one run of items (a
+    /// matmul's rows: one stream the prefetchers follow), and a thread that falls behind
+    /// (a noisy core) is relieved of its last chunks.
     pub fn for_chunks(&self, n_items: usize, chunk: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
         let chunk = chunk.max(1);
         let n_chunks = n_items.div_ceil(chunk);
-        if n_chunks <= 1 || self.n_threads() == 1 {
+        let n = self.n_threads();
+        if n_chunks <= 1 || n == 1 {
             if n_items > 0 {
                 f(0..n_items);
             }
             return;
         }
-        let next = AtomicUsize::new(0);
-        self.run(&|_, _| loop {
-            let c = next.fetch_add(1, Ordering::Relaxed);
-            if c >= n_chunks {
-                break;
+        assert!(n_chunks <= u32::MAX as usize, "for_chunks: too many chunks");
+        let segments = &self.shared.segments;
+        for (i, segment) in segments.iter().enumerate() {
+            segment.set(i * n_chunks / n, (i + 1) * n_chunks / n);
+        }
+        let range = |c: usize| c * chunk..n_items.min((c + 1) * chunk);
+        // `run` publishes the segments to the workers with its job (a SeqCst bump of the
+        // epoch after these stores).
+        self.run(&|i, n| {
+            while let Some(c) = segments[i].take(End::Front) {
+                f(range(c));
             }
-            f(c * chunk..n_items.min((c + 1) * chunk));
+            for j in (1..n).map(|k| (i + k) % n) {
+                while let Some(c) = segments[j].take(End::Back) {
+                    f(range(c));
+                }
+            }
         });
+    }
+}
+
+/// The chunks `front..back` of one thread's share not yet taken, packed in one word so
+/// that its owner (from the front) and helpers (from the back) take them with one
+/// compare-and-swap; on its own cache line, apart from the other threads' shares.
+#[derive(Default)]
+#[repr(align(64))]
+struct Segment(AtomicU64);
+
+enum End {
+    Front,
+    Back,
+}
+
+impl Segment {
+    fn set(&self, front: usize, back: usize) {
+        self.0.store(front as u64 | (back as u64) << 32, Ordering::Relaxed);
+    }
+
+    fn take(&self, end: End) -> Option<usize> {
+        let mut now = self.0.load(Ordering::Relaxed);
+        loop {
+            let (front, back) = (now & 0xffff_ffff, now >> 32);
+            if front >= back {
+                return None;
+            }
+            let (taken, next) = match end {
+                End::Front => (front, now + 1),
+                End::Back => (back - 1, now - (1 << 32)),
+            };
+            match self
+                .0
+                .compare_exchange_weak(now, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(taken as usize),
+                Err(seen) => now = seen,
+            }
+        }
     }
 }
 
