@@ -146,7 +146,7 @@ fn rows_per_task(ty: GgmlType, rows: usize, n_tokens: usize, threads: usize) -> 
     // spare for whichever thread is ahead; prefill: bands of 64 rows stay in L1/L2 while
     // the kernel sweeps the tokens.
     let target = if gemm::streams_weights(ty, n_tokens) {
-        rows.div_ceil(threads * 2)
+        rows.div_ceil(threads * 8)
     } else {
         64
     };

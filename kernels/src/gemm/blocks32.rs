@@ -644,16 +644,16 @@ unsafe fn stream512_rows(
         t0 += n;
     }
     let row_bytes = g.nb * k.wb;
-    let end = weights.as_ptr_range().end;
     let mut r = 0;
     while r < n_rows {
         // The 4 rows about to be multiplied, PREFETCH_AHEAD further on, prefetched by
-        // the first token group's kernel as it goes.
+        // the first token group's kernel as it goes. Near the band's end that is the
+        // rows after it, which the caller's thread most often takes next (prefetches
+        // never fault, wherever they point).
         let from = weights.as_ptr().wrapping_add(r * row_bytes + PREFETCH_AHEAD);
-        let stop = from.wrapping_add(4 * row_bytes).min(end);
         let mut ahead = Ahead {
             from,
-            lines: (stop as usize).saturating_sub(from as usize).div_ceil(64),
+            lines: (4 * row_bytes).div_ceil(64),
         };
         let four = n_rows - r >= 4;
         for &(t0, (f4, f1)) in &groups[..n_groups] {
@@ -694,7 +694,8 @@ fn wide_groups(ty: GgmlType) -> bool {
 type StreamFn = unsafe fn(&Kind, &Geo, *const u8, *const u8, *mut f32, *const f32, OutMatrix, usize, Ahead);
 
 /// Weights a streaming kernel prefetches while it works: `lines` cache lines from
-/// `from`, a few per block, so the loads overlap the arithmetic. (A burst of prefetches
+/// `from` (a hint, so it may point past the weights), a few per block, so the loads
+/// overlap the arithmetic. (A burst of prefetches
 /// before the arithmetic stalls once the core's line-fill buffers are full, and then
 /// the memory idles while the kernel computes.)
 #[derive(Clone, Copy)]
@@ -825,8 +826,7 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
         for jb in 0..nbc {
             let b = b0 + jb;
             for line in b * ahead_per_block..ahead.lines.min((b + 1) * ahead_per_block) {
-                // A prefetch only hints the cache (the caller keeps `ahead` inside the
-                // weights).
+                // A prefetch only hints the cache: it never faults, wherever `ahead` points.
                 _mm_prefetch::<_MM_HINT_T0>(ahead.from.wrapping_add(64 * line).cast());
             }
             let idx = _mm512_add_epi32(pattern, _mm512_set1_epi32(jb as i32));
