@@ -611,58 +611,80 @@ unsafe fn f16_acc_heads<const HP: usize, const DC: usize>(
     let row = |p: usize| it.pages.row(p) * g.kv_stride + it.kv_offset;
     // Keys in blocks of 16: every score of the block first, then per head the running
     // maximum and each key's one `exp` argument (the rescale `max - score` where the
-    // maximum grows, else the weight's `score - max`), their 16 `exp`s at once, then the
-    // accumulation key by key, as the scalar pass orders it.
+    // maximum grows, else the weight's `score - max`) and their 16 `exp`s at once, then
+    // the accumulation key by key, as the scalar pass orders it. Each key and value
+    // vector is widened once for all the heads (the conversions bound this kernel).
     for p0 in (first..=pos).step_by(16) {
         let n = (pos + 1 - p0).min(16);
         let mut scores = [[0f32; 16]; HP];
         for j in 0..n {
             // SAFETY: the row's d keys lie in the cache (the caller's contract).
             let kp = unsafe { keys.as_ptr().add(row(p0 + j)) };
-            for (hi, scores) in scores.iter_mut().enumerate() {
-                // SAFETY: head hi's query is d floats at q.
-                scores[j] = unsafe { score_f16(q.add(hi * d), kp, d) } * g.scale;
+            // ggml's four chains per head: chain c % 4 takes values 16 c.. in order.
+            let mut chains = [[_mm512_setzero_ps(); 4]; HP];
+            for c in 0..DC {
+                // SAFETY: 16 keys at 16 c < d; head hi's query is d floats at q.
+                unsafe {
+                    let k = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(16 * c).cast()));
+                    for (hi, chains) in chains.iter_mut().enumerate() {
+                        chains[c % 4] = _mm512_fmadd_ps(k, _mm512_loadu_ps(q.add(hi * d + 16 * c)), chains[c % 4]);
+                    }
+                }
+            }
+            for (scores, s) in scores.iter_mut().zip(&chains) {
+                let x = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+                scores[j] = reduce_add_gcc(x) * g.scale;
             }
         }
+        let mut exps = [[0f32; 16]; HP];
+        let mut grew = [0u32; HP];
         for hi in 0..HP {
             let mut args = [0f32; 16];
-            let mut grew = 0u32;
             for j in 0..n {
                 let score = scores[hi][j];
                 if score > maxes[hi] {
                     args[j] = maxes[hi] - score;
                     maxes[hi] = score;
-                    grew |= 1 << j;
+                    grew[hi] |= 1 << j;
                 } else {
                     args[j] = score - maxes[hi];
                 }
             }
-            let mut e = [0f32; 16];
             // SAFETY: 16 floats each side.
-            unsafe { _mm512_storeu_ps(e.as_mut_ptr(), expf_libm512(_mm512_loadu_ps(args.as_ptr()), &table)) };
-            // The head's accumulators in a local the compiler keeps in registers through
-            // the block (indexed by a loop variable, `acc[hi]` would live in memory).
-            let mut head = acc[hi];
-            for (j, &e) in e.iter().enumerate().take(n) {
-                let (rescale, weight) = if grew & (1 << j) != 0 {
-                    for a in &mut head {
+            unsafe {
+                _mm512_storeu_ps(
+                    exps[hi].as_mut_ptr(),
+                    expf_libm512(_mm512_loadu_ps(args.as_ptr()), &table),
+                )
+            };
+        }
+        // j and c index the inner dimension of every head's arrays at once.
+        #[allow(clippy::needless_range_loop)]
+        for j in 0..n {
+            let mut w = [_mm512_setzero_ps(); HP];
+            for hi in 0..HP {
+                let e = exps[hi][j];
+                let (rescale, weight) = if grew[hi] & (1 << j) != 0 {
+                    for a in &mut acc[hi] {
                         *a = round(_mm512_mul_ps(*a, _mm512_set1_ps(e)));
                     }
                     (e, 1.0)
                 } else {
                     (1.0, e)
                 };
-                // SAFETY: the row's d values lie in the cache.
-                let vp = unsafe { values.as_ptr().add(row(p0 + j)) };
-                let w = _mm512_set1_ps(weight);
-                for (c, a) in head.iter_mut().enumerate() {
-                    // SAFETY: 16 values at 16 c < d.
-                    let v = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(16 * c).cast())) };
-                    *a = round(_mm512_fmadd_ps(v, w, *a));
-                }
+                w[hi] = _mm512_set1_ps(weight);
                 sum[hi] = sum[hi].mul_add(rescale, weight);
             }
-            acc[hi] = head;
+            // SAFETY: the row's d values lie in the cache.
+            let vp = unsafe { values.as_ptr().add(row(p0 + j)) };
+            #[allow(clippy::needless_range_loop)]
+            for c in 0..DC {
+                // SAFETY: 16 values at 16 c < d.
+                let v = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(16 * c).cast())) };
+                for hi in 0..HP {
+                    acc[hi][c] = round(_mm512_fmadd_ps(v, w[hi], acc[hi][c]));
+                }
+            }
         }
     }
     for hi in 0..HP {
@@ -762,28 +784,6 @@ fn expf_libm512(x: std::arch::x86_64::__m512, table: &[std::arch::x86_64::__m512
     }
     // SAFETY: 16 floats.
     unsafe { _mm512_loadu_ps(ys.as_ptr()) }
-}
-
-/// A rounded query (`d` floats at `q`) dotted with an f16 key row at `kp`, in ggml's
-/// order: four chains over 64 values at a time, `(a0 + a2) + (a1 + a3)`, then GCC's
-/// `_mm512_reduce_add_ps`.
-///
-/// # Safety
-/// `q` holds `d` floats and `kp` `d` values, `d` a multiple of 64.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn score_f16(q: *const f32, kp: *const u16, d: usize) -> f32 {
-    use std::arch::x86_64::*;
-    let mut s = [_mm512_setzero_ps(); 4];
-    for i in (0..d).step_by(64) {
-        for (j, s) in s.iter_mut().enumerate() {
-            // SAFETY: i + 16 j + 16 ≤ d.
-            let k = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(i + 16 * j).cast())) };
-            *s = _mm512_fmadd_ps(k, unsafe { _mm512_loadu_ps(q.add(i + 16 * j)) }, *s);
-        }
-    }
-    let x = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
-    reduce_add_gcc(x)
 }
 
 /// GCC's `_mm512_reduce_add_ps`: halves, quarters, then lanes 0 + 2 and 1 + 3, then
