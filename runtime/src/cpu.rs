@@ -142,9 +142,10 @@ fn for_rows(pool: &ThreadPool, n: usize, row_len: usize, f: &(dyn Fn(Range<usize
 /// Weight rows per parallel task of a matmul: small enough to balance the threads,
 /// large enough that each task streams a useful run of rows.
 fn rows_per_task(ty: GgmlType, rows: usize, n_tokens: usize, threads: usize) -> usize {
-    // Streaming (decode): two long runs per thread, which the prefetchers follow, and a
-    // spare for whichever thread is ahead; prefill: bands of 64 rows stay in L1/L2 while
-    // the kernel sweeps the tokens.
+    // Streaming (decode): 8 tasks per thread, which `for_chunks` hands out in order
+    // within each thread's share, so each thread still streams one run of rows (the
+    // kernel prefetches across task boundaries); prefill: bands of 64 rows stay in L1/L2
+    // while the kernel sweeps the tokens.
     let target = if gemm::streams_weights(ty, n_tokens) {
         rows.div_ceil(threads * 8)
     } else {

@@ -174,9 +174,9 @@ pub(crate) fn transpose16(r: &[std::arch::x86_64::__m512i; 16]) -> [std::arch::x
 /// Whether a product of `ty` over `n_tokens` activation rows streams its weights from
 /// their blocks, row after row (decode, and small batches of the 32-value block types),
 /// rather than sweeping bands of repacked rows. A caller splitting the rows across
-/// threads should then hand each thread a few long runs: every run starts with a stall
-/// until the prefetchers catch on (SmolLM2's decode went from 172 to 243 tokens/s with
-/// two runs per thread instead of eight or more).
+/// threads should then let each thread walk one run of rows: every new run starts with
+/// a stall until the prefetchers catch on (SmolLM2's decode went from 172 to 243
+/// tokens/s with two runs per thread instead of eight or more scattered ones).
 pub fn streams_weights(ty: GgmlType, n_tokens: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
