@@ -290,6 +290,36 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_thread_is_helped_and_every_chunk_runs_once() {
+        // Three threads and chunk counts that do not divide evenly; the caller (thread
+        // 0) stalls on its first chunk, so the others must take the rest of its share.
+        let pool = ThreadPool::new(3);
+        let caller = std::thread::current().id();
+        for n_items in [1usize, 2, 5, 64, 1001] {
+            let seen: Vec<AtomicUsize> = (0..n_items).map(|_| AtomicUsize::new(0)).collect();
+            let helped = AtomicUsize::new(0);
+            // Items of the caller's share: its chunks 0..n_chunks / 3.
+            let share0 = n_items.div_ceil(3) / 3 * 3;
+            pool.for_chunks(n_items, 3, &|range| {
+                let on_caller = std::thread::current().id() == caller;
+                if on_caller && range.start == 0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if !on_caller && range.start < share0 {
+                    helped.fetch_add(1, Ordering::Relaxed);
+                }
+                for i in range {
+                    seen[i].fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1), "{n_items} items");
+            if n_items == 1001 {
+                assert!(helped.load(Ordering::Relaxed) > 0, "nobody helped the stalled thread");
+            }
+        }
+    }
+
+    #[test]
     fn a_worker_panic_reaches_the_caller() {
         let pool = ThreadPool::new(2);
         let result = catch_unwind(AssertUnwindSafe(|| {
