@@ -32,6 +32,8 @@ use crate::quant::GgmlType;
 const MR: usize = 8;
 /// Pairs of rows per AVX-512 tile.
 const PAIRS: usize = MR / 2;
+/// Bytes per block of a repacked band: the `PAIRS` pairs' values, then the rows' scales.
+const BAND_UNIT: usize = 64 * (PAIRS + 1);
 /// Tokens per AVX-512 tile (a group of four, see [`prep_s16`]).
 const NT512: usize = 4;
 /// Up to this many tokens, AVX-512 streams the weights straight from their blocks
@@ -149,10 +151,10 @@ impl Geo {
         }
     }
 
-    /// Bytes per repacked band of `MR` weight rows: per block `PAIRS` pairs of (64 bytes
-    /// of values, 64 bytes of scales), then the rows' `m` per block (Q4_1).
+    /// Bytes per repacked band of `MR` weight rows: per block `BAND_UNIT` bytes (see
+    /// [`prep_band`]), then the rows' `m` per block (Q4_1).
     fn band_stride(&self, k: &Kind) -> usize {
-        (self.nb * 128 * PAIRS + if k.min { self.nb * 4 * MR } else { 0 }).next_multiple_of(64)
+        (self.nb * BAND_UNIT + if k.min { self.nb * 4 * MR } else { 0 }).next_multiple_of(64)
     }
 }
 
@@ -936,24 +938,38 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn prep_band(k: &Kind, g: &Geo, src: *const u8, present: usize, dst: *mut u8) {
     let row_bytes = g.nb * k.wb;
-    let nib = if k.hi16 { nibble_scales() } else { _mm512_set1_ps(1.0) };
+    let nib = if k.hi16 { 1.0 / 16.0 } else { 1.0 };
     for b in 0..g.nb {
+        let unit = dst.wrapping_add(BAND_UNIT * b);
+        let block = |r: usize| src.wrapping_add(r * row_bytes + b * k.wb);
         for p in 0..PAIRS {
             let (ra, rb) = (2 * p, 2 * p + 1);
-            // SAFETY: rows below `present` hold block b; the unit written is inside the
-            // band (128 · PAIRS bytes per block).
+            // SAFETY: rows below `present` hold block b; the pair's 64 bytes are inside
+            // the block's unit.
             unsafe {
-                let unit = dst.add(128 * PAIRS * b + 128 * p);
-                let block = |r: usize| src.add(r * row_bytes + b * k.wb);
                 let u = match (ra < present, rb < present) {
                     (true, true) => unpack_pair(k.ty, block(ra), block(rb)),
                     (true, false) => _mm512_maskz_mov_epi64(0x0F, unpack_pair(k.ty, block(ra), block(ra))),
                     _ => _mm512_setzero_si512(),
                 };
-                _mm512_storeu_si512(unit.cast(), u);
-                let d = |r: usize| if r < present { rd_f16(block(r)) } else { 0.0 };
-                let s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d(ra)), _mm512_set1_ps(d(rb)));
-                _mm512_storeu_ps(unit.add(64).cast(), _mm512_mul_ps(s, nib));
+                _mm512_storeu_si512(unit.add(64 * p).cast(), u);
+            }
+        }
+        // The rows' scales, then the same scaled for the high-nibble lanes (see `Kind`).
+        let d = |r: usize| {
+            // SAFETY: row r < present holds block b.
+            if r < present {
+                unsafe { rd_f16(block(r)) }
+            } else {
+                0.0
+            }
+        };
+        for r in 0..MR {
+            // SAFETY: 16 f32 at the unit's end.
+            unsafe {
+                let scales = unit.add(64 * PAIRS).cast::<f32>();
+                scales.add(r).write(d(r));
+                scales.add(MR + r).write(d(r) * nib);
             }
         }
         if k.min {
@@ -965,7 +981,7 @@ unsafe fn prep_band(k: &Kind, g: &Geo, src: *const u8, present: usize, dst: *mut
                     } else {
                         0.0
                     };
-                    dst.add(128 * PAIRS * g.nb).cast::<f32>().add(MR * b + r).write(m);
+                    dst.add(BAND_UNIT * g.nb).cast::<f32>().add(MR * b + r).write(m);
                 }
             }
         }
@@ -1035,13 +1051,20 @@ unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
     let mut acc = [[_mm512_setzero_ps(); T]; PAIRS];
     // Q4_1's `m · s` chains: rows 4h..4h + 4 in `chain[h]`, token t's row in lane 4t + r.
     let mut chain = [_mm512_setzero_ps(); MR / 4];
+    // Pair p's lanes of a token's scale products (see below): row 2p's product for the
+    // low and high nibbles, then row 2p + 1's.
+    let pick: [__m512i; PAIRS] = std::array::from_fn(|p| {
+        let (a, b) = (2 * p as i32, 2 * p as i32 + 1);
+        let (ha, hb) = (a + MR as i32, b + MR as i32);
+        _mm512_setr_epi32(a, a, a, a, ha, ha, ha, ha, b, b, b, b, hb, hb, hb, hb)
+    });
     for b in 0..g.nb {
         // SAFETY: block b of the band is repacked.
-        let (u, s): ([__m512i; PAIRS], [__m512; PAIRS]) = unsafe {
-            let unit = w.add(128 * PAIRS * b);
+        let (u, scales): ([__m512i; PAIRS], __m512) = unsafe {
+            let unit = w.add(BAND_UNIT * b);
             (
-                std::array::from_fn(|p| _mm512_loadu_si512(unit.add(128 * p).cast())),
-                std::array::from_fn(|p| _mm512_loadu_ps(unit.add(128 * p + 64).cast())),
+                std::array::from_fn(|p| _mm512_loadu_si512(unit.add(64 * p).cast())),
+                _mm512_loadu_ps(unit.add(64 * PAIRS).cast()),
             )
         };
         if MIN {
@@ -1049,7 +1072,7 @@ unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
             // f32 per block.
             unsafe {
                 let sums = _mm512_loadu_ps(s16.add(16 * b));
-                let m = w.add(128 * PAIRS * g.nb).cast::<f32>().add(MR * b);
+                let m = w.add(BAND_UNIT * g.nb).cast::<f32>().add(MR * b);
                 for (h, chain) in chain.iter_mut().enumerate() {
                     let m16 = _mm512_broadcast_f32x4(_mm_loadu_ps(m.add(4 * h)));
                     *chain = _mm512_fmadd_ps(m16, sums, *chain);
@@ -1072,9 +1095,13 @@ unsafe fn tile512<const T: usize, const NZ: bool, const MIN: bool>(
                     _mm512_set1_ps(at.add(g.a_da).cast::<f32>().add(b).read()),
                 )
             };
+            // The block's 16 scale products for this token in one multiply, each pair's
+            // lanes then picked from them: the same products as `s · d_a` per pair.
+            let products = _mm512_mul_ps(scales, da);
             for p in 0..PAIRS {
                 let q = _mm512_dpbusd_epi32(nz, u[p], av);
-                acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(s[p], da), acc[p][t]);
+                let sc = _mm512_permutexvar_ps(pick[p], products);
+                acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), sc, acc[p][t]);
             }
         }
     }
