@@ -204,10 +204,17 @@ impl Backend for CpuBackend {
     }
 
     fn argmax_rows(&mut self, buf: BufId, len: usize, out: &mut [u32]) {
-        let rows = self.buf(buf).chunks_exact(len);
-        for (best, row) in out.iter_mut().zip(rows) {
-            *best = ops::argmax(row);
-        }
+        // One row per task: a batched step's rows (whole vocabularies) in parallel.
+        let logits = &self.buffers[buf.0 as usize];
+        let n = out.len().min(logits.len() / len.max(1));
+        let out = Shared::new(&mut out[..n]);
+        self.pool.for_chunks(n, 1, &|rows| {
+            for r in rows {
+                // SAFETY: each task owns its rows' slots.
+                let slot = unsafe { out.part(r..r + 1) };
+                slot[0] = ops::argmax(&logits[r * len..(r + 1) * len]);
+            }
+        });
     }
 
     fn copy(&mut self, src: BufId, src_offset: usize, dst: BufId, dst_offset: usize, len: usize) {
