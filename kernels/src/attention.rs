@@ -731,7 +731,8 @@ fn expf_table_512() -> [std::arch::x86_64::__m512i; 4] {
     std::array::from_fn(|i| unsafe { _mm512_loadu_si512(t.as_ptr().add(8 * i).cast()) })
 }
 
-/// [`libm_expf::expf`] on 16 lanes; lanes with `|x| ≥ 88` (or NaN) take libm itself.
+/// glibc's `expf` (see [`libm_expf`]) on 16 lanes; lanes with `|x| ≥ 88` (or NaN) take
+/// libm itself.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]

@@ -685,8 +685,9 @@ unsafe fn stream512_rows(
 /// Whether `ty`'s decode kernel takes `STREAM_GROUP` tokens at once rather than 4. For
 /// Q4_0 and Q8_0 the compiler hoists the 8 tokens' activation loads and spills
 /// accumulators, which costs more than unpacking each row block twice (from L1):
-/// `gemm_bench --tokens 8` gives them 10-45% more with groups of 4, and Q4_1 and Q5_0
-/// 30-45% more with groups of 8.
+/// `gemm_bench --tokens 8` (best of 4) gives them 10-46% more with groups of 4, and
+/// Q5_0 44-50% more with groups of 8; Q4_1, which has no correction term to load,
+/// keeps its accumulators in registers at 8.
 fn wide_groups(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_0)
 }
