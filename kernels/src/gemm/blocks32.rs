@@ -177,8 +177,10 @@ fn grouped(level: SimdLevel, k: &Kind, n_tokens: usize) -> bool {
     level == SimdLevel::Avx512Vnni && k.min && n_tokens > 1
 }
 
-/// Whether [`gemm`] at `level` streams `ty`'s rows for `n_tokens` tokens (see
-/// `super::streams_weights`); `None` where it has no kernel for them.
+/// Whether [`gemm`] at `level` streams `ty`'s rows once for all `n_tokens` tokens (see
+/// `super::streams_weights`); `None` where it has no kernel for them. (AVX2 streams the
+/// rows for every `T256` tokens: beyond those, bands of rows are better kept short, so
+/// that they stay in cache from one group of tokens to the next.)
 pub(super) fn streams(level: SimdLevel, ty: GgmlType, n_tokens: usize) -> Option<bool> {
     let avx512 = match level {
         SimdLevel::Avx512Vnni => true,
@@ -186,7 +188,7 @@ pub(super) fn streams(level: SimdLevel, ty: GgmlType, n_tokens: usize) -> Option
         SimdLevel::Scalar => return None,
     };
     Kind::new(ty, avx512)?;
-    Some(!avx512 || n_tokens <= STREAM_MAX_TOKENS)
+    Some(n_tokens <= if avx512 { STREAM_MAX_TOKENS } else { T256 })
 }
 
 /// Bytes of `n_tokens` repacked activation rows: the rows, then the group sums
