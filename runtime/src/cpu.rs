@@ -3,6 +3,7 @@
 //! thread pool (see `pool.rs`), entered only by ops big enough to repay it.
 
 use std::ops::Range;
+use std::sync::Mutex;
 
 use kiln_kernels::attention::{self, AttnGeometry, CacheRows, KvPages};
 use kiln_kernels::dequant::dequantize_row;
@@ -41,8 +42,8 @@ pub struct CpuBackend {
     /// Vectors (norm weights, biases) dequantized once at upload, by weight index.
     vectors: Vec<Option<Vec<f32>>>,
     buffers: Vec<Vec<f32>>,
-    /// A row's candidates in `top_k_rows`, reused across calls.
-    top_k_scratch: Vec<(u32, f32)>,
+    /// Each pool thread's candidates of a row in `top_k_rows`, reused across calls.
+    top_k_scratch: Vec<Mutex<Vec<(u32, f32)>>>,
 }
 
 impl CpuBackend {
@@ -54,6 +55,7 @@ impl CpuBackend {
     pub fn with_numerics(threads: Option<usize>, numerics: Numerics) -> Self {
         let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         CpuBackend {
+            top_k_scratch: (0..threads.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
             pool: ThreadPool::new(threads.max(1)),
             numerics,
             acts: Vec::new(),
@@ -64,7 +66,6 @@ impl CpuBackend {
             weights: Vec::new(),
             vectors: Vec::new(),
             buffers: Vec::new(),
-            top_k_scratch: Vec::new(),
         }
     }
 
@@ -195,12 +196,19 @@ impl Backend for CpuBackend {
     }
 
     fn top_k_rows(&mut self, buf: BufId, len: usize, k: usize, counts: &mut [u32], out: &mut [(u32, f32)]) {
-        let mut scratch = std::mem::take(&mut self.top_k_scratch);
-        let rows = self.buf(buf).chunks_exact(len);
-        for ((count, row), top) in counts.iter_mut().zip(rows).zip(out.chunks_exact_mut(k)) {
-            *count = ops::top_k(row, &mut scratch, top) as u32;
-        }
-        self.top_k_scratch = scratch;
+        // Rows in parallel, each thread taking every n-th row with its own scratch.
+        let logits = &self.buffers[buf.0 as usize];
+        let n_rows = counts.len().min(logits.len() / len).min(out.len() / k.max(1));
+        let (counts, out) = (Shared::new(&mut counts[..n_rows]), Shared::new(&mut out[..n_rows * k]));
+        let scratch = &self.top_k_scratch;
+        self.pool.run(&|i, n| {
+            let mut scratch = scratch[i].lock().unwrap_or_else(|e| e.into_inner());
+            for r in (i..n_rows).step_by(n) {
+                // SAFETY: row r's count and candidates belong to this thread alone.
+                let (count, top) = unsafe { (counts.part(r..r + 1), out.part(r * k..(r + 1) * k)) };
+                count[0] = ops::top_k(&logits[r * len..(r + 1) * len], &mut scratch, top) as u32;
+            }
+        });
     }
 
     fn argmax_rows(&mut self, buf: BufId, len: usize, out: &mut [u32]) {
