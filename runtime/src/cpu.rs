@@ -196,19 +196,25 @@ impl Backend for CpuBackend {
     }
 
     fn top_k_rows(&mut self, buf: BufId, len: usize, k: usize, counts: &mut [u32], out: &mut [(u32, f32)]) {
-        // Rows in parallel, each thread taking every n-th row with its own scratch.
+        // Rows in parallel, each thread taking every n-th row with its own scratch (one
+        // row, a single session's step, stays on the calling thread).
         let logits = &self.buffers[buf.0 as usize];
         let n_rows = counts.len().min(logits.len() / len).min(out.len() / k.max(1));
         let (counts, out) = (Shared::new(&mut counts[..n_rows]), Shared::new(&mut out[..n_rows * k]));
         let scratch = &self.top_k_scratch;
-        self.pool.run(&|i, n| {
+        let job = |i: usize, n: usize| {
             let mut scratch = scratch[i].lock().unwrap_or_else(|e| e.into_inner());
             for r in (i..n_rows).step_by(n) {
                 // SAFETY: row r's count and candidates belong to this thread alone.
                 let (count, top) = unsafe { (counts.part(r..r + 1), out.part(r * k..(r + 1) * k)) };
                 count[0] = ops::top_k(&logits[r * len..(r + 1) * len], &mut scratch, top) as u32;
             }
-        });
+        };
+        if n_rows > 1 {
+            self.pool.run(&job);
+        } else {
+            job(0, 1);
+        }
     }
 
     fn argmax_rows(&mut self, buf: BufId, len: usize, out: &mut [u32]) {

@@ -1622,10 +1622,7 @@ impl Backend for GpuBackend {
     }
 
     fn matmul_many_biased(&mut self, x: BufId, n: usize, products: &[(WeightId, BufId)], biases: &[WeightId]) {
-        assert!(
-            products.len() == biases.len() && products.len() <= 4,
-            "a bias for each of at most four products"
-        );
+        crate::assert_bias_per_product(products, biases);
         let input = Input {
             x: self.buf(x),
             gated: None,

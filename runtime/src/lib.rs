@@ -257,6 +257,14 @@ pub struct AttnSeq {
     pub n_pages: usize,
 }
 
+/// `Backend::matmul_many_biased`'s contract: a bias for each of at most four products.
+pub(crate) fn assert_bias_per_product(products: &[(WeightId, BufId)], biases: &[WeightId]) {
+    assert!(
+        products.len() == biases.len() && products.len() <= 4,
+        "a bias for each of at most four products"
+    );
+}
+
 /// What a device does for kiln: hold weights and buffers, run the ops of a forward pass,
 /// and hand results back. Ops are enqueued in call order; `read` waits for them.
 ///
@@ -329,10 +337,7 @@ pub trait Backend: Send {
     /// output (a projection's q, k and v biases; as many as products): one pass fewer
     /// where a backend adds them as it writes the products.
     fn matmul_many_biased(&mut self, x: BufId, n: usize, products: &[(WeightId, BufId)], biases: &[WeightId]) {
-        assert!(
-            products.len() == biases.len() && products.len() <= 4,
-            "a bias for each of at most four products"
-        );
+        assert_bias_per_product(products, biases);
         self.matmul_many(x, n, products);
         let mut pairs = [(BufId(0), WeightId(0)); 4];
         for (pair, (&(_, out), &bias)) in pairs.iter_mut().zip(products.iter().zip(biases)) {

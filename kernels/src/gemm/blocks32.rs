@@ -971,8 +971,9 @@ unsafe fn prep_band(k: &Kind, g: &Geo, src: *const u8, present: usize, dst: *mut
             // SAFETY: 16 f32 at the unit's end.
             unsafe {
                 let scales = unit.add(64 * PAIRS).cast::<f32>();
-                scales.add(r).write(d(r));
-                scales.add(MR + r).write(d(r) * nib);
+                let d = d(r);
+                scales.add(r).write(d);
+                scales.add(MR + r).write(d * nib);
             }
         }
         if k.min {
