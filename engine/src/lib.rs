@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_models::tokenizer::TokenizerInfo;
-use kiln_models::{Checkpoint, KvStore, Model, ModelError, Scratch};
+use kiln_models::{Checkpoint, KvLayout, KvStore, Model, ModelError, Scratch};
 use kiln_runtime::BackendChoice;
 
 pub use conversation::{Conversation, ConversationOptions, ConversationStats, Message, Reply, Role, ToolCall};
@@ -94,6 +94,11 @@ pub struct EngineOptions {
     pub page_size: usize,
     /// Keep full pages of finished sessions to reuse for prompts that start the same way.
     pub prefix_cache: bool,
+    /// Keep every position of sliding-window layers (Gemma 3's local layers), as
+    /// llama.cpp's `--swa-full` does. By default their pages are let go once no later
+    /// query sees them, so a long context takes a fraction of the memory; the price is
+    /// that rewinding a context to before its last window recomputes it.
+    pub full_window_cache: bool,
     pub when_kv_full: KvPolicy,
     /// Which backend runs the model: a real GPU when there is one (`Auto`), or forced.
     pub backend: BackendChoice,
@@ -109,6 +114,7 @@ impl Default for EngineOptions {
             kv_budget: None,
             page_size: 64,
             prefix_cache: true,
+            full_window_cache: false,
             when_kv_full: KvPolicy::Fail,
             backend: BackendChoice::Auto,
         }
@@ -181,10 +187,16 @@ impl Engine {
         if options.page_size == 0 || options.page_size > 4096 {
             return invalid("page size must be 1..=4096 tokens");
         }
-        let page_bytes = KvStore::page_bytes(be.as_ref(), hyper, options.page_size);
+        let layout = if options.full_window_cache {
+            KvLayout::single(hyper.n_layer)
+        } else {
+            KvLayout::by_window(&model.layer_windows())
+        };
+        let page_bytes = KvStore::page_bytes(be.as_ref(), hyper, &layout, options.page_size);
         let n_pages = match options.kv_budget.unwrap_or(KvBudget::Tokens(2 * n_ctx)) {
             KvBudget::Bytes(bytes) => bytes / page_bytes,
-            KvBudget::Tokens(tokens) => tokens.div_ceil(options.page_size),
+            // A page holds one group of layers: every group's page for each position.
+            KvBudget::Tokens(tokens) => layout.groups() * tokens.div_ceil(options.page_size),
         };
         if n_pages == 0 {
             return Err(EngineError::InvalidOption(format!(
@@ -197,8 +209,8 @@ impl Engine {
         // A step holds one prompt chunk and one decode token per other session; each
         // sequence wants one row of logits.
         let scratch = Scratch::new(be.as_mut(), hyper, chunk + max_seqs, max_seqs + 1);
-        let store = KvStore::new(be.as_mut(), hyper, n_pages, options.page_size);
-        let pool = kv::PagePool::new(n_pages, options.page_size, options.prefix_cache);
+        let pool = kv::PagePool::new(n_pages, options.page_size, options.prefix_cache, layout.windows.clone());
+        let store = KvStore::new(be.as_mut(), hyper, layout, n_pages, options.page_size);
         let core = Arc::new(Core {
             model,
             tokenizer,

@@ -52,10 +52,11 @@ pub(crate) struct Device {
 }
 
 impl Device {
-    /// Makes the page copies that copy-on-write asked for, in every layer.
+    /// Makes the page copies that copy-on-write asked for, in every slot (a page holds
+    /// the same slot of each layer of its group).
     pub fn copy_pages(&mut self, copies: &[PageCopy], page_floats: usize) {
         for &(from, to) in copies {
-            for &(k, v) in &self.store.layers {
+            for &(k, v) in &self.store.slots {
                 for buf in [k, v] {
                     self.be
                         .copy_within(buf, from as usize * page_floats, to as usize * page_floats, page_floats);
@@ -99,9 +100,9 @@ pub(crate) struct Seq {
 }
 
 impl Seq {
-    pub fn new(n_ctx: usize, page_size: usize) -> Self {
+    pub fn new(n_ctx: usize, pool: &PagePool) -> Self {
         Seq {
-            pages: SeqPages::with_capacity(n_ctx.div_ceil(page_size) + 1),
+            pages: pool.new_seq(n_ctx),
             // The context never outgrows n_ctx: one allocation, none while decoding.
             tokens: Vec::with_capacity(n_ctx),
             job: None,
@@ -338,9 +339,9 @@ fn plan(core: &Core, state: &mut State, step: &mut Step) -> bool {
         }
         seq.job.as_mut().expect("listed").waiting = false;
         seq.in_flight = true;
-        let pages = step.pages.len()..step.pages.len() + end.div_ceil(pool.page_size());
-        step.pages
-            .extend_from_slice(&seq.pages.pages[..end.div_ceil(pool.page_size())]);
+        let pages_before = step.pages.len();
+        seq.pages.tables_for(end, pool.page_size(), &mut step.pages);
+        let pages = pages_before..step.pages.len();
         let tokens = step.tokens.len()..step.tokens.len() + (end - start);
         step.tokens.extend_from_slice(&seq.tokens[start..end]);
         step.entries.push(Entry {

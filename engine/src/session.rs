@@ -122,9 +122,9 @@ pub struct Session {
 impl Session {
     pub(crate) fn new(engine: Engine, _options: SessionOptions) -> Session {
         let core = engine.core();
-        let seq = Seq::new(core.n_ctx, engine.page_size());
         let id = {
             let mut state = core.lock_state();
+            let seq = Seq::new(core.n_ctx, &state.pool);
             let id = state.next_id;
             state.next_id += 1;
             state.seqs.insert(id, seq);
@@ -135,10 +135,11 @@ impl Session {
 
     fn with_id(engine: Engine, id: u64) -> Session {
         let core = engine.core();
+        let table_len = core.lock_state().pool.groups() * (core.n_ctx.div_ceil(engine.page_size()) + 1);
         Session {
             logits: vec![0.0; core.model.hyper().vocab],
             pending: Vec::with_capacity(core.chunk),
-            table: Vec::with_capacity(core.n_ctx.div_ceil(engine.page_size()) + 1),
+            table: Vec::with_capacity(table_len),
             copies: Vec::with_capacity(4),
             id,
             engine,
@@ -160,7 +161,7 @@ impl Session {
 
     /// Pages of the key/value cache this session's context holds (shared ones included).
     pub fn kv_pages(&self) -> usize {
-        self.with_seq(|_, seq| seq.pages.pages.len())
+        self.with_seq(|_, seq| seq.pages.held())
     }
 
     /// Continues the context with `prompt` and generates a reply to it.
@@ -340,8 +341,7 @@ impl Session {
                 self.pending.clear();
                 self.pending.extend_from_slice(&seq.tokens[start..end]);
                 self.table.clear();
-                self.table
-                    .extend_from_slice(&seq.pages.pages[..end.div_ceil(page_size)]);
+                seq.pages.tables_for(end, page_size, &mut self.table);
                 start
             };
             {
@@ -381,7 +381,7 @@ impl Session {
             if seq.busy() {
                 return Err(EngineError::Busy);
             }
-            let mut copy = Seq::new(core.n_ctx, self.engine.page_size());
+            let mut copy = Seq::new(core.n_ctx, &state.pool);
             copy.tokens.extend_from_slice(&seq.tokens);
             copy.pages = state.pool.fork(&seq.pages);
             let id = state.next_id;
@@ -425,6 +425,12 @@ impl Session {
             }
             seq.tokens.truncate(len);
             pool.truncate(&mut seq.pages, len);
+            if seq.pages.len < len && seq.pages.len == 0 {
+                // A sliding window had let go of pages the shorter context needs: take
+                // what the prefix cache still has; the rest is recomputed before the next
+                // token.
+                pool.attach_prefix(&mut seq.pages, &seq.tokens);
+            }
             Ok(())
         })
     }

@@ -3,9 +3,11 @@
 //!
 //! Layout, little-endian: the magic `KILNSESS`, the format version (u32), the model's
 //! fingerprint (u64), layers, KV row width in buffer floats, tokens and computed
-//! positions (u32 each), the tokens (u32 each), then per layer the keys and the values
-//! of positions `0..computed` (rows as the backend stores them: f32, or packed f16), and
-//! an FNV-1a checksum (u64) of everything before it. A
+//! positions (u32 each), per layer the first position whose rows are kept (u32 each: 0,
+//! or for a sliding-window layer the first its next query sees), the tokens (u32 each),
+//! then per layer the keys and the values of positions `kept..computed` (rows as the
+//! backend stores them: f32, or packed f16), and an FNV-1a checksum (u64) of everything
+//! before it. A
 //! load checks the size the header implies, the fingerprint and the checksum before it
 //! touches the cache, so a truncated or foreign file is an error, never a wrong context.
 
@@ -17,7 +19,7 @@ use crate::scheduler::{Core, Seq};
 use crate::{Engine, EngineError, Result, Session, SessionOptions};
 
 const MAGIC: &[u8; 8] = b"KILNSESS";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 const HEADER_BYTES: usize = 8 + 4 + 8 + 4 * 4;
 
 /// A hash of what a saved state depends on: the model's shapes and its vocabulary.
@@ -64,22 +66,33 @@ impl Session {
         let path = path.as_ref();
         let core = self.engine.core();
         let hyper = core.model.hyper();
-        let (row_floats, page_size) = (core.lock_device().store.row_floats, self.engine.page_size());
+        let page_size = self.engine.page_size();
+        let (row_floats, layout) = {
+            let device = core.lock_device();
+            (device.store.row_floats, device.store.layout.clone())
+        };
         // Copy what the file needs while the session cannot change (it is not busy).
-        let (tokens, pages, computed) = {
+        let (tokens, tables, computed) = {
             let state = core.lock_state();
             let seq = state.seqs.get(&self.id).expect("a live session has a sequence");
             if seq.busy() {
                 return Err(EngineError::Busy);
             }
-            (seq.tokens.clone(), seq.pages.pages.clone(), seq.pages.len)
+            (seq.tokens.clone(), seq.pages.tables.clone(), seq.pages.len)
         };
+        let kept: Vec<usize> = (0..hyper.n_layer)
+            .map(|l| first_row_read(window_of(&layout, l), computed))
+            .collect();
+        let rows_kept: usize = kept.iter().map(|&k| computed - k).sum();
         let mut out =
-            Vec::with_capacity(HEADER_BYTES + 4 * tokens.len() + 8 * hyper.n_layer * computed * row_floats + 8);
+            Vec::with_capacity(HEADER_BYTES + 4 * hyper.n_layer + 4 * tokens.len() + 8 * rows_kept * row_floats + 8);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&self.engine.fingerprint().to_le_bytes());
-        for n in [hyper.n_layer, row_floats, tokens.len(), computed] {
+        for n in [hyper.n_layer, row_floats, tokens.len(), computed]
+            .into_iter()
+            .chain(kept.iter().copied())
+        {
             out.extend_from_slice(&(n as u32).to_le_bytes());
         }
         for t in &tokens {
@@ -89,14 +102,13 @@ impl Session {
             let mut device = core.lock_device();
             let device = &mut *device;
             let mut rows = vec![0f32; page_size * row_floats];
-            for &(k, v) in &device.store.layers {
-                for buf in [k, v] {
-                    for (i, &page) in pages.iter().enumerate().take(computed.div_ceil(page_size)) {
-                        let n = page_size.min(computed - i * page_size) * row_floats;
-                        device
-                            .be
-                            .read(buf, page as usize * page_size * row_floats, &mut rows[..n]);
-                        for x in &rows[..n] {
+            for (l, &first) in kept.iter().enumerate() {
+                let kv = device.store.layer(l);
+                for buf in [kv.keys, kv.values] {
+                    for (at, n) in page_runs(&tables[kv.group], page_size, first..computed) {
+                        let rows = &mut rows[..n * row_floats];
+                        device.be.read(buf, at * row_floats, rows);
+                        for x in rows.iter() {
                             out.extend_from_slice(&x.to_le_bytes());
                         }
                     }
@@ -139,7 +151,11 @@ impl Session {
         if fingerprint != engine.fingerprint() || n_layer != hyper.n_layer {
             return Err(bad("saved from another model"));
         }
-        if row_floats != core.lock_device().store.row_floats {
+        let (store_row_floats, layout) = {
+            let device = core.lock_device();
+            (device.store.row_floats, device.store.layout.clone())
+        };
+        if row_floats != store_row_floats {
             return Err(bad("saved with another key/value cache format (another backend)"));
         }
         if computed > n_tokens || n_tokens > core.n_ctx {
@@ -148,8 +164,26 @@ impl Session {
                 core.n_ctx
             )));
         }
-        let kv_floats = 2 * n_layer * computed * row_floats;
-        let expected = HEADER_BYTES + 4 * n_tokens + 4 * kv_floats + 8;
+        if bytes.len() < HEADER_BYTES + 4 * n_layer + 8 {
+            return Err(bad("truncated"));
+        }
+        let kept: Vec<usize> = (0..n_layer).map(|l| u32_at(HEADER_BYTES + 4 * l)).collect();
+        for (l, &first) in kept.iter().enumerate() {
+            if first > computed {
+                return Err(bad("corrupt (rows kept past the computed ones)"));
+            }
+            // Rows a windowed layer's next query sees are enough; other layers need all.
+            let needed = first_row_read(window_of(&layout, l), computed);
+            if first > needed {
+                return Err(bad(&format!(
+                    "layer {l}'s keys and values are kept from position {first}, this engine needs \
+                     them from {needed} (saved with a sliding-window cache, loaded into a full one)"
+                )));
+            }
+        }
+        let rows_kept: usize = kept.iter().map(|&k| computed - k).sum();
+        let tokens_at = HEADER_BYTES + 4 * n_layer;
+        let expected = tokens_at + 4 * n_tokens + 8 * rows_kept * row_floats + 8;
         if bytes.len() != expected {
             return Err(bad(&format!(
                 "{} bytes where its header implies {expected} (truncated or corrupt)",
@@ -162,7 +196,7 @@ impl Session {
         if h.finish().to_le_bytes() != sum {
             return Err(bad("checksum mismatch (corrupt)"));
         }
-        let tokens: Vec<u32> = body[HEADER_BYTES..HEADER_BYTES + 4 * n_tokens]
+        let tokens: Vec<u32> = body[tokens_at..tokens_at + 4 * n_tokens]
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect();
@@ -172,7 +206,7 @@ impl Session {
         let session = engine.session(SessionOptions::default());
         let page_size = engine.page_size();
         let mut copies: Vec<PageCopy> = Vec::new();
-        let pages = {
+        let tables = {
             let mut state = core.lock_state();
             let state = &mut *state;
             let seq: &mut Seq = state.seqs.get_mut(&session.id).expect("just made");
@@ -184,23 +218,24 @@ impl Session {
             // A fresh sequence shares no page, so nothing needs copying.
             debug_assert!(copies.is_empty());
             seq.in_flight = true;
-            seq.pages.pages.clone()
+            seq.pages.tables.clone()
         };
         {
             let mut device = core.lock_device();
             let device = &mut *device;
-            let mut floats = body[HEADER_BYTES + 4 * n_tokens..]
+            let mut floats = body[tokens_at + 4 * n_tokens..]
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")));
             let mut rows = vec![0f32; page_size * row_floats];
-            for &(k, v) in &device.store.layers {
-                for buf in [k, v] {
-                    for (i, &page) in pages.iter().enumerate().take(computed.div_ceil(page_size)) {
-                        let n = page_size.min(computed - i * page_size) * row_floats;
-                        for r in rows[..n].iter_mut() {
+            for (l, &first) in kept.iter().enumerate() {
+                let kv = device.store.layer(l);
+                for buf in [kv.keys, kv.values] {
+                    for (at, n) in page_runs(&tables[kv.group], page_size, first..computed) {
+                        let rows = &mut rows[..n * row_floats];
+                        for r in rows.iter_mut() {
                             *r = floats.next().expect("sized by the header check");
                         }
-                        device.be.write(buf, page as usize * page_size * row_floats, &rows[..n]);
+                        device.be.write(buf, at * row_floats, rows);
                     }
                 }
             }
@@ -209,7 +244,46 @@ impl Session {
         let state = &mut *state;
         let seq = state.seqs.get_mut(&session.id).expect("just made");
         seq.in_flight = false;
-        state.pool.commit(&mut seq.pages, computed, &seq.tokens);
+        // Rows before a layer's first kept one were not restored: their pages must not be
+        // offered to other sequences as a cached prefix.
+        let mut restored_from = vec![0; layout.groups()];
+        for (l, &first) in kept.iter().enumerate() {
+            let group = layout.layers[l].0;
+            restored_from[group] = restored_from[group].max(first);
+        }
+        state
+            .pool
+            .commit_restored(&mut seq.pages, computed, &seq.tokens, &restored_from);
         Ok(session)
     }
+}
+
+/// The window of a layer's group.
+fn window_of(layout: &kiln_models::KvLayout, layer: usize) -> Option<usize> {
+    layout.windows[layout.layers[layer].0]
+}
+
+/// The first position whose keys and values the next query of a layer with `window`
+/// reads, in a context of `computed` positions.
+fn first_row_read(window: Option<usize>, computed: usize) -> usize {
+    window.map_or(0, |w| (computed + 1).saturating_sub(w))
+}
+
+/// The cache rows of `positions` under a page table, as runs of consecutive rows:
+/// `(first row, rows)`, one per page touched.
+fn page_runs(
+    table: &[u32],
+    page_size: usize,
+    positions: std::ops::Range<usize>,
+) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut pos = positions.start;
+    std::iter::from_fn(move || {
+        if pos >= positions.end {
+            return None;
+        }
+        let n = (page_size - pos % page_size).min(positions.end - pos);
+        let run = (table[pos / page_size] as usize * page_size + pos % page_size, n);
+        pos += n;
+        Some(run)
+    })
 }

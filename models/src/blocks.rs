@@ -5,28 +5,120 @@ use kiln_runtime::{Activation, Attention, AttnSeq, Backend, BufId, RopeStyle, We
 
 use crate::{Checkpoint, Hyper, ModelError};
 
-/// Key/value storage shared by every sequence: per layer one buffer of keys and one of
-/// values, each `n_pages` pages of `page_size` rows of `kv_dim` values (`row_floats`
-/// buffer floats a row, as the backend stores them). Which pages a sequence's positions
-/// use is its page table, kept by whoever schedules sequences.
+/// How the layers' keys and values are laid out in cache pages.
+///
+/// Layers are split into groups of `group_size` layers that share a sliding window (or
+/// have none); one page of the pool holds `page_size` positions of every layer of one
+/// group, and each sequence has one page table per group. Pages of a group whose layers
+/// see only a window of positions can be let go once every later query's window has
+/// passed them (Gemma 3's five sliding layers of six), while the other groups keep theirs.
+/// All pages are the same size, so the groups draw on one pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    /// The window of each group's layers (`None`: they see every earlier position).
+    pub windows: Vec<Option<usize>>,
+    /// Each layer's group and slot (its place in the group).
+    pub layers: Vec<(usize, usize)>,
+    pub group_size: usize,
+}
+
+impl KvLayout {
+    /// Every layer in one group: pages hold all positions of all layers.
+    pub fn single(n_layer: usize) -> KvLayout {
+        KvLayout {
+            windows: vec![None],
+            layers: (0..n_layer).map(|l| (0, l)).collect(),
+            group_size: n_layer,
+        }
+    }
+
+    /// Layers grouped by their attention window. Groups are as large as the layer counts
+    /// of all windows allow (their greatest common divisor): fewer groups, fewer tables.
+    pub fn by_window(windows: &[Option<usize>]) -> KvLayout {
+        let mut classes: Vec<(Option<usize>, usize)> = Vec::new();
+        for &w in windows {
+            match classes.iter_mut().find(|(cw, _)| *cw == w) {
+                Some((_, count)) => *count += 1,
+                None => classes.push((w, 1)),
+            }
+        }
+        let gcd = |mut a: usize, mut b: usize| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let group_size = classes.iter().fold(0, |g, &(_, count)| gcd(g, count)).max(1);
+        // Each window's groups follow the previous window's.
+        let mut first_group = Vec::with_capacity(classes.len());
+        let mut group_windows = Vec::new();
+        for &(w, count) in &classes {
+            first_group.push(group_windows.len());
+            group_windows.extend(std::iter::repeat_n(w, count / group_size));
+        }
+        let mut seen = vec![0; classes.len()];
+        let layers = windows
+            .iter()
+            .map(|w| {
+                let c = classes.iter().position(|(cw, _)| cw == w).expect("classified");
+                let k = seen[c];
+                seen[c] += 1;
+                (first_group[c] + k / group_size, k % group_size)
+            })
+            .collect();
+        KvLayout {
+            windows: group_windows,
+            layers,
+            group_size,
+        }
+    }
+
+    pub fn groups(&self) -> usize {
+        self.windows.len()
+    }
+}
+
+/// Key/value storage shared by every sequence: `n_pages` pages of `page_size` rows of
+/// `kv_dim` values (`row_floats` buffer floats a row, as the backend stores them) for
+/// each layer of a group ([`KvLayout`]). Slot `i` of every page lives in the `i`-th pair
+/// of buffers (keys, values): a layer reads its slot's buffers at the pages of its
+/// group's table. Which pages a sequence's positions use is its page tables, kept by
+/// whoever schedules sequences.
 pub struct KvStore {
-    pub layers: Vec<(BufId, BufId)>,
+    pub slots: Vec<(BufId, BufId)>,
+    pub layout: KvLayout,
     pub page_size: usize,
     pub n_pages: usize,
     pub row_floats: usize,
 }
 
+/// Where one layer's keys and values are: its slot's buffers, and its group's table.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerKv {
+    pub keys: BufId,
+    pub values: BufId,
+    pub group: usize,
+}
+
 impl KvStore {
-    pub fn new(be: &mut dyn Backend, hyper: &Hyper, n_pages: usize, page_size: usize) -> KvStore {
+    pub fn new(be: &mut dyn Backend, hyper: &Hyper, layout: KvLayout, n_pages: usize, page_size: usize) -> KvStore {
+        assert_eq!(layout.layers.len(), hyper.n_layer, "a layout for another model");
         let row_floats = be.kv_row_floats(hyper.kv_dim());
         let len = n_pages * page_size * row_floats;
-        let layers = (0..hyper.n_layer).map(|_| (be.alloc(len), be.alloc(len))).collect();
+        let slots = (0..layout.group_size).map(|_| (be.alloc(len), be.alloc(len))).collect();
         KvStore {
-            layers,
+            slots,
+            layout,
             page_size,
             n_pages,
             row_floats,
         }
+    }
+
+    pub fn layer(&self, layer: usize) -> LayerKv {
+        let (group, slot) = self.layout.layers[layer];
+        let (keys, values) = self.slots[slot];
+        LayerKv { keys, values, group }
     }
 
     /// Buffer floats of one page of one layer's keys (or values).
@@ -34,18 +126,18 @@ impl KvStore {
         self.page_size * self.row_floats
     }
 
-    /// Bytes one page takes (keys and values of every layer).
+    /// Bytes one page takes (keys and values of every layer of a group).
     pub fn bytes_per_page(&self) -> usize {
-        2 * self.layers.len() * self.page_floats() * std::mem::size_of::<f32>()
+        2 * self.slots.len() * self.page_floats() * std::mem::size_of::<f32>()
     }
 
-    /// Bytes one page takes on `be` (keys and values of every layer).
-    pub fn page_bytes(be: &dyn Backend, hyper: &Hyper, page_size: usize) -> usize {
-        2 * hyper.n_layer * page_size * be.kv_row_floats(hyper.kv_dim()) * std::mem::size_of::<f32>()
+    /// Bytes one page of `layout` takes on `be`.
+    pub fn page_bytes(be: &dyn Backend, hyper: &Hyper, layout: &KvLayout, page_size: usize) -> usize {
+        2 * layout.group_size * page_size * be.kv_row_floats(hyper.kv_dim()) * std::mem::size_of::<f32>()
     }
 
     pub fn free(self, be: &mut dyn Backend) {
-        for (k, v) in self.layers {
+        for (k, v) in self.slots {
             be.free(k);
             be.free(v);
         }
@@ -53,8 +145,10 @@ impl KvStore {
 }
 
 /// One sequence's part of a forward pass: `tokens` at positions `start..`, whose keys
-/// and values go to (and are read from) the rows `pages` gives them, and how many of
-/// its last tokens want logits.
+/// and values go to (and are read from) the rows its page tables give them, and how many
+/// of its last tokens want logits. `pages` holds one table per group of the store's
+/// layout, one after another, each `pages.len() / groups` entries long; entries for
+/// positions before a group's window (pages let go) may name any page of the store.
 #[derive(Clone, Copy, Debug)]
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
@@ -74,7 +168,7 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(be: &mut dyn Backend, hyper: &Hyper, capacity: usize) -> KvCache {
         KvCache {
-            store: KvStore::new(be, hyper, 1, capacity),
+            store: KvStore::new(be, hyper, KvLayout::single(hyper.n_layer), 1, capacity),
             len: 0,
         }
     }
@@ -123,11 +217,12 @@ pub struct Scratch {
     pub logits: BufId,
     /// Position of each token of the pass.
     pub positions: Vec<u32>,
-    /// Cache row of each token of the pass.
-    pub kv_rows: Vec<u32>,
-    /// Every sequence's attention call and page table.
+    /// Cache row of each token of the pass, per layer group.
+    pub kv_rows: Vec<Vec<u32>>,
+    /// Every sequence's attention call, and per layer group every sequence's page
+    /// table (each group's tables are laid out alike, so the calls fit them all).
     pub attn_seqs: Vec<AttnSeq>,
-    pub page_table: Vec<u32>,
+    pub page_tables: Vec<Vec<u32>>,
     /// Rows of the pass whose logits are wanted, in order.
     pub logit_rows: Vec<u32>,
     /// Tokens and logits wanted of each sequence of the pass.
@@ -154,9 +249,9 @@ impl Scratch {
             up: be.alloc(n * h.d_ffn),
             logits: be.alloc(max_logits * h.vocab),
             positions: Vec::with_capacity(n),
-            kv_rows: Vec::with_capacity(n),
+            kv_rows: Vec::new(),
             attn_seqs: Vec::with_capacity(n),
-            page_table: Vec::new(),
+            page_tables: Vec::new(),
             logit_rows: Vec::with_capacity(max_logits),
             seq_tokens: Vec::new(),
             seq_logits: Vec::new(),
@@ -287,7 +382,7 @@ pub struct AttnPlan {
 /// Self-attention of the normalized rows in `s.xb` (their positions, cache rows and
 /// sequences set by [`begin`]), whose output (after the output projection) replaces them
 /// in `s.xb`. Stores this layer's keys and values of those positions in the cache.
-pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, kv: (BufId, BufId), plan: AttnPlan) {
+pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, kv: LayerKv, plan: AttnPlan) {
     let n = s.positions.len();
     let products = [(w.q, s.q), (w.k, s.k), (w.v, s.v)];
     match w.qkv_bias {
@@ -305,8 +400,8 @@ pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, 
         h.head_dim,
         plan.rope_theta,
         plan.rope_style,
-        kv,
-        &s.kv_rows,
+        (kv.keys, kv.values),
+        &s.kv_rows[kv.group],
     );
     if plan.query_scale != 1.0 {
         be.scale(s.q, n * h.n_head * h.head_dim, plan.query_scale);
@@ -319,7 +414,15 @@ pub fn attention(be: &mut dyn Backend, h: &Hyper, w: &AttnWeights, s: &Scratch, 
         window: plan.window,
         page_size: s.page_size,
     };
-    be.attention(s.q, kv.0, kv.1, shape, &s.attn_seqs, &s.page_table, s.attn);
+    be.attention(
+        s.q,
+        kv.keys,
+        kv.values,
+        shape,
+        &s.attn_seqs,
+        &s.page_tables[kv.group],
+        s.attn,
+    );
     be.matmul(w.o, s.attn, n, s.xb);
 }
 
@@ -414,7 +517,7 @@ pub fn first_norm(be: &mut dyn Backend, h: &Hyper, s: &Scratch, norm: WeightId, 
 /// batch's shape. Returns the token count.
 ///
 /// # Panics
-/// If the batch does not fit the scratch, or a sequence's page table does not cover its
+/// If the batch does not fit the scratch, or a sequence's page tables do not cover its
 /// positions inside the store: callers size and check both.
 pub fn begin(be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqInput]) -> usize {
     let n: usize = batch.iter().map(|q| q.tokens.len()).sum();
@@ -425,10 +528,15 @@ pub fn begin(be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqIn
         s.max_tokens
     );
     assert!(n_logits <= s.max_logits, "too many logits requested");
+    let groups = kv.layout.groups();
     s.positions.clear();
-    s.kv_rows.clear();
+    s.kv_rows.resize_with(groups, Vec::new);
+    s.page_tables.resize_with(groups, Vec::new);
+    for g in 0..groups {
+        s.kv_rows[g].clear();
+        s.page_tables[g].clear();
+    }
     s.attn_seqs.clear();
-    s.page_table.clear();
     s.logit_rows.clear();
     s.seq_tokens.clear();
     s.seq_logits.clear();
@@ -441,29 +549,57 @@ pub fn begin(be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqIn
             !q.tokens.is_empty() && q.n_logits <= q.tokens.len(),
             "a sequence without tokens or with too many logits"
         );
-        let n_pages = end.div_ceil(ps);
+        let (n_pages, stride) = (end.div_ceil(ps), q.pages.len() / groups);
         assert!(
-            n_pages <= q.pages.len() && q.pages[..n_pages].iter().all(|&p| (p as usize) < kv.n_pages),
-            "a page table does not cover positions 0..{end} in the store"
+            q.pages.len() % groups == 0 && n_pages <= stride && q.pages.iter().all(|&p| (p as usize) < kv.n_pages),
+            "page tables do not cover positions 0..{end} in the store"
         );
         s.tokens.extend_from_slice(q.tokens);
         s.seq_tokens.push(q.tokens.len());
         s.seq_logits.push(q.n_logits);
-        for pos in q.start..end {
-            s.positions.push(pos as u32);
-            s.kv_rows.push((q.pages[pos / ps] as usize * ps + pos % ps) as u32);
-        }
+        s.positions.extend((q.start..end).map(|pos| pos as u32));
         s.attn_seqs.push(AttnSeq {
             row0,
             n_tokens: q.tokens.len(),
             start_pos: q.start,
-            page0: s.page_table.len(),
+            page0: s.page_tables[0].len(),
             n_pages,
         });
-        s.page_table.extend_from_slice(&q.pages[..n_pages]);
+        for (g, table) in q.pages.chunks_exact(stride).enumerate() {
+            let rows = q.start..end;
+            s.kv_rows[g].extend(rows.map(|pos| (table[pos / ps] as usize * ps + pos % ps) as u32));
+            s.page_tables[g].extend_from_slice(&table[..n_pages]);
+        }
         s.logit_rows
             .extend((row0 + q.tokens.len() - q.n_logits..row0 + q.tokens.len()).map(|r| r as u32));
     }
     be.set_batch(&s.seq_tokens);
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvLayout;
+
+    #[test]
+    fn layers_group_by_window() {
+        // Gemma 3 270M: five sliding layers, then a global one, three times.
+        let windows: Vec<Option<usize>> = (0..18).map(|i| (i % 6 != 5).then_some(512)).collect();
+        let layout = KvLayout::by_window(&windows);
+        assert_eq!(layout.group_size, 3);
+        assert_eq!(
+            layout.windows,
+            [Some(512), Some(512), Some(512), Some(512), Some(512), None]
+        );
+        assert_eq!(layout.layers[..6], [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (5, 0)]);
+        assert_eq!(layout.layers[17], (5, 2));
+        // Every (group, slot) holds one layer.
+        let mut seen = layout.layers.clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 18);
+        // Layer counts with no common divisor make groups of one; no window, one group.
+        assert_eq!(KvLayout::by_window(&[Some(4), Some(4), None, Some(4)]).group_size, 1);
+        assert_eq!(KvLayout::by_window(&[None; 30]), KvLayout::single(30));
+    }
 }

@@ -134,7 +134,7 @@ impl Model for Gemma3 {
         be.embed(self.embed, &s.tokens, s.x);
         be.scale(s.x, n * d, self.embed_scale);
         blocks::first_norm(be, h, s, self.layers[0].attn_norm, n);
-        for (i, (layer, kv)) in self.layers.iter().zip(&kv.layers).enumerate() {
+        for (i, layer) in self.layers.iter().enumerate() {
             let plan = AttnPlan {
                 rope_theta: if layer.sliding {
                     self.local_rope_theta
@@ -147,7 +147,7 @@ impl Model for Gemma3 {
                 window: if layer.sliding { h.sliding_window } else { None },
             };
             // Attention: x += norm(attn(norm(x))), xb holding norm(x).
-            blocks::attention(be, h, &layer.attn, s, *kv, plan);
+            blocks::attention(be, h, &layer.attn, s, kv.layer(i), plan);
             be.rms_norm(s.xb, layer.post_attn_norm, n, h.norm_eps);
             let last = i + 1 == self.layers.len();
             n = blocks::residual_norm(be, h, s, layer.ffn_norm, n, last);
@@ -162,5 +162,10 @@ impl Model for Gemma3 {
         }
         be.matmul(self.output, s.xb, n, s.logits);
         s.logits
+    }
+
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        let window = self.hyper.sliding_window;
+        self.layers.iter().map(|l| window.filter(|_| l.sliding)).collect()
     }
 }

@@ -15,7 +15,7 @@ pub mod tokenizer;
 
 use kiln_runtime::{Backend, BufId};
 
-pub use blocks::{KvCache, KvStore, Scratch, SeqInput};
+pub use blocks::{KvCache, KvLayout, KvStore, LayerKv, Scratch, SeqInput};
 pub use checkpoint::Checkpoint;
 pub use config::Hyper;
 
@@ -60,6 +60,12 @@ pub trait Model: Send + Sync {
     /// of each sequence's last `n_logits` tokens, sequence after sequence (rows of `vocab`
     /// floats). The batch must fit the scratch, and page tables must cover the positions.
     fn forward(&self, be: &mut dyn Backend, kv: &KvStore, scratch: &mut Scratch, batch: &[SeqInput]) -> BufId;
+
+    /// The attention window of each layer (`None`: it sees every earlier position); the
+    /// cache lets go of what no later query of a windowed layer sees.
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        vec![None; self.hyper().n_layer]
+    }
 }
 
 /// Builds the model a checkpoint holds, uploading its weights to `be`.

@@ -84,9 +84,9 @@ impl Model for Llama {
         };
         be.embed(self.embed, &s.tokens, s.x);
         blocks::first_norm(be, h, s, self.layers[0].attn_norm, n);
-        for (i, (layer, kv)) in self.layers.iter().zip(&kv.layers).enumerate() {
+        for (i, layer) in self.layers.iter().enumerate() {
             // Attention: x += attn(norm(x)), xb holding norm(x).
-            blocks::attention(be, h, &layer.attn, s, *kv, plan);
+            blocks::attention(be, h, &layer.attn, s, kv.layer(i), plan);
             let last = i + 1 == self.layers.len();
             n = blocks::residual_norm(be, h, s, layer.ffn_norm, n, last);
             if n == 0 {
