@@ -575,8 +575,8 @@ fn embed_every_weight_type() {
     }
 }
 
-/// Rows longer than the GPU norm keeps in registers (4096 floats) take its loop for the
-/// rest; rows of 4096 fill the registers exactly.
+/// Rows of 4096 take the GPU norm's steps of four values an invocation exactly; a row of
+/// 4096 + 75 ends with values one at a time.
 #[test]
 fn norms_of_long_rows() {
     let Some(mut p) = Pair::new() else { return };

@@ -7,6 +7,23 @@
 
 var<workgroup> partial: array<f32, 256>;
 
+// The row values at i, i + 256, i + 512, i + 768: y's, or (adding) x + y, stored back
+// to x. Every load comes before the first store: x and y may alias as far as the
+// compiler knows, so a load after a store waits for it (a decode step's norm is one
+// workgroup, bound by such round trips: Llama-8B shape 20.7 -> 18.7 µs a norm, H200).
+fn summed4(i: u32) -> vec4<f32> {
+    let ys = vec4<f32>(y[i], y[i + 256u], y[i + 512u], y[i + 768u]);
+    if P.u2 == 0u {
+        return ys;
+    }
+    let s = vec4<f32>(x[i], x[i + 256u], x[i + 512u], x[i + 768u]) + ys;
+    x[i] = s.x;
+    x[i + 256u] = s.y;
+    x[i + 512u] = s.z;
+    x[i + 768u] = s.w;
+    return s;
+}
+
 // The row value at i: y's, or (adding) x + y, stored back to x.
 fn summed(i: u32) -> f32 {
     if P.u2 == 1u {
@@ -36,12 +53,9 @@ fn norm_row(row: u32, lid: u32) {
     var s1 = 0.0;
     var c = lid;
     for (; c + 768u < cols; c += 1024u) {
-        let a = summed(base + c);
-        let b = summed(base + c + 256u);
-        let e = summed(base + c + 512u);
-        let f = summed(base + c + 768u);
-        s0 = fma(a, a, fma(e, e, s0));
-        s1 = fma(b, b, fma(f, f, s1));
+        let v = summed4(base + c);
+        s0 = fma(v.x, v.x, fma(v.z, v.z, s0));
+        s1 = fma(v.y, v.y, fma(v.w, v.w, s1));
     }
     for (; c < cols; c += 256u) {
         let v = summed(base + c);
