@@ -84,7 +84,10 @@ pub struct EngineOptions {
     /// CPU threads; default: all cores.
     pub threads: Option<usize>,
     /// Most prompt tokens run in one forward pass; longer prompts are prefilled in chunks
-    /// of this many, interleaved with other sessions' decode steps.
+    /// of this many, interleaved with other sessions' decode steps. Default 512, as
+    /// llama.cpp's micro-batch: prefill of 512 tokens measured 256 → 512 on the CPU (this
+    /// 2-core VM) SmolLM2 1574/1638 → 1668/1682 tokens/s, Gemma 3 1516/1677 →
+    /// 1737/1773; on an H200, Qwen2-0.5B shape 12.8k → 18.7k, Llama-8B 1.88k → 2.04k.
     pub max_batch: usize,
     /// Most sessions decoding in one forward pass.
     pub max_sessions_per_step: usize,
@@ -109,7 +112,7 @@ impl Default for EngineOptions {
         EngineOptions {
             n_ctx: None,
             threads: None,
-            max_batch: 256,
+            max_batch: 512,
             max_sessions_per_step: 16,
             kv_budget: None,
             page_size: 64,
