@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 
 /// No page: the end of the LRU list, or a table entry whose page was let go.
-pub const NIL: u32 = u32::MAX;
+const NIL: u32 = u32::MAX;
 
 /// A sequence's pages and how many of its positions hold computed keys and values.
 #[derive(Debug)]
@@ -308,20 +308,15 @@ impl PagePool {
                 }
             }
         }
-        for g in 0..seq.tables.len() {
-            let first = self.first_needed(self.windows[g], end);
-            self.let_go(&mut seq.tables[g], first);
-        }
+        self.let_go_passed(seq);
     }
 
     /// `commit` for a sequence restored from a file whose rows of group `g` start at
     /// position `restored_from[g]`: pages before what the windows need are let go
     /// unkeyed, and a page holding rows that were not restored is not offered as a prefix.
     pub fn commit_restored(&mut self, seq: &mut SeqPages, end: usize, tokens: &[u32], restored_from: &[usize]) {
-        for g in 0..seq.tables.len() {
-            let first = self.first_needed(self.windows[g], end);
-            self.let_go(&mut seq.tables[g], first);
-        }
+        seq.len = end;
+        self.let_go_passed(seq);
         self.commit(seq, end, tokens);
         for (g, &from) in restored_from.iter().enumerate() {
             let first = seq.first_held(g);
@@ -332,6 +327,14 @@ impl PagePool {
             {
                 self.unkey(page);
             }
+        }
+    }
+
+    /// Lets go of the pages no query of a windowed group sees from `seq.len` on.
+    fn let_go_passed(&mut self, seq: &mut SeqPages) {
+        for (g, table) in seq.tables.iter_mut().enumerate() {
+            let first = self.first_needed(self.windows[g], seq.len);
+            self.let_go(table, first);
         }
     }
 
@@ -388,14 +391,10 @@ impl PagePool {
 
     /// Lets go of every page of a sequence, leaving it empty.
     pub fn release(&mut self, seq: &mut SeqPages) {
-        for t in 0..seq.tables.len() {
-            for i in 0..seq.tables[t].len() {
-                let page = seq.tables[t][i];
-                if page != NIL {
-                    self.release_page(page);
-                }
+        for table in &mut seq.tables {
+            for page in table.drain(..).filter(|&p| p != NIL) {
+                self.release_page(page);
             }
-            seq.tables[t].clear();
         }
         seq.keys.clear();
         seq.len = 0;
@@ -486,7 +485,7 @@ impl PagePool {
         let n = self.refs.len();
         let mut refs = vec![0u32; n];
         for s in seqs {
-            for (&window, table) in self.windows.iter().zip(&s.tables) {
+            for (g, (&window, table)) in self.windows.iter().zip(&s.tables).enumerate() {
                 if table.len() < s.len.div_ceil(self.page_size) {
                     return Err(format!(
                         "a table of {} pages does not cover {} positions",
@@ -496,7 +495,7 @@ impl PagePool {
                 }
                 // What the next pass reads is held; what no query reads is let go.
                 let first = self.first_needed(window, s.len);
-                let held = table.iter().take_while(|&&p| p == NIL).count();
+                let held = s.first_held(g);
                 if held != first.min(table.len()) {
                     return Err(format!(
                         "a table holds pages from {held}, the next pass needs them from {first}"

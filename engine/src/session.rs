@@ -425,7 +425,7 @@ impl Session {
             }
             seq.tokens.truncate(len);
             pool.truncate(&mut seq.pages, len);
-            if seq.pages.len < len && seq.pages.len == 0 {
+            if seq.pages.len == 0 && len > 0 {
                 // A sliding window had let go of pages the shorter context needs: take
                 // what the prefix cache still has; the rest is recomputed before the next
                 // token.

@@ -81,7 +81,7 @@ impl Session {
             (seq.tokens.clone(), seq.pages.tables.clone(), seq.pages.len)
         };
         let kept: Vec<usize> = (0..hyper.n_layer)
-            .map(|l| first_row_read(window_of(&layout, l), computed))
+            .map(|l| first_row_read(layout.layer_window(l), computed))
             .collect();
         let rows_kept: usize = kept.iter().map(|&k| computed - k).sum();
         let mut out =
@@ -173,7 +173,7 @@ impl Session {
                 return Err(bad("corrupt (rows kept past the computed ones)"));
             }
             // Rows a windowed layer's next query sees are enough; other layers need all.
-            let needed = first_row_read(window_of(&layout, l), computed);
+            let needed = first_row_read(layout.layer_window(l), computed);
             if first > needed {
                 return Err(bad(&format!(
                     "layer {l}'s keys and values are kept from position {first}, this engine needs \
@@ -256,11 +256,6 @@ impl Session {
             .commit_restored(&mut seq.pages, computed, &seq.tokens, &restored_from);
         Ok(session)
     }
-}
-
-/// The window of a layer's group.
-fn window_of(layout: &kiln_models::KvLayout, layer: usize) -> Option<usize> {
-    layout.windows[layout.layers[layer].0]
 }
 
 /// The first position whose keys and values the next query of a layer with `window`

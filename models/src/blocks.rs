@@ -76,6 +76,11 @@ impl KvLayout {
     pub fn groups(&self) -> usize {
         self.windows.len()
     }
+
+    /// The window of a layer (its group's).
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.windows[self.layers[layer].0]
+    }
 }
 
 /// Key/value storage shared by every sequence: `n_pages` pages of `page_size` rows of
