@@ -3,11 +3,11 @@
 //! activation buffers, and the WGSL kernels of `kiln_kernels::wgsl`.
 //!
 //! Ops are recorded into one pending compute pass and submitted when results are read,
-//! when an arena fills, or every `SUBMIT_EVERY` dispatches: a decode step is a few
-//! submissions, so that the GPU runs its first layers while the host records the rest
-//! (one submission per step left the GPU idle for as long as recording took, which was
-//! as long as the GPU's own work: 192 against 305 tokens/s on a Qwen2-0.5B shape on an
-//! H200). Each dispatch takes its
+//! when an arena fills, or after `SUBMIT_FIRST`, then twice as many, ... up to
+//! `SUBMIT_EVERY` dispatches: a decode step is a few submissions, so that the GPU runs
+//! its first layers while the host records the rest (one submission per step left the
+//! GPU idle for as long as recording took, which was as long as the GPU's own work: 192
+//! against 305 tokens/s on a Qwen2-0.5B shape on an H200). Each dispatch takes its
 //! parameters from a slot of one uniform buffer (a dynamic offset) and any small host
 //! arrays (tokens, rope tables, cache rows, page tables, written data) from one storage
 //! arena; both are uploaded once per submission, and their slots are never reused before
@@ -40,7 +40,12 @@
 //! storing of keys and values into the cache, the three q/k/v biases, and the gated
 //! activation with the quantization of the down projection's input. (A norm fused with
 //! the quantization of its rows was slower on an H200: one workgroup per row then
-//! quantizes a whole 4096-float row serially, 8B decode 154 -> 121 tokens/s.) Sampling's
+//! quantizes a whole 4096-float row serially, 8B decode 154 -> 121 tokens/s.) A decode
+//! step's attention also leaves its output in Q8_0 / Q8_1 blocks where the output
+//! projection reads those (blocks of 32 lie within a head; Q8_K's 256 do not), one
+//! dispatch fewer a layer: tg128 Llama-1B Q8_0 shape 438/421 -> 452/439 tokens/s on an
+//! H200. (Every matvec workgroup quantizing its own input row instead was slower:
+//! each repeats the serial work, Qwen2-0.5B shape 312/316 -> 267/284.) Sampling's
 //! greedy pick and top-k selection run here too (`argmax_rows`, `top_k_rows`): a decode
 //! step reads back token ids, or k candidates, rather than the vocabulary's logits.
 //!
@@ -80,11 +85,15 @@ const ARENA_WORDS: usize = 1 << 20;
 /// Dispatches after which pending work is submitted even though no result is read yet:
 /// the GPU starts on the first layers of a decode step while the host still records
 /// the rest (`KILN_GPU_SUBMIT_EVERY` overrides it).
-const SUBMIT_EVERY: usize = 64;
+const SUBMIT_EVERY: usize = 256;
 /// The first submission after a read is this short, and the next ones double up to
 /// `SUBMIT_EVERY`: the GPU, idle since the read, waits only for a few dispatches to be
-/// recorded (`KILN_GPU_SUBMIT_FIRST` overrides it).
-const SUBMIT_FIRST: usize = 4;
+/// recorded (`KILN_GPU_SUBMIT_FIRST` overrides it). A submission costs the host 100-150
+/// µs on an H200's driver, as much as recording ~30 dispatches: 16 then 32, 64, 128, 256
+/// (a Qwen2-0.5B-shape step is ~245 dispatches: four submissions) beat 4 up to 64 (seven)
+/// in every run: tg128 Qwen2-0.5B shape 295/360 -> 368/368, Llama-1B Q8_0 452/439 ->
+/// 444/455, Llama-8B 158/158 -> 163/163 tokens/s; one submission a step was slowest.
+const SUBMIT_FIRST: usize = 16;
 
 /// Storage bindings of the widest kernel (a stack of three matvec weights and their
 /// biases).
@@ -113,8 +122,9 @@ enum Kernel {
     /// Attention with each query row's keys split across workgroups, and its merge.
     AttentionSplit,
     AttentionCombine,
-    /// Attention as the CPU backend's f16-accumulator kernel computes it.
-    AttentionF16,
+    /// Attention as the CPU backend's f16-accumulator kernel computes it; the code of the
+    /// block format (as `Quantize`'s) it also leaves its output rows in, 0 for none.
+    AttentionF16(u32),
     /// Attention of blocks of consecutive query rows (prefill chunks).
     AttentionBlock,
     Quantize(u32),
@@ -163,7 +173,7 @@ impl Kernel {
             Kernel::Attention => (wgsl::ATTENTION, &[false, false, false, true, false]),
             Kernel::AttentionSplit => (wgsl::ATTENTION_SPLIT, &[false, false, false, true, false]),
             Kernel::AttentionCombine => (wgsl::ATTENTION_COMBINE, &[false, true, false]),
-            Kernel::AttentionF16 => (wgsl::ATTENTION_F16, &[false, false, false, true, false]),
+            Kernel::AttentionF16(_) => (wgsl::ATTENTION_F16, &[false, false, false, true, false, true]),
             Kernel::AttentionBlock => (wgsl::ATTENTION_BLOCK, &[false, false, false, true, false]),
             Kernel::Quantize(_) => (wgsl::QUANTIZE, &[false, true, false, false]),
             Kernel::Matmul(_) => (wgsl::MATMUL, &[false, false, true]),
@@ -306,13 +316,18 @@ pub struct GpuBackend {
     /// Quantized activations of the current matmul.
     acts: usize,
     acts_words: usize,
-    /// What the activations buffer holds when the last dispatch was a norm that also
-    /// quantized its rows.
+    /// What the activations buffer holds when the last dispatch was a norm or an
+    /// attention that also quantized its rows.
     acts_ready: Option<ReadyActs>,
     /// (rows slot, norm weight, rows) when the last dispatch was a norm.
     last_norm: Option<(usize, u32, usize)>,
     /// The activation format of the products that read each norm's rows (by norm weight).
     norm_formats: HashMap<u32, ActFormat>,
+    /// The output slot when the last op was an attention.
+    last_attention: Option<usize>,
+    /// The activation format of the products that first read each attention output
+    /// slot.
+    attention_formats: HashMap<usize, ActFormat>,
     /// The slot holding each stack's biases (by bias weights; see `stack_bias`).
     stack_biases: HashMap<[u32; 3], usize>,
     /// Dispatches recorded since the backend started.
@@ -667,6 +682,8 @@ impl GpuBackend {
             acts_ready: None,
             last_norm: None,
             norm_formats: HashMap::new(),
+            last_attention: None,
+            attention_formats: HashMap::new(),
             stack_biases: HashMap::new(),
             dispatches: 0,
             gelu: 0,
@@ -783,7 +800,7 @@ impl GpuBackend {
         }
         if matches!(
             kernel,
-            Kernel::Attention | Kernel::AttentionSplit | Kernel::AttentionF16 | Kernel::AttentionBlock
+            Kernel::Attention | Kernel::AttentionSplit | Kernel::AttentionF16(_) | Kernel::AttentionBlock
         ) {
             text.push_str(wgsl::ATTENTION_COMMON);
         }
@@ -832,7 +849,7 @@ impl GpuBackend {
             Kernel::Matmul(t) | Kernel::MatmulTiled(t) | Kernel::Embed(t) => vec![("WTYPE", t as f64)],
             Kernel::Matvec(t, nt, _) => vec![("WTYPE", t as f64), ("NT", nt as f64)],
             Kernel::MatvecVec4(t, nt) => vec![("WTYPE", t as f64), ("NT", nt as f64)],
-            Kernel::Quantize(f) | Kernel::NormQuantize(f) => vec![("AFMT", f as f64)],
+            Kernel::Quantize(f) | Kernel::NormQuantize(f) | Kernel::AttentionF16(f) => vec![("AFMT", f as f64)],
             _ => Vec::new(),
         };
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -885,6 +902,7 @@ impl GpuBackend {
         // Any dispatch may write a norm's rows or the activations buffer.
         self.acts_ready = None;
         self.last_norm = None;
+        self.last_attention = None;
         self.dispatches += 1;
         // (Timed only for `KILN_GPU_PROFILE=host`: a clock read per dispatch is not free.)
         let started = self.host_times.is_some().then(std::time::Instant::now);
@@ -1153,6 +1171,14 @@ impl GpuBackend {
             .take()
             .filter(|r| plain && r.input == input.x && r.n == n);
         let mut prepared: Option<(ActFormat, usize, usize)> = ready.map(|r| (r.format, r.cols, r.row_words));
+        if let Some(slot) = self.last_attention.take() {
+            // The attention's next run can quantize its output for these products.
+            let (w, _) = products[0];
+            let format = qdot::activation_format(self.weights[w.0 as usize].ty);
+            if plain && slot == input.x {
+                self.attention_formats.entry(slot).or_insert(format);
+            }
+        }
         if let Some((slot, norm, norm_n)) = self.last_norm.take() {
             // This norm's rows feed these products: its next run can quantize them.
             let (w, _) = products[0];
@@ -1763,14 +1789,51 @@ impl Backend for GpuBackend {
             0,
             at_pages,
         ];
-        // The exact, block and per-row kernels bind the same buffers.
-        let slots = [self.buf(q), self.buf(keys), self.buf(values), self.buf(out), self.arena];
+        // The exact, block and per-row kernels bind the same buffers (the exact one also
+        // the activations).
+        let out_slot = self.buf(out);
+        let slots = [self.buf(q), self.buf(keys), self.buf(values), out_slot, self.arena];
         let exact_seqs = || seqs.iter().filter(|s| exact(s));
         let exact_rows: usize = exact_seqs().map(|s| s.n_tokens).sum();
         if exact_rows > 0 {
-            u[0] = exact_rows as u32;
-            u[6] = self.push(attention_items(exact_seqs()));
-            self.dispatch(Kernel::AttentionF16, &slots, &u, &[a.scale], exact_rows * a.n_head);
+            // Where the exact kernel takes every row, it also quantizes them to the
+            // format of the products that first read this output, where that format's
+            // blocks (32 values) lie within heads; products of another format quantize
+            // anew.
+            let cols = a.n_head * a.head_dim;
+            let quantized = self
+                .attention_formats
+                .get(&out_slot)
+                .copied()
+                .filter(|f| matches!(f, ActFormat::Q8_0 | ActFormat::Q8_1))
+                .filter(|_| exact_rows == n_rows && a.head_dim.is_multiple_of(32));
+            let (code, row_words) = quantized.map_or((0, 0), |f| afmt(f, cols));
+            if quantized.is_some() {
+                self.reserve_acts(exact_rows * row_words);
+            }
+            let acts = if quantized.is_some() { self.acts } else { self.unused };
+            let mut ue = [0u32; 9];
+            ue[..8].copy_from_slice(&u);
+            ue[0] = exact_rows as u32;
+            ue[6] = self.push(attention_items(exact_seqs()));
+            ue[8] = row_words as u32;
+            let slots_e = [slots[0], slots[1], slots[2], slots[3], slots[4], acts];
+            self.dispatch(
+                Kernel::AttentionF16(code),
+                &slots_e,
+                &ue,
+                &[a.scale],
+                exact_rows * a.n_head,
+            );
+            if let Some(format) = quantized {
+                self.acts_ready = Some(ReadyActs {
+                    input: out_slot,
+                    format,
+                    cols,
+                    n: exact_rows,
+                    row_words,
+                });
+            }
         }
         let blocked_seqs = || seqs.iter().filter(|s| blocked(s));
         let blocks: usize = blocked_seqs().map(|s| s.n_tokens.div_ceil(block_rows)).sum();
@@ -1791,6 +1854,7 @@ impl Backend for GpuBackend {
         let row_seqs = || seqs.iter().filter(|s| !exact(s) && !blocked(s));
         let n_rows: usize = row_seqs().map(|s| s.n_tokens).sum();
         if n_rows == 0 {
+            self.last_attention = Some(out_slot);
             return;
         }
         u[0] = n_rows as u32;
@@ -1815,6 +1879,7 @@ impl Backend for GpuBackend {
         }
         if splits <= 1 {
             self.dispatch(Kernel::Attention, &slots, &u, &[a.scale], heads);
+            self.last_attention = Some(out_slot);
             return;
         }
         let words = heads * splits * (a.head_dim + 2);
@@ -1838,6 +1903,7 @@ impl Backend for GpuBackend {
         );
         let slots = [self.attn_part, slots[3], self.arena];
         self.dispatch(Kernel::AttentionCombine, &slots, &u_split, &[], heads);
+        self.last_attention = Some(out_slot);
     }
 
     fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation) {

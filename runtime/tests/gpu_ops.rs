@@ -1038,6 +1038,65 @@ fn short_attention_repeats_the_cpu() {
     }
 }
 
+/// A decode step's attention leaves its output quantized for the product that read it
+/// the step before (Q8_0 for Q5_0 and Q8_0 weights, Q8_1 for Q4_1): the second step saves
+/// the quantize dispatch and gives the first step's bits.
+#[test]
+fn attention_quantizes_its_output_for_the_next_product() {
+    let Some(mut p) = Pair::new() else { return };
+    let mut rng = Rng(37);
+    for (n_head, n_kv_head, head_dim, ty) in [
+        (14, 2, 64, GgmlType::Q5_0),
+        (8, 2, 128, GgmlType::Q8_0),
+        (3, 1, 256, GgmlType::Q4_1),
+    ] {
+        let page_size = 16;
+        let n_pages = 28;
+        let kv_dim = n_kv_head * head_dim;
+        let keys = p.cache(&mut rng, n_pages * page_size, kv_dim);
+        let values = p.cache(&mut rng, n_pages * page_size, kv_dim);
+        // Two sequences' decode rows (the exact kernel's calls).
+        let seqs = [
+            AttnSeq {
+                row0: 0,
+                n_tokens: 1,
+                start_pos: 130,
+                page0: 0,
+                n_pages: 9,
+            },
+            AttnSeq {
+                row0: 1,
+                n_tokens: 1,
+                start_pos: 300,
+                page0: 9,
+                n_pages: 19,
+            },
+        ];
+        let page_table: Vec<u32> = (0..n_pages as u32).rev().collect();
+        let cols = n_head * head_dim;
+        let rows = 45;
+        let w = p.upload(&random_weight(&mut rng, ty, rows, cols));
+        let q = p.buffer(2 * cols, &rng.vec(2 * cols, 2.0));
+        let shape = attention_shape(n_head, n_kv_head, head_dim, None, page_size);
+        let attended = p.buffer(2 * cols, &[]);
+        let mut bits = Vec::new();
+        let mut dispatches = Vec::new();
+        for step in 0..2 {
+            let out = p.buffer(2 * rows, &[]);
+            let before = p.gpu.dispatches();
+            p.run(|be| {
+                be.attention(q, keys, values, shape, &seqs, &page_table, attended);
+                be.matmul(w, attended, 2, out);
+            });
+            dispatches.push(p.gpu.dispatches() - before);
+            p.compare(&format!("{ty} after attention, step {step}"), out, 2 * rows, TOL_MATMUL);
+            bits.push(p.gpu_bits(out, 2 * rows));
+        }
+        assert_eq!(bits[0], bits[1], "{ty}: the attention's quantization differs");
+        assert_eq!(dispatches[1] + 1, dispatches[0], "{ty}: dispatches {dispatches:?}");
+    }
+}
+
 /// Prefill chunks take the kernel that attends blocks of query rows (16, or 8 for heads
 /// of 256): full and partial blocks, a chunk past 512 keys (which the CPU, too, attends in
 /// f32), windows, and a decode row in the same call, against the CPU's f32 kernels.

@@ -19,11 +19,19 @@
 // - the sum and the accumulators (lane d holds dimensions 4d .. 4d + 4) take the keys in
 //   order, eight keys' values loaded before their updates.
 // Fields as attention.wgsl; u3 is 64, 128 or 256.
+// AFMT 3 or 4 (Q8_0 or Q8_1, the same words: see quantize.wgsl) also leaves each output
+// row in that format in A, u8 words a row, with quantize.wgsl's operations on the same
+// floats, for the product that reads the rows next: one dispatch fewer a layer. A
+// block's 32 values lie within a head, held by lanes 8j .. 8j + 8 (block j). AFMT 0
+// leaves A alone.
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> keys: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read> values: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read> arena: array<u32>;
+@group(0) @binding(6) var<storage, read_write> A: array<u32>;
+
+override AFMT: u32 = 0u;
 
 const TILE: u32 = 64u;
 
@@ -32,6 +40,8 @@ var<workgroup> scan: array<f32, 64>;
 var<workgroup> rescales: array<f32, 64>;
 var<workgroup> weights: array<f32, 64>;
 var<workgroup> rows: array<u32, 64>;
+// Each lane's sum of its four quants (AFMT != 0).
+var<workgroup> quant_sums: array<i32, 64>;
 // One round's 32 keys × 16 lanes' chain sums (see the header).
 var<workgroup> chain_sums: array<vec4<f32>, 512>;
 // EXP2_HI and EXP2_LO, read once per workgroup (a constant array indexed at run time
@@ -262,12 +272,51 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     if sum != 0.0 {
         inv = div_rn(1.0, sum);
     }
+    // (Lanes past the head hold zeros.)
+    let o = acc * inv;
     if lid < hd4 {
         let at = (row * P.u1 + h) * hd + 4u * lid;
-        let o = acc * inv;
         out[at] = o.x;
         out[at + 1u] = o.y;
         out[at + 2u] = o.z;
         out[at + 3u] = o.w;
+    }
+    if AFMT != 0u {
+        quantize_output(o, row, h, hd, lid);
+    }
+}
+
+fn pack4(v: vec4<i32>) -> u32 {
+    return (u32(v.x) & 0xffu) | ((u32(v.y) & 0xffu) << 8u) | ((u32(v.z) & 0xffu) << 16u) | ((u32(v.w) & 0xffu) << 24u);
+}
+
+// This head's output `o` (four values a lane) as Q8_0 blocks of row `row` in A. The
+// scores' `scan` holds each lane's largest magnitude (no lane reads it any more).
+fn quantize_output(o: vec4<f32>, row: u32, h: u32, hd: u32, lid: u32) {
+    scan[lid] = max(max(abs(o.x), abs(o.y)), max(abs(o.z), abs(o.w)));
+    workgroupBarrier();
+    let lead = lid - lid % 8u;
+    var amax = scan[lead];
+    for (var k = 1u; k < 8u; k++) {
+        amax = max(amax, scan[lead + k]);
+    }
+    let d = div_rn(amax, 127.0);
+    let id = select(0.0, div_rn(127.0, amax), amax != 0.0);
+    let quants = vec4<i32>(round(o * id));
+    quant_sums[lid] = quants.x + quants.y + quants.z + quants.w;
+    workgroupBarrier();
+    if lid < hd / 4u {
+        let dst = row * P.u8 + 12u * ((h * hd) / 32u + lid / 8u);
+        A[dst + lid % 8u] = pack4(quants);
+        if lid == lead {
+            var sum = 0;
+            for (var k = 0u; k < 8u; k++) {
+                sum += quant_sums[lid + k];
+            }
+            A[dst + 8u] = bitcast<u32>(round_f16(d));
+            A[dst + 9u] = bitcast<u32>(round_f16(d * f32(sum)));
+            A[dst + 10u] = 0u;
+            A[dst + 11u] = 0u;
+        }
     }
 }
