@@ -1056,22 +1056,14 @@ fn attention_quantizes_its_output_for_the_next_product() {
         let keys = p.cache(&mut rng, n_pages * page_size, kv_dim);
         let values = p.cache(&mut rng, n_pages * page_size, kv_dim);
         // Two sequences' decode rows (the exact kernel's calls).
-        let seqs = [
-            AttnSeq {
-                row0: 0,
-                n_tokens: 1,
-                start_pos: 130,
-                page0: 0,
-                n_pages: 9,
-            },
-            AttnSeq {
-                row0: 1,
-                n_tokens: 1,
-                start_pos: 300,
-                page0: 9,
-                n_pages: 19,
-            },
-        ];
+        let decode_row = |row0, start_pos, page0, n_pages| AttnSeq {
+            row0,
+            n_tokens: 1,
+            start_pos,
+            page0,
+            n_pages,
+        };
+        let seqs = [decode_row(0, 130, 0, 9), decode_row(1, 300, 9, 19)];
         let page_table: Vec<u32> = (0..n_pages as u32).rev().collect();
         let cols = n_head * head_dim;
         let rows = 45;
