@@ -286,10 +286,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }
 }
 
-fn pack4(v: vec4<i32>) -> u32 {
-    return (u32(v.x) & 0xffu) | ((u32(v.y) & 0xffu) << 8u) | ((u32(v.z) & 0xffu) << 16u) | ((u32(v.w) & 0xffu) << 24u);
-}
-
 // This head's output `o` (four values a lane) as Q8_0 blocks of row `row` in A. The
 // scores' `scan` holds each lane's largest magnitude (no lane reads it any more).
 fn quantize_output(o: vec4<f32>, row: u32, h: u32, hd: u32, lid: u32) {

@@ -78,6 +78,12 @@ fn round_bf16(x: f32) -> f32 {
     return bitcast<f32>((b + 0x7fffu + ((b >> 16u) & 1u)) & 0xffff0000u);
 }
 
+// Four quants (-128..127) as the bytes of one word, the first lowest (the 8-bit
+// activation blocks' layout).
+fn pack4(q: vec4<i32>) -> u32 {
+    return (u32(q.x) & 0xffu) | ((u32(q.y) & 0xffu) << 8u) | ((u32(q.z) & 0xffu) << 16u) | ((u32(q.w) & 0xffu) << 24u);
+}
+
 // Signed byte `k` (0..4) of a packed word.
 fn sbyte(w: u32, k: u32) -> i32 {
     return extractBits(i32(w), 8u * k, 8u);

@@ -7,10 +7,6 @@
 
 override AFMT: u32;
 
-fn pack4(q: vec4<i32>) -> u32 {
-    return (u32(q.x) & 0xffu) | ((u32(q.y) & 0xffu) << 8u) | ((u32(q.z) & 0xffu) << 16u) | ((u32(q.w) & 0xffu) << 24u);
-}
-
 fn normed4(at: u32) -> vec4<f32> {
     return vec4<f32>(y[at], y[at + 1u], y[at + 2u], y[at + 3u]);
 }
