@@ -1171,21 +1171,21 @@ impl GpuBackend {
             .take()
             .filter(|r| plain && r.input == input.x && r.n == n);
         let mut prepared: Option<(ActFormat, usize, usize)> = ready.map(|r| (r.format, r.cols, r.row_words));
+        // Where a norm or an attention wrote this input just now, its next run can leave
+        // its rows in the first product's format.
+        let Some(&(first, _)) = products.first() else {
+            return;
+        };
+        let first_format = qdot::activation_format(self.weights[first.0 as usize].ty);
         if let Some(slot) = self.last_attention.take() {
-            // The attention's next run can quantize its output for these products.
-            let (w, _) = products[0];
-            let format = qdot::activation_format(self.weights[w.0 as usize].ty);
             if plain && slot == input.x {
-                self.attention_formats.entry(slot).or_insert(format);
+                self.attention_formats.entry(slot).or_insert(first_format);
             }
         }
         if let Some((slot, norm, norm_n)) = self.last_norm.take() {
-            // This norm's rows feed these products: its next run can quantize them.
-            let (w, _) = products[0];
-            let format = qdot::activation_format(self.weights[w.0 as usize].ty);
-            let block = matches!(format, ActFormat::Q8_0 | ActFormat::Q8_1 | ActFormat::Q8_K);
+            let block = matches!(first_format, ActFormat::Q8_0 | ActFormat::Q8_1 | ActFormat::Q8_K);
             if plain && slot == input.x && norm_n == n && block {
-                self.norm_formats.entry(norm).or_insert(format);
+                self.norm_formats.entry(norm).or_insert(first_format);
             }
         }
         let mut next = 0;
@@ -1812,16 +1812,16 @@ impl Backend for GpuBackend {
                 self.reserve_acts(exact_rows * row_words);
             }
             let acts = if quantized.is_some() { self.acts } else { self.unused };
-            let mut ue = [0u32; 9];
-            ue[..8].copy_from_slice(&u);
-            ue[0] = exact_rows as u32;
-            ue[6] = self.push(attention_items(exact_seqs()));
-            ue[8] = row_words as u32;
-            let slots_e = [slots[0], slots[1], slots[2], slots[3], slots[4], acts];
+            let mut u_exact = [0u32; 9];
+            u_exact[..8].copy_from_slice(&u);
+            u_exact[0] = exact_rows as u32;
+            u_exact[6] = self.push(attention_items(exact_seqs()));
+            u_exact[8] = row_words as u32;
+            let slots_exact = [slots[0], slots[1], slots[2], slots[3], slots[4], acts];
             self.dispatch(
                 Kernel::AttentionF16(code),
-                &slots_e,
-                &ue,
+                &slots_exact,
+                &u_exact,
                 &[a.scale],
                 exact_rows * a.n_head,
             );
