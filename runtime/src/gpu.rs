@@ -90,9 +90,10 @@ const SUBMIT_EVERY: usize = 256;
 /// `SUBMIT_EVERY`: the GPU, idle since the read, waits only for a few dispatches to be
 /// recorded (`KILN_GPU_SUBMIT_FIRST` overrides it). A submission costs the host 100-150
 /// µs on an H200's driver, as much as recording ~30 dispatches: 16 then 32, 64, 128, 256
-/// (a Qwen2-0.5B-shape step is ~245 dispatches: four submissions) beat 4 up to 64 (seven)
-/// in every run: tg128 Qwen2-0.5B shape 295/360 -> 368/368, Llama-1B Q8_0 452/439 ->
-/// 444/455, Llama-8B 158/158 -> 163/163 tokens/s; one submission a step was slowest.
+/// (a Qwen2-0.5B-shape step is ~245 dispatches: four submissions) against 4 up to 64
+/// (seven), two rounds: tg128 Qwen2-0.5B shape 295/360 -> 368/368, Llama-8B 158/158 ->
+/// 163/163, Llama-1B Q8_0 452/439 -> 444/455 (noise) tokens/s; one submission a step
+/// was slowest.
 const SUBMIT_FIRST: usize = 16;
 
 /// Storage bindings of the widest kernel (a stack of three matvec weights and their
@@ -1808,10 +1809,12 @@ impl Backend for GpuBackend {
                 .filter(|f| matches!(f, ActFormat::Q8_0 | ActFormat::Q8_1))
                 .filter(|_| exact_rows == n_rows && a.head_dim.is_multiple_of(32));
             let (code, row_words) = quantized.map_or((0, 0), |f| afmt(f, cols));
-            if quantized.is_some() {
+            let acts = if quantized.is_some() {
                 self.reserve_acts(exact_rows * row_words);
-            }
-            let acts = if quantized.is_some() { self.acts } else { self.unused };
+                self.acts
+            } else {
+                self.unused
+            };
             let mut u_exact = [0u32; 9];
             u_exact[..8].copy_from_slice(&u);
             u_exact[0] = exact_rows as u32;
