@@ -248,6 +248,53 @@ pub fn run_item(
     run_item_at(simd_level(), g, q, keys, values, pages, item, out)
 }
 
+/// Keys whose rows the f16-accumulator kernel asks the cache for ahead of using them:
+/// in batched decode the cache rows of the other sessions and layers have pushed an
+/// item's rows out to DRAM, and a load per key would wait on each.
+const PREFETCH_KEYS: usize = 32;
+
+/// Hints the CPU to fetch the first key and value rows that work item `item` reads, so
+/// that a caller running items one after another can overlap the next item's DRAM
+/// latency with the current item's work. Only the f16-accumulator kernel (few queries
+/// over an f16 cache) gains from it; for other calls, or an item or rows the cache does
+/// not hold, it does nothing. It never reads memory.
+pub fn prefetch_item(g: &AttnGeometry, keys: CacheRows, values: CacheRows, pages: KvPages, item: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let (CacheRows::F16(keys), CacheRows::F16(values), true) = (keys, values, g.f16_accumulator()) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        if g.n_kv_head == 0 || g.n_head % g.n_kv_head != 0 || pages.page_size == 0 {
+            return;
+        }
+        let s = split(g);
+        if item >= g.n_kv_head * s.parts * s.tiles {
+            return;
+        }
+        let kv = item / s.tiles / s.parts;
+        let (first, pos) = g.visible(item % s.tiles);
+        for p in first..=pos.min(first + PREFETCH_KEYS - 1) {
+            let row = pages
+                .pages
+                .get(p / pages.page_size)
+                .and_then(|&page| (page as usize).checked_mul(pages.page_size))
+                .and_then(|r| r.checked_add(p % pages.page_size));
+            let Some(at) = row
+                .and_then(|r| r.checked_mul(g.kv_stride))
+                .and_then(|r| r.checked_add(kv * g.head_dim))
+            else {
+                return;
+            };
+            for off in (0..g.head_dim).step_by(32) {
+                // SAFETY: SSE is part of x86_64; a prefetch only hints the cache and never
+                // faults, wherever it points.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T0>(keys.as_ptr().wrapping_add(at + off).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(at + off).cast());
+                }
+            }
+        }
+    }
+}
+
 /// [`run_item`] at a given SIMD level (at most [`simd_level`]), whose items are those of
 /// [`work_items`]: for tests that compare levels.
 ///
@@ -613,11 +660,27 @@ unsafe fn f16_acc_heads<const HP: usize, const DC: usize>(
     // maximum and each key's one `exp` argument (the rescale `max - score` where the
     // maximum grows, else the weight's `score - max`) and their 16 `exp`s at once, then
     // the accumulation key by key, as the scalar pass orders it. Each key and value
-    // vector is widened once for all the heads (the conversions bound this kernel).
+    // vector is widened once for all the heads. The rows are asked for PREFETCH_KEYS
+    // keys ahead (the first ones at once; `prefetch_item` may have asked already): a
+    // load per key waiting on DRAM, not arithmetic, was most of this kernel's time in
+    // batched decode.
+    let prefetch = |p: usize| {
+        let at = row(p);
+        for off in (0..d).step_by(32) {
+            _mm_prefetch::<_MM_HINT_T0>(keys.as_ptr().wrapping_add(at + off).cast());
+            _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(at + off).cast());
+        }
+    };
+    for p in first..=pos.min(first + PREFETCH_KEYS - 1) {
+        prefetch(p);
+    }
     for p0 in (first..=pos).step_by(16) {
         let n = (pos + 1 - p0).min(16);
         let mut scores = [[0f32; 16]; HP];
         for j in 0..n {
+            if p0 + PREFETCH_KEYS + j <= pos {
+                prefetch(p0 + PREFETCH_KEYS + j);
+            }
             // SAFETY: the row's d keys lie in the cache (the caller's contract).
             let kp = unsafe { keys.as_ptr().add(row(p0 + j)) };
             // ggml's four chains per head: chain c % 4 takes values 16 c.. in order.
@@ -1686,5 +1749,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `prefetch_item` is only a hint: items, page tables and rows that do not exist are
+    /// skipped without a panic (run_item is what refuses them).
+    #[test]
+    fn prefetch_item_tolerates_what_run_item_refuses() {
+        let g = AttnGeometry {
+            n_tokens: 1,
+            start_pos: 100,
+            n_head: 6,
+            n_kv_head: 2,
+            head_dim: 64,
+            kv_stride: 128,
+            scale: 0.125,
+            window: None,
+            f16_cache: true,
+        };
+        let cache = vec![0u16; 16 * 128];
+        let rows = CacheRows::F16(&cache);
+        let far_pages = [0, u32::MAX];
+        for pages in [&[][..], &[0][..], &far_pages[..]] {
+            let pages = KvPages { pages, page_size: 64 };
+            for item in [0, 1, 2, usize::MAX] {
+                prefetch_item(&g, rows, rows, pages, item);
+            }
+        }
+        let empty = AttnGeometry { n_kv_head: 0, ..g };
+        prefetch_item(&empty, rows, rows, KvPages::contiguous(), 0);
     }
 }

@@ -513,8 +513,25 @@ impl Backend for CpuBackend {
         // SAFETY: work items write disjoint (token, head) parts of their sequence's rows,
         // which are inside `out` (checked per item) and distinct between sequences.
         let out = unsafe { OutMatrix::new(out.as_mut_ptr(), row) };
+        // Sequence i's page table (empty where it lies outside the table, which run_item
+        // then refuses).
+        let pages_of = |i: usize| {
+            let s = &seqs[i];
+            KvPages {
+                pages: page_table.get(s.page0..s.page0 + s.n_pages).unwrap_or(&[]),
+                page_size: a.page_size,
+            }
+        };
         self.pool.for_chunks(total, 1, &|items| {
             for item in items {
+                if item + 1 < total {
+                    // The next item's first rows, while this one computes: each thread
+                    // walks its share of the items in order, so it is most often this
+                    // thread's next.
+                    let next = calls.partition_point(|c| c.1 <= item + 1) - 1;
+                    let (geometry, first) = &calls[next];
+                    attention::prefetch_item(geometry, k, v, pages_of(next), item + 1 - first);
+                }
                 let i = calls.partition_point(|c| c.1 <= item) - 1;
                 let (geometry, first) = &calls[i];
                 let s = &seqs[i];
@@ -525,11 +542,7 @@ impl Backend for CpuBackend {
                 );
                 // The sequence's rows start row0 rows (row0 × row elements) down.
                 let o = out.offset_cols(s.row0 * row);
-                let pages = KvPages {
-                    pages: &page_table[s.page0..s.page0 + s.n_pages],
-                    page_size: a.page_size,
-                };
-                attention::run_item(geometry, &q[rows], k, v, pages, item - first, o);
+                attention::run_item(geometry, &q[rows], k, v, pages_of(i), item - first, o);
             }
         });
     }
