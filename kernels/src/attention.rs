@@ -261,8 +261,7 @@ const PREFETCH_KEYS: usize = 32;
 pub fn prefetch_item(g: &AttnGeometry, keys: CacheRows, values: CacheRows, pages: KvPages, item: usize) {
     #[cfg(target_arch = "x86_64")]
     if let (CacheRows::F16(keys), CacheRows::F16(values), true) = (keys, values, g.f16_accumulator()) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        if g.n_kv_head == 0 || g.n_head % g.n_kv_head != 0 || pages.page_size == 0 {
+        if g.n_kv_head == 0 || !g.n_head.is_multiple_of(g.n_kv_head) || pages.page_size == 0 {
             return;
         }
         let s = split(g);
@@ -283,14 +282,22 @@ pub fn prefetch_item(g: &AttnGeometry, keys: CacheRows, values: CacheRows, pages
             else {
                 return;
             };
-            for off in (0..g.head_dim).step_by(32) {
-                // SAFETY: SSE is part of x86_64; a prefetch only hints the cache and never
-                // faults, wherever it points.
-                unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(keys.as_ptr().wrapping_add(at + off).cast());
-                    _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(at + off).cast());
-                }
-            }
+            prefetch_row(keys, values, at, g.head_dim);
+        }
+    }
+}
+
+/// Asks for the cache lines of the `d` keys and values at element `at` of each cache.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn prefetch_row(keys: &[u16], values: &[u16], at: usize, d: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    for off in (0..d).step_by(32) {
+        // SAFETY: SSE is part of x86_64; a prefetch only hints the cache and never
+        // faults, wherever it points.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(keys.as_ptr().wrapping_add(at + off).cast());
+            _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(at + off).cast());
         }
     }
 }
@@ -664,13 +671,7 @@ unsafe fn f16_acc_heads<const HP: usize, const DC: usize>(
     // keys ahead (the first ones at once; `prefetch_item` may have asked already): a
     // load per key waiting on DRAM, not arithmetic, was most of this kernel's time in
     // batched decode.
-    let prefetch = |p: usize| {
-        let at = row(p);
-        for off in (0..d).step_by(32) {
-            _mm_prefetch::<_MM_HINT_T0>(keys.as_ptr().wrapping_add(at + off).cast());
-            _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(at + off).cast());
-        }
-    };
+    let prefetch = |p: usize| prefetch_row(keys, values, row(p), d);
     for p in first..=pos.min(first + PREFETCH_KEYS - 1) {
         prefetch(p);
     }
