@@ -151,6 +151,13 @@ impl KvPages<'_> {
         self.pages[p / self.page_size] as usize * self.page_size + p % self.page_size
     }
 
+    /// [`Self::row`], or `None` where the table has no page for `p` or the row number
+    /// overflows.
+    fn checked_row(&self, p: usize) -> Option<usize> {
+        let page = *self.pages.get(p.checked_div(self.page_size)?)? as usize;
+        page.checked_mul(self.page_size)?.checked_add(p % self.page_size)
+    }
+
     /// The end of the run of consecutive rows that holds position `p`: the first position
     /// of the next page.
     #[inline]
@@ -261,7 +268,7 @@ const PREFETCH_KEYS: usize = 32;
 pub fn prefetch_item(g: &AttnGeometry, keys: CacheRows, values: CacheRows, pages: KvPages, item: usize) {
     #[cfg(target_arch = "x86_64")]
     if let (CacheRows::F16(keys), CacheRows::F16(values), true) = (keys, values, g.f16_accumulator()) {
-        if g.n_kv_head == 0 || !g.n_head.is_multiple_of(g.n_kv_head) || pages.page_size == 0 {
+        if g.n_kv_head == 0 || !g.n_head.is_multiple_of(g.n_kv_head) {
             return;
         }
         let s = split(g);
@@ -271,12 +278,8 @@ pub fn prefetch_item(g: &AttnGeometry, keys: CacheRows, values: CacheRows, pages
         let kv = item / s.tiles / s.parts;
         let (first, pos) = g.visible(item % s.tiles);
         for p in first..=pos.min(first + PREFETCH_KEYS - 1) {
-            let row = pages
-                .pages
-                .get(p / pages.page_size)
-                .and_then(|&page| (page as usize).checked_mul(pages.page_size))
-                .and_then(|r| r.checked_add(p % pages.page_size));
-            let Some(at) = row
+            let Some(at) = pages
+                .checked_row(p)
                 .and_then(|r| r.checked_mul(g.kv_stride))
                 .and_then(|r| r.checked_add(kv * g.head_dim))
             else {

@@ -1859,58 +1859,59 @@ impl Backend for GpuBackend {
             ub[8] = block_rows as u32;
             self.dispatch(Kernel::AttentionBlock, &slots, &ub, &[a.scale], blocks * a.n_head);
         }
-        let row_seqs = || seqs.iter().filter(|s| !exact(s) && !blocked(s));
-        let n_rows: usize = row_seqs().map(|s| s.n_tokens).sum();
-        if n_rows == 0 {
-            self.last_attention = Some(out_slot);
-            return;
+        'rows: {
+            let row_seqs = || seqs.iter().filter(|s| !exact(s) && !blocked(s));
+            let n_rows: usize = row_seqs().map(|s| s.n_tokens).sum();
+            if n_rows == 0 {
+                break 'rows;
+            }
+            u[0] = n_rows as u32;
+            u[6] = self.push(attention_items(row_seqs()));
+            // Keys the longest row sees, in tiles of 64.
+            let max_keys = row_seqs()
+                .filter(|s| s.n_tokens > 0)
+                .map(|s| {
+                    let keys = s.start_pos + s.n_tokens;
+                    a.window.map_or(keys, |w| keys.min(w))
+                })
+                .max()
+                .unwrap_or(0);
+            let tiles = max_keys.div_ceil(64);
+            let heads = n_rows * a.n_head;
+            let mut splits = 1;
+            let mut chunk = 0;
+            if self.attn_split && a.head_dim.is_multiple_of(4) && heads < ATTN_SPLIT_GROUPS && tiles > 1 {
+                let want = ATTN_SPLIT_GROUPS.div_ceil(heads).min(tiles);
+                chunk = tiles.div_ceil(want) * 64;
+                splits = max_keys.div_ceil(chunk);
+            }
+            if splits <= 1 {
+                self.dispatch(Kernel::Attention, &slots, &u, &[a.scale], heads);
+                break 'rows;
+            }
+            let words = heads * splits * (a.head_dim + 2);
+            if words > self.attn_part_words {
+                let old = self.attn_part;
+                self.attn_part_words = words.next_power_of_two();
+                self.attn_part = self.new_slot(self.attn_part_words * 4, "kiln attention partials");
+                self.drop_slot(old);
+            }
+            let mut u_split = [0u32; 10];
+            u_split[..8].copy_from_slice(&u);
+            u_split[8] = splits as u32;
+            u_split[9] = chunk as u32;
+            let split_slots = [slots[0], slots[1], slots[2], self.attn_part, self.arena];
+            self.dispatch(
+                Kernel::AttentionSplit,
+                &split_slots,
+                &u_split,
+                &[a.scale],
+                heads * splits,
+            );
+            let slots = [self.attn_part, slots[3], self.arena];
+            self.dispatch(Kernel::AttentionCombine, &slots, &u_split, &[], heads);
         }
-        u[0] = n_rows as u32;
-        u[6] = self.push(attention_items(row_seqs()));
-        // Keys the longest row sees, in tiles of 64.
-        let max_keys = row_seqs()
-            .filter(|s| s.n_tokens > 0)
-            .map(|s| {
-                let keys = s.start_pos + s.n_tokens;
-                a.window.map_or(keys, |w| keys.min(w))
-            })
-            .max()
-            .unwrap_or(0);
-        let tiles = max_keys.div_ceil(64);
-        let heads = n_rows * a.n_head;
-        let mut splits = 1;
-        let mut chunk = 0;
-        if self.attn_split && a.head_dim.is_multiple_of(4) && heads < ATTN_SPLIT_GROUPS && tiles > 1 {
-            let want = ATTN_SPLIT_GROUPS.div_ceil(heads).min(tiles);
-            chunk = tiles.div_ceil(want) * 64;
-            splits = max_keys.div_ceil(chunk);
-        }
-        if splits <= 1 {
-            self.dispatch(Kernel::Attention, &slots, &u, &[a.scale], heads);
-            self.last_attention = Some(out_slot);
-            return;
-        }
-        let words = heads * splits * (a.head_dim + 2);
-        if words > self.attn_part_words {
-            let old = self.attn_part;
-            self.attn_part_words = words.next_power_of_two();
-            self.attn_part = self.new_slot(self.attn_part_words * 4, "kiln attention partials");
-            self.drop_slot(old);
-        }
-        let mut u_split = [0u32; 10];
-        u_split[..8].copy_from_slice(&u);
-        u_split[8] = splits as u32;
-        u_split[9] = chunk as u32;
-        let split_slots = [slots[0], slots[1], slots[2], self.attn_part, self.arena];
-        self.dispatch(
-            Kernel::AttentionSplit,
-            &split_slots,
-            &u_split,
-            &[a.scale],
-            heads * splits,
-        );
-        let slots = [self.attn_part, slots[3], self.arena];
-        self.dispatch(Kernel::AttentionCombine, &slots, &u_split, &[], heads);
+        // The next product that reads `out` tells the exact kernel its format.
         self.last_attention = Some(out_slot);
     }
 
