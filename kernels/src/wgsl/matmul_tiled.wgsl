@@ -9,11 +9,17 @@
 // 16-byte load per side rather than four.
 // Parameters as matmul.wgsl's, except u7 = tiles of rows.
 //
-// Every weight chunk is reduced to the same form: `d · (sc0 · s0 + sc1 · s1) + m · sa`,
-// with s0, s1 the integer products of its two 16-element halves, sc0/sc1 integer
-// sub-scales (Q6_K's per-16 scales, Q4_K's scale, 1 elsewhere), d its f32 scale times
-// the activation's, and m its f32 minimum term (Q4_1's m, Q4_K's −dmin·min, 0 elsewhere)
-// times the activation chunk's scaled sum sa.
+// The 32-element types scale every chunk in f32: `d_w · d_a · s + m · sa`, with s the
+// chunk's integer product, m Q4_1's minimum (0 for the others) and sa the activation
+// chunk's scaled sum. The K-quants keep integers over a whole 256-element super-block,
+// as the CPU's kernels do: Σ sc · s per sub-block scale (Q6_K's two 16-element halves
+// have one each) and Q4_K's Σ min · bsum against the chunks' activation sums, then per
+// super-block `d_w · d_a · Σ − dmin_w · d_a · Σ_min`. That is an integer multiply-add a
+// chunk and output where the chunk's f32 scaling took a conversion and four float
+// operations: pp512 of a Llama-8B shape (Q4_K/Q6_K) on an H200 2040 -> 2135 tokens/s.
+// (Measured there and dropped: tiles of 128 rows with 8 × 4 outputs an invocation,
+// 2040 -> 1705, and fetching the next step's chunks into registers during a step's
+// products, no gain.)
 // (decode_chunk comes from chunks.wgsl.)
 const TILE_ROWS: u32 = 64u;
 const TILE_TOKENS: u32 = 64u;
@@ -24,8 +30,10 @@ const STEP: u32 = 4u;
 // input rows).
 var<workgroup> tw: array<vec4<u32>, 512>;
 var<workgroup> ta: array<vec4<u32>, 512>;
-// Per chunk · 16 + row % 16 (component row / 16): d, m and the two sub-scales; per
-// chunk · 16 + input row % 16: the activation's scale and scaled sum.
+// Per chunk · 16 + row % 16 (component row / 16): d, m (Q4_1's minimum, Q4_K's dmin)
+// and the two sub-scales (Q4_K: scale and minimum); per chunk · 16 + input row % 16:
+// the activation's scale and its scaled sum (Q8_0 / Q8_1) or the chunk's integer sum
+// (Q8_K, as bits).
 var<workgroup> tw_d: array<vec4<f32>, 64>;
 var<workgroup> tw_m: array<vec4<f32>, 64>;
 var<workgroup> tw_sc0: array<vec4<i32>, 64>;
@@ -63,8 +71,9 @@ fn load_weight_chunk(row: u32, c: u32, slot: u32, r: u32, nchunks: u32) {
             m = wm;
         }
         case 7u: {
-            m = -wm * f32(wsc.y);
-            sc = vec2<i32>(wsc.x, wsc.x);
+            // Per super-block: dmin, and the chunk's scale and minimum.
+            m = wm;
+            sc = wsc;
         }
         case 8u: {
             sc = wsc;
@@ -99,9 +108,8 @@ fn load_act_chunk(t: u32, c: u32, slot: u32, r: u32, nchunks: u32) {
             ta[(slot * 8u + k) * 16u + r % 16u][j] = q;
             sum += dot4I8Packed(q, 0x01010101u);
         }
-        let d = bitcast<f32>(A[base + 64u]);
-        ta_d[i][j] = d;
-        ta_s[i][j] = d * f32(sum);
+        ta_d[i][j] = bitcast<f32>(A[base + 64u]);
+        ta_s[i][j] = bitcast<f32>(sum);
     } else {
         // Q8_0 / Q8_1: [qs ×8, d, s, 0, 0] per 32.
         let base = arow + c * 12u;
@@ -132,6 +140,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
+    // The K-quants' integer sums over the current super-block: Σ sc · s (Q6_K's two
+    // scales a chunk) and Q4_K's Σ min · bsum.
+    var sum0 = vec4<i32>(0);
+    var sum1 = vec4<i32>(0);
+    var sum2 = vec4<i32>(0);
+    var sum3 = vec4<i32>(0);
+    var min0 = vec4<i32>(0);
+    var min1 = vec4<i32>(0);
+    var min2 = vec4<i32>(0);
+    var min3 = vec4<i32>(0);
     for (var c0 = 0u; c0 < nchunks; c0 += STEP) {
         load_weight_chunk(row0 + lr, c0 + ls, ls, lr, nchunks);
         load_act_chunk(t0 + lr, c0 + ls, ls, lr, nchunks);
@@ -175,23 +193,51 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             let sc0 = tw_sc0[pw];
             let sc1 = tw_sc1[pw];
             if WTYPE == 8u {
-                acc0 += (wd4.x * da) * vec4<f32>(sc0.x * lo0 + sc1.x * hi0);
-                acc1 += (wd4.y * da) * vec4<f32>(sc0.y * lo1 + sc1.y * hi1);
-                acc2 += (wd4.z * da) * vec4<f32>(sc0.z * lo2 + sc1.z * hi2);
-                acc3 += (wd4.w * da) * vec4<f32>(sc0.w * lo3 + sc1.w * hi3);
-            } else if WTYPE == 4u || WTYPE == 7u {
-                // Q4_1 and Q4_K: a minimum term (Q4_1's sub-scale is 1, so the product is
-                // the same integer).
-                acc0 += (wd4.x * da) * vec4<f32>(sc0.x * lo0) + wm4.x * sa;
-                acc1 += (wd4.y * da) * vec4<f32>(sc0.y * lo1) + wm4.y * sa;
-                acc2 += (wd4.z * da) * vec4<f32>(sc0.z * lo2) + wm4.z * sa;
-                acc3 += (wd4.w * da) * vec4<f32>(sc0.w * lo3) + wm4.w * sa;
+                sum0 += sc0.x * lo0 + sc1.x * hi0;
+                sum1 += sc0.y * lo1 + sc1.y * hi1;
+                sum2 += sc0.z * lo2 + sc1.z * hi2;
+                sum3 += sc0.w * lo3 + sc1.w * hi3;
+            } else if WTYPE == 7u {
+                let bsum = bitcast<vec4<i32>>(sa);
+                sum0 += sc0.x * lo0;
+                sum1 += sc0.y * lo1;
+                sum2 += sc0.z * lo2;
+                sum3 += sc0.w * lo3;
+                min0 += sc1.x * bsum;
+                min1 += sc1.y * bsum;
+                min2 += sc1.z * bsum;
+                min3 += sc1.w * bsum;
+            } else if WTYPE == 4u {
+                // Q4_1: its minimum times the activation chunk's scaled sum.
+                acc0 += (wd4.x * da) * vec4<f32>(lo0) + wm4.x * sa;
+                acc1 += (wd4.y * da) * vec4<f32>(lo1) + wm4.y * sa;
+                acc2 += (wd4.z * da) * vec4<f32>(lo2) + wm4.z * sa;
+                acc3 += (wd4.w * da) * vec4<f32>(lo3) + wm4.w * sa;
             } else {
                 acc0 += (wd4.x * da) * vec4<f32>(lo0);
                 acc1 += (wd4.y * da) * vec4<f32>(lo1);
                 acc2 += (wd4.z * da) * vec4<f32>(lo2);
                 acc3 += (wd4.w * da) * vec4<f32>(lo3);
             }
+        }
+        if WTYPE >= 7u && (c0 + STEP) % 8u == 0u {
+            // The end of a super-block (the step's chunks all belong to it): its scales
+            // once, `d_w · d_a · Σ − dmin_w · d_a · Σ_min`.
+            let da = ta_d[tc];
+            let wd4 = tw_d[tr];
+            let wm4 = tw_m[tr];
+            acc0 += (wd4.x * da) * vec4<f32>(sum0) - (wm4.x * da) * vec4<f32>(min0);
+            acc1 += (wd4.y * da) * vec4<f32>(sum1) - (wm4.y * da) * vec4<f32>(min1);
+            acc2 += (wd4.z * da) * vec4<f32>(sum2) - (wm4.z * da) * vec4<f32>(min2);
+            acc3 += (wd4.w * da) * vec4<f32>(sum3) - (wm4.w * da) * vec4<f32>(min3);
+            sum0 = vec4<i32>(0);
+            sum1 = vec4<i32>(0);
+            sum2 = vec4<i32>(0);
+            sum3 = vec4<i32>(0);
+            min0 = vec4<i32>(0);
+            min1 = vec4<i32>(0);
+            min2 = vec4<i32>(0);
+            min3 = vec4<i32>(0);
         }
         workgroupBarrier();
     }
