@@ -135,7 +135,7 @@ enum Command {
         /// Numbers of single-token decode steps, comma-separated; 0 skips.
         #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
         n_gen: Vec<usize>,
-        /// Timed runs of each test (after one warm-up run).
+        /// Timed runs of each test (after a warm-up of at least half a second).
         #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
         repetitions: usize,
         #[arg(short, long)]

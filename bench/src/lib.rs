@@ -67,7 +67,7 @@ pub struct Options {
     pub n_prompt: Vec<usize>,
     /// Decode lengths, one `tgN` test each; 0 is skipped.
     pub n_gen: Vec<usize>,
-    /// Timed runs per test, after one warm-up run.
+    /// Timed runs per test, after a warm-up of at least `WARM_UP`.
     pub repetitions: usize,
     /// CPU threads; default: one per core.
     pub threads: Option<usize>,
@@ -278,18 +278,22 @@ pub struct Report {
     pub backends: String,
 }
 
+/// How long each test's warm-up runs at least (see `Bench::warm_up`).
+const WARM_UP: Duration = Duration::from_millis(500);
+
 /// Runs the tests of `options` on `engine`, loaded from `model` with [`Options::engine_options`].
 ///
 /// A `ppN` test prefills N random token ids into an empty context; a `tgN` test runs N
 /// single-token decode steps from an empty context, feeding a random token each step
-/// without sampling. Each test has one warm-up run (for tg, one step, as llama-bench
-/// does), then `repetitions` timed runs; only the forward passes are timed. kiln adds the
-/// model's load time, the time to first token of a prompt (its prefill plus a greedy
-/// pick) and the process's peak resident memory.
+/// without sampling. Each test has a warm-up (its run, for tg one step as llama-bench
+/// does, repeated for at least `WARM_UP`), then `repetitions` timed runs; only the
+/// forward passes are timed. kiln adds the model's load time, the time to first token of
+/// a prompt (its prefill plus a greedy pick) and the process's peak resident memory.
 pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
     let engine_options = options.engine_options()?;
     let model = ModelInfo::read(&registry::resolve(model)?)?;
     let mut bench = Bench {
+        engine,
         session: engine.session(SessionOptions::default()),
         vocab: engine.model().hyper().vocab as u64,
         bos: engine.tokenizer().bos.filter(|_| engine.tokenizer().add_bos),
@@ -316,11 +320,11 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
             continue;
         }
         let samples = if n_prompt > 0 {
-            bench.prompt(n_prompt)?;
+            bench.warm_up(|b| b.prompt(n_prompt))?;
             bench.repeat(options.repetitions, n_prompt, |b| b.prompt(n_prompt))?
         } else {
             // llama-bench warms decode up with a single step.
-            bench.tokens_per_step(1)?;
+            bench.warm_up(|b| b.tokens_per_step(1))?;
             bench.repeat(options.repetitions, n_gen, |b| b.tokens_per_step(n_gen))?
         };
         tests.push(TestResult {
@@ -362,7 +366,8 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
     })
 }
 
-struct Bench {
+struct Bench<'e> {
+    engine: &'e Engine,
     session: Session,
     vocab: u64,
     /// The first prompt token, as llama-bench does: BOS where the model adds one.
@@ -370,7 +375,31 @@ struct Bench {
     rng: u64,
 }
 
-impl Bench {
+impl Bench<'_> {
+    /// An empty context: the session reset and the pages it left cached dropped, so that
+    /// every run writes the same pages (kept cached, each run's random prompt would take
+    /// fresh pages of the pool and add to the resident memory the bench reports).
+    fn clear(&mut self) {
+        self.session.reset();
+        self.engine.clear_prefix_cache();
+    }
+
+    /// The warm-up of a test: its run repeated until `WARM_UP` has passed (at least once),
+    /// so that the timed runs find the device at its working clocks. (On an H200 after a
+    /// few idle seconds, one warm-up run left the first timed pp512 of a Qwen2-0.5B shape
+    /// at a fifth of the others' speed: 14.4k ± 8.8k tokens/s over three runs, 19.4k
+    /// steady.)
+    fn warm_up(&mut self, mut once: impl FnMut(&mut Bench) -> Result<Duration>) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            self.clear();
+            once(self)?;
+            if started.elapsed() >= WARM_UP {
+                return Ok(());
+            }
+        }
+    }
+
     /// `reps` timed runs of `once`, each from an empty context.
     fn repeat(
         &mut self,
@@ -380,7 +409,7 @@ impl Bench {
     ) -> Result<Samples> {
         let mut ns = Vec::with_capacity(reps);
         for _ in 0..reps {
-            self.session.reset();
+            self.clear();
             ns.push(once(self)?.as_nanos() as u64);
         }
         Ok(Samples { n_tokens, ns })
