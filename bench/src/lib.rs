@@ -376,9 +376,8 @@ struct Bench<'e> {
 }
 
 impl Bench<'_> {
-    /// An empty context: the session reset and the pages it left cached dropped, so that
-    /// every run writes the same pages (kept cached, each run's random prompt would take
-    /// fresh pages of the pool and add to the resident memory the bench reports).
+    /// An empty context: the session reset and the prefix cache emptied, so that no run
+    /// can reuse what an earlier one left (as llama-bench clears its cache between runs).
     fn clear(&mut self) {
         self.session.reset();
         self.engine.clear_prefix_cache();
