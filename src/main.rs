@@ -150,9 +150,10 @@ enum Command {
         #[arg(long, default_value_t = 512)]
         ttft: usize,
         /// Run every test as N concurrent sessions through the engine's scheduler and
-        /// report their aggregate tokens/s.
-        #[arg(long)]
-        sessions: Option<usize>,
+        /// report their aggregate tokens/s; a comma list (e.g. 1,8) runs each count,
+        /// interleaved, and prints each count's ratio to the first's.
+        #[arg(long, value_delimiter = ',')]
+        sessions: Vec<usize>,
         /// First-turn prompt length of a second-turn measurement: time to first token of
         /// a conversation's second turn sent as a new session, with and without prefix
         /// reuse; 0 skips it.

@@ -124,6 +124,34 @@ fn bench_prints_llama_bench_json_rows() {
     }
 }
 
+/// `--sessions 1,2` measures both counts in one run (their rounds interleaved): a row
+/// each, with its own samples, and the ratio of their aggregate tokens/s in the table's
+/// notes.
+#[test]
+fn bench_compares_session_counts_in_one_run() {
+    let args = "bench -m smollm2-135m-instruct -p 0 -n 4 -r 2 --ttft 0 --backend cpu --sessions 1,2";
+    let args: Vec<&str> = args.split(' ').collect();
+    let json: Vec<&str> = args.iter().copied().chain(["-o", "json"]).collect();
+    let out = kiln(&json, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let counts: Vec<_> = rows.iter().map(|r| r["n_sessions"].as_u64()).collect();
+    assert_eq!(counts, [Some(1), Some(2)]);
+    for row in &rows {
+        assert_eq!(row["samples_ts"].as_array().unwrap().len(), 2, "{row}");
+        assert!(row["avg_ts"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let out = kiln(&args, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ratio = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tg4: 2 sessions / 1 = "))
+        .and_then(|rest| rest.strip_suffix("x the tokens/s"))
+        .and_then(|x| x.parse::<f64>().ok());
+    assert!(ratio.is_some_and(|r| r > 0.0), "no ratio line in:\n{text}");
+}
+
 /// `--backend gpu` runs on any GPU adapter (Mesa's lavapipe here) and says so in the
 /// rows; without one it must fail clearly, unless `KILN_NO_GPU=1`.
 #[test]

@@ -76,10 +76,11 @@ pub struct Options {
     pub batch: Option<usize>,
     /// Prompt length of the time-to-first-token measurement; 0 skips it.
     pub ttft_prompt: usize,
-    /// Run each test as this many concurrent sessions through the engine's scheduler
-    /// (generation with greedy sampling), reporting their aggregate tokens/s; `None`
-    /// drives one session's forward passes directly, as llama-bench does.
-    pub sessions: Option<usize>,
+    /// Run each test as each of these numbers of concurrent sessions through the engine's
+    /// scheduler (generation with greedy sampling), reporting their aggregate tokens/s,
+    /// the counts' runs interleaved so that they see the same machine; empty drives one
+    /// session's forward passes directly, as llama-bench does.
+    pub sessions: Vec<usize>,
     /// First-turn prompt length of the second-turn measurement (time to first token of
     /// a conversation's second turn sent as a new session, with and without prefix
     /// reuse); 0 skips it.
@@ -93,7 +94,7 @@ impl Options {
         if self.repetitions == 0 {
             return Err(BenchError::Invalid("repetitions must be at least 1".into()));
         }
-        if self.threads == Some(0) || self.batch == Some(0) || self.sessions == Some(0) {
+        if self.threads == Some(0) || self.batch == Some(0) || self.sessions.contains(&0) {
             return Err(BenchError::Invalid(
                 "threads, batch size and sessions must be positive".into(),
             ));
@@ -106,6 +107,9 @@ impl Options {
         // The second-turn measurement keeps the first turn's pages while the second runs.
         let sessions = self
             .sessions
+            .iter()
+            .copied()
+            .max()
             .unwrap_or(1)
             .max(if second_turn.is_some() { 2 } else { 1 });
         let defaults = EngineOptions::default();
@@ -308,15 +312,18 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
     for (n_prompt, n_gen) in cases.filter(|&(p, n)| p + n > 0) {
         let test_time = rfc3339(SystemTime::now());
         bench.session.reset();
-        if let Some(n_sessions) = options.sessions {
-            let samples = concurrent(engine, &mut bench, n_sessions, n_prompt, n_gen, options.repetitions)?;
-            tests.push(TestResult {
-                n_prompt,
-                n_gen,
-                n_sessions,
-                test_time,
-                samples,
-            });
+        if !options.sessions.is_empty() {
+            let counts = &options.sessions;
+            let all = concurrent(engine, &mut bench, counts, n_prompt, n_gen, options.repetitions)?;
+            for (&n_sessions, samples) in counts.iter().zip(all) {
+                tests.push(TestResult {
+                    n_prompt,
+                    n_gen,
+                    n_sessions,
+                    test_time: test_time.clone(),
+                    samples,
+                });
+            }
             continue;
         }
         let samples = if n_prompt > 0 {
@@ -468,62 +475,89 @@ impl Bench<'_> {
     }
 }
 
-/// One test run as `n_sessions` sessions generating at once through the engine loop,
+/// One test run as each of `counts` sessions generating at once through the engine loop,
 /// each on its own thread: a ppN test is N random prompt tokens and one generated token
 /// per session, a tgN test is a one-token prompt and N generated tokens (greedy, past
-/// any end-of-text). One warm-up run, then `reps` timed runs from empty contexts; a run
-/// lasts from the moment all sessions start until the last one finishes, and counts the
-/// tokens of all of them.
+/// any end-of-text). Warm-up rounds for at least `WARM_UP`, then `reps` timed rounds,
+/// each a run of every count in turn from empty contexts (interleaved, so that a noisy
+/// machine's slow spells fall on every count alike); a run lasts from the moment all its
+/// sessions start until the last one finishes, and counts the tokens of all of them.
+/// Samples per count.
 fn concurrent(
     engine: &Engine,
     bench: &mut Bench,
-    n_sessions: usize,
+    counts: &[usize],
     n_prompt: usize,
     n_gen: usize,
     reps: usize,
-) -> Result<Samples> {
-    let mut sessions: Vec<Session> = (0..n_sessions)
-        .map(|_| engine.session(SessionOptions::default()))
-        .collect();
+) -> Result<Vec<Samples>> {
+    let most = counts.iter().copied().max().unwrap_or(0);
+    let mut sessions: Vec<Session> = (0..most).map(|_| engine.session(SessionOptions::default())).collect();
     let options = GenerateOptions {
         max_tokens: n_gen.max(1),
         sampling: Sampling::greedy(),
         stop_at_eog: false,
         ..Default::default()
     };
-    let mut ns = Vec::with_capacity(reps);
-    for rep in 0..=reps {
-        let prompts: Vec<Vec<u32>> = (0..n_sessions).map(|_| bench.prompt_tokens(n_prompt.max(1))).collect();
-        for s in &mut sessions {
-            s.reset();
+    let warm_up = Instant::now();
+    loop {
+        for &n_sessions in counts {
+            concurrent_run(bench, &mut sessions[..n_sessions], n_prompt, &options)?;
         }
-        let barrier = std::sync::Barrier::new(n_sessions + 1);
-        let elapsed = std::thread::scope(|scope| -> Result<Duration> {
-            let runs: Vec<_> = sessions
-                .iter_mut()
-                .zip(&prompts)
-                .map(|(session, prompt)| {
-                    let (barrier, options) = (&barrier, &options);
-                    scope.spawn(move || {
-                        barrier.wait();
-                        session.generate_from_tokens(prompt, options)
-                    })
-                })
-                .collect();
-            barrier.wait();
-            let started = Instant::now();
-            for run in runs {
-                run.join().expect("a bench session panicked")?;
-            }
-            Ok(started.elapsed())
-        })?;
-        if rep > 0 {
-            ns.push(elapsed.as_nanos() as u64);
+        if warm_up.elapsed() >= WARM_UP {
+            break;
         }
     }
-    Ok(Samples {
-        n_tokens: n_sessions * if n_prompt > 0 { n_prompt } else { n_gen },
-        ns,
+    let mut ns = vec![Vec::with_capacity(reps); counts.len()];
+    for _ in 0..reps {
+        for (count, &n_sessions) in counts.iter().enumerate() {
+            let elapsed = concurrent_run(bench, &mut sessions[..n_sessions], n_prompt, &options)?;
+            ns[count].push(elapsed.as_nanos() as u64);
+        }
+    }
+    let n_tokens = |n_sessions: usize| n_sessions * if n_prompt > 0 { n_prompt } else { n_gen };
+    Ok(counts
+        .iter()
+        .zip(ns)
+        .map(|(&n, ns)| Samples {
+            n_tokens: n_tokens(n),
+            ns,
+        })
+        .collect())
+}
+
+/// One run of `sessions` generating at once with `options`, from empty contexts.
+fn concurrent_run(
+    bench: &mut Bench,
+    sessions: &mut [Session],
+    n_prompt: usize,
+    options: &GenerateOptions,
+) -> Result<Duration> {
+    let prompts: Vec<Vec<u32>> = (0..sessions.len())
+        .map(|_| bench.prompt_tokens(n_prompt.max(1)))
+        .collect();
+    for s in sessions.iter_mut() {
+        s.reset();
+    }
+    let barrier = std::sync::Barrier::new(sessions.len() + 1);
+    std::thread::scope(|scope| -> Result<Duration> {
+        let runs: Vec<_> = sessions
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(session, prompt)| {
+                let barrier = &barrier;
+                scope.spawn(move || {
+                    barrier.wait();
+                    session.generate_from_tokens(prompt, options)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let started = Instant::now();
+        for run in runs {
+            run.join().expect("a bench session panicked")?;
+        }
+        Ok(started.elapsed())
     })
 }
 
@@ -845,6 +879,28 @@ impl Report {
             );
         }
         let _ = writeln!(out, "\nload: {:.3} s", self.load_time.as_secs_f64());
+        // Several session counts of one test (`--sessions 1,8`): each count's aggregate
+        // tokens/s over the first count's, from the same interleaved rounds.
+        for (i, t) in self.tests.iter().enumerate() {
+            let first = self.tests[..i]
+                .iter()
+                .find(|f| (f.n_prompt, f.n_gen) == (t.n_prompt, t.n_gen));
+            if let Some(first) = first {
+                let (avg, base) = (mean_sd(&t.samples.ts()).0, mean_sd(&first.samples.ts()).0);
+                let test = if t.n_prompt > 0 {
+                    format!("pp{}", t.n_prompt)
+                } else {
+                    format!("tg{}", t.n_gen)
+                };
+                let _ = writeln!(
+                    out,
+                    "{test}: {} sessions / {} = {:.2}x the tokens/s",
+                    t.n_sessions,
+                    first.n_sessions,
+                    avg / base
+                );
+            }
+        }
         if let (Some(ttft), Some((avg, sd))) = (&self.ttft, self.ttft_stats()) {
             let _ = writeln!(
                 out,
