@@ -1057,13 +1057,15 @@ impl GpuBackend {
         let u = [n as u32, cols as u32, u32::from(add)];
         let learned = self.norm_formats.get(&weight.0).copied();
         // The workgroup (256 invocations) quantizes Q8_K blocks a subgroup each and
-        // smaller ones an invocation each; rows that need a second round of that (Q8_K
-        // rows over 2048 with subgroups of 32) quantize apart: on the H200 the second
-        // round cost more than the dispatch it saves (llama-8b tg128 161 -> 158).
+        // smaller ones eight invocations each (shuffling within subgroups, so those need
+        // subgroups of at least 8); rows that need a second round of Q8_K blocks (rows
+        // over 2048 with subgroups of 32) quantize apart: on the H200 the second round
+        // cost more than the dispatch it saves (llama-8b tg128 161 -> 158).
         let one_round = |format: ActFormat| {
             let lanes = match format {
                 ActFormat::Q8_K => self.subgroup_rows.map_or(0, |rows| 256 * rows / MATVEC_WG),
-                _ => 256,
+                _ if self.subgroup_rows.is_some_and(|rows| MATVEC_WG / rows >= 8) => 256,
+                _ => 0,
             };
             cols.is_multiple_of(format.block_size()) && cols / format.block_size() <= lanes
         };

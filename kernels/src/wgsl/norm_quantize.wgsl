@@ -5,7 +5,8 @@
 // each (four values apiece, the block's maximum and sum shuffled across them), Q8_K
 // blocks (256) one subgroup each. (One invocation per Q8_0 block, 28 of the 256 busy
 // for a row of 896, made this kernel 37.5 µs in the H200's timestamp profile of a
-// Qwen2-0.5B decode step, 30% of its GPU time.)
+// Qwen2-0.5B decode step, 30% of its GPU time; eight a block: tg128 377 -> 398 tokens/s.)
+// The eight lanes of a block are consecutive invocations, so subgroups of at least 8.
 @group(0) @binding(4) var<storage, read_write> A: array<u32>;
 
 override AFMT: u32;
