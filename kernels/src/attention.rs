@@ -1013,30 +1013,31 @@ unsafe fn tiled_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values: &
                 }
             }
         }
-        // Every lane's scores for the tile, two lanes at a time (8 FMA chains sharing
-        // the key loads).
+        // Every lane's scores for the tile, four lanes at a time (16 FMA chains sharing
+        // the key loads; a short last group repeats its last lane).
         let query = |lane: usize| {
             it.query(it.tokens.start + lane / hp, it.heads.start + lane % hp)
                 .as_ptr()
         };
-        for l0 in (0..lanes).step_by(2) {
-            let l1 = (l0 + 1).min(lanes - 1);
-            let (q0, q1) = (query(l0), query(l1));
-            // SAFETY: both queries hold d f32; the key tile d × 64; the scores 64 per lane.
+        for l0 in (0..lanes).step_by(4) {
+            let ls: [usize; 4] = std::array::from_fn(|k| (l0 + k).min(lanes - 1));
+            let qs = ls.map(query);
+            // SAFETY: the queries hold d f32; the key tile d × 64; the scores 64 per lane.
             unsafe {
-                let mut s0 = [_mm512_setzero_ps(); 4];
-                let mut s1 = [_mm512_setzero_ps(); 4];
+                let mut s = [[_mm512_setzero_ps(); 4]; 4];
                 for i in 0..d {
-                    let (a, b) = (_mm512_set1_ps(*q0.add(i)), _mm512_set1_ps(*q1.add(i)));
+                    let q = qs.map(|q| _mm512_set1_ps(*q.add(i)));
                     for j in 0..4 {
                         let k = _mm512_loadu_ps(kt.as_ptr().add(i * TILE_KV + 16 * j));
-                        s0[j] = _mm512_fmadd_ps(k, a, s0[j]);
-                        s1[j] = _mm512_fmadd_ps(k, b, s1[j]);
+                        for (s, q) in s.iter_mut().zip(&q) {
+                            s[j] = _mm512_fmadd_ps(k, *q, s[j]);
+                        }
                     }
                 }
-                for j in 0..4 {
-                    _mm512_storeu_ps(scores.as_mut_ptr().add(l0 * TILE_KV + 16 * j), s0[j]);
-                    _mm512_storeu_ps(scores.as_mut_ptr().add(l1 * TILE_KV + 16 * j), s1[j]);
+                for (s, &l) in s.iter().zip(&ls) {
+                    for (j, s) in s.iter().enumerate() {
+                        _mm512_storeu_ps(scores.as_mut_ptr().add(l * TILE_KV + 16 * j), *s);
+                    }
                 }
             }
         }
