@@ -159,16 +159,21 @@ pub struct TestResult {
 }
 
 impl TestResult {
-    pub fn name(&self) -> String {
-        let test = if self.n_prompt > 0 {
+    /// The test as llama-bench names it: `ppN` or `tgN`.
+    pub fn test(&self) -> String {
+        if self.n_prompt > 0 {
             format!("pp{}", self.n_prompt)
         } else {
             format!("tg{}", self.n_gen)
-        };
+        }
+    }
+
+    /// The test's name in the table: [`Self::test`], with ` xN` for N sessions.
+    pub fn name(&self) -> String {
         if self.n_sessions > 1 {
-            format!("{test} x{}", self.n_sessions)
+            format!("{} x{}", self.test(), self.n_sessions)
         } else {
-            test
+            self.test()
         }
     }
 }
@@ -285,6 +290,17 @@ pub struct Report {
 /// How long each test's warm-up runs at least (see `Bench::warm_up`).
 const WARM_UP: Duration = Duration::from_millis(500);
 
+/// Runs `run` until `WARM_UP` has passed, at least once.
+fn repeat_for_warm_up(mut run: impl FnMut() -> Result<()>) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        run()?;
+        if started.elapsed() >= WARM_UP {
+            return Ok(());
+        }
+    }
+}
+
 /// Runs the tests of `options` on `engine`, loaded from `model` with [`Options::engine_options`].
 ///
 /// A `ppN` test prefills N random token ids into an empty context; a `tgN` test runs N
@@ -311,10 +327,9 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
         .chain(options.n_gen.iter().map(|&n| (0, n)));
     for (n_prompt, n_gen) in cases.filter(|&(p, n)| p + n > 0) {
         let test_time = rfc3339(SystemTime::now());
-        bench.session.reset();
         if !options.sessions.is_empty() {
             let counts = &options.sessions;
-            let all = concurrent(engine, &mut bench, counts, n_prompt, n_gen, options.repetitions)?;
+            let all = concurrent(&mut bench, counts, n_prompt, n_gen, options.repetitions)?;
             for (&n_sessions, samples) in counts.iter().zip(all) {
                 tests.push(TestResult {
                     n_prompt,
@@ -396,14 +411,10 @@ impl Bench<'_> {
     /// at a fifth of the others' speed: 14.4k ± 8.8k tokens/s over three runs, 19.4k
     /// steady.)
     fn warm_up(&mut self, mut once: impl FnMut(&mut Bench) -> Result<Duration>) -> Result<()> {
-        let started = Instant::now();
-        loop {
+        repeat_for_warm_up(|| {
             self.clear();
-            once(self)?;
-            if started.elapsed() >= WARM_UP {
-                return Ok(());
-            }
-        }
+            once(self).map(drop)
+        })
     }
 
     /// `reps` timed runs of `once`, each from an empty context.
@@ -483,15 +494,9 @@ impl Bench<'_> {
 /// machine's slow spells fall on every count alike); a run lasts from the moment all its
 /// sessions start until the last one finishes, and counts the tokens of all of them.
 /// Samples per count.
-fn concurrent(
-    engine: &Engine,
-    bench: &mut Bench,
-    counts: &[usize],
-    n_prompt: usize,
-    n_gen: usize,
-    reps: usize,
-) -> Result<Vec<Samples>> {
+fn concurrent(bench: &mut Bench, counts: &[usize], n_prompt: usize, n_gen: usize, reps: usize) -> Result<Vec<Samples>> {
     let most = counts.iter().copied().max().unwrap_or(0);
+    let engine = bench.engine;
     let mut sessions: Vec<Session> = (0..most).map(|_| engine.session(SessionOptions::default())).collect();
     let options = GenerateOptions {
         max_tokens: n_gen.max(1),
@@ -499,15 +504,12 @@ fn concurrent(
         stop_at_eog: false,
         ..Default::default()
     };
-    let warm_up = Instant::now();
-    loop {
+    repeat_for_warm_up(|| {
         for &n_sessions in counts {
             concurrent_run(bench, &mut sessions[..n_sessions], n_prompt, &options)?;
         }
-        if warm_up.elapsed() >= WARM_UP {
-            break;
-        }
-    }
+        Ok(())
+    })?;
     let mut ns = vec![Vec::with_capacity(reps); counts.len()];
     for _ in 0..reps {
         for (count, &n_sessions) in counts.iter().enumerate() {
@@ -887,14 +889,10 @@ impl Report {
                 .find(|f| (f.n_prompt, f.n_gen) == (t.n_prompt, t.n_gen));
             if let Some(first) = first {
                 let (avg, base) = (mean_sd(&t.samples.ts()).0, mean_sd(&first.samples.ts()).0);
-                let test = if t.n_prompt > 0 {
-                    format!("pp{}", t.n_prompt)
-                } else {
-                    format!("tg{}", t.n_gen)
-                };
                 let _ = writeln!(
                     out,
-                    "{test}: {} sessions / {} = {:.2}x the tokens/s",
+                    "{}: {} sessions / {} = {:.2}x the tokens/s",
+                    t.test(),
                     t.n_sessions,
                     first.n_sessions,
                     avg / base
