@@ -142,6 +142,58 @@ fn second_turn_reuses_the_first_turns_pages() {
     assert_eq!(reused.tokens, fresh.tokens, "prefix reuse changed the reply");
 }
 
+/// A prompt whose beginning comes from the prefix cache gives the reply the whole prompt
+/// gives computed afresh, also when the part left to compute is short (under 64 tokens,
+/// where a run of its own would take another attention kernel than the whole prompt):
+/// attention computes every chunk as part of the whole prompt. Random tokens make the
+/// greedy choices close calls, which any change of arithmetic would flip somewhere.
+#[test]
+fn a_cached_prefix_gives_the_reply_of_the_whole_prompt() {
+    let options = |prefix_cache| EngineOptions {
+        n_ctx: Some(1024),
+        prefix_cache,
+        ..Default::default()
+    };
+    let (warm, cold) = (engine(options(true)), engine(options(false)));
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut random = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 49152) as u32
+            })
+            .collect()
+    };
+    // (shared beginning, new tokens): the cache holds the beginning's full pages.
+    for (shared, new) in [(130, 20), (200, 16), (300, 10), (96, 1)] {
+        let beginning = random(shared);
+        warm.session(SessionOptions::default())
+            .generate_from_tokens(&beginning, &greedy(1))
+            .unwrap();
+        let prompt: Vec<u32> = beginning.iter().copied().chain(random(new)).collect();
+        let reused = warm
+            .session(SessionOptions::default())
+            .generate_from_tokens(&prompt, &greedy(24))
+            .unwrap();
+        assert!(
+            reused.timings.cached_tokens > 0 && prompt.len() - reused.timings.cached_tokens < 64,
+            "{} of {} tokens cached",
+            reused.timings.cached_tokens,
+            prompt.len()
+        );
+        let fresh = cold
+            .session(SessionOptions::default())
+            .generate_from_tokens(&prompt, &greedy(24))
+            .unwrap();
+        assert_eq!(
+            reused.tokens, fresh.tokens,
+            "{shared} cached + {new} new tokens: the reply differs from the whole prompt's"
+        );
+    }
+}
+
 /// A fork shares every page until one of the two writes; then only the written page
 /// is copied.
 #[test]

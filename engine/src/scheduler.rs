@@ -187,6 +187,10 @@ pub(crate) struct Job {
     pub cancel: CancelToken,
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
+    /// Positions of the prompt, cached ones included: every chunk of it is computed as
+    /// part of this one run (`AttnGeometry::run_start`), so its results are the same
+    /// whether the prefix cache held its beginning or not.
+    pub prompt_run: std::ops::Range<usize>,
     pub started: Instant,
     pub first_token: Option<Instant>,
     /// Set when the pool had no page for it this step and the policy is to wait.
@@ -200,6 +204,8 @@ struct Entry {
     id: u64,
     start: usize,
     end: usize,
+    /// The run its tokens belong to (`SeqInput::run`).
+    run: (usize, usize),
     /// Its page table in `Step::pages`.
     pages: std::ops::Range<usize>,
     /// Its tokens in `Step::tokens`.
@@ -344,10 +350,16 @@ fn plan(core: &Core, state: &mut State, step: &mut Step) -> bool {
         let pages = pages_before..step.pages.len();
         let tokens = step.tokens.len()..step.tokens.len() + (end - start);
         step.tokens.extend_from_slice(&seq.tokens[start..end]);
+        let run = &seq.job.as_ref().expect("listed").prompt_run;
         step.entries.push(Entry {
             id,
             start,
             end,
+            run: if run.contains(&start) {
+                (run.start, run.end)
+            } else {
+                (start, end)
+            },
             pages,
             tokens,
         });
@@ -372,6 +384,7 @@ fn execute(core: &Core, step: &mut Step) {
         .map(|e| SeqInput {
             tokens: &step.tokens[e.tokens.clone()],
             start: e.start,
+            run: e.run,
             pages: &step.pages[e.pages.clone()],
             n_logits: 1,
         })

@@ -262,6 +262,7 @@ impl Session {
                 n_ctx: core.n_ctx,
             });
         }
+        let run_start = seq.pages.len;
         let cached_tokens = if seq.tokens.is_empty() {
             state.pool.attach_prefix(&mut seq.pages, prompt)
         } else {
@@ -284,6 +285,7 @@ impl Session {
             cancel: options.cancel.clone().unwrap_or_default(),
             prompt_tokens: prompt.len(),
             cached_tokens,
+            prompt_run: run_start..seq.tokens.len(),
             started,
             first_token: None,
             waiting: false,
@@ -303,7 +305,8 @@ impl Session {
         }
         let core = self.engine.core();
         check_ids(tokens, self.logits.len())?;
-        {
+        // What is pending once the tokens are in is one run, however many chunks compute it.
+        let run = {
             let mut state = core.lock_state();
             let seq = state.seqs.get_mut(&self.id).expect("a live session has a sequence");
             if seq.busy() {
@@ -317,7 +320,8 @@ impl Session {
                 });
             }
             seq.tokens.extend_from_slice(tokens);
-        }
+            (seq.pages.len, seq.tokens.len())
+        };
         let page_size = self.engine.page_size();
         let page_floats = core.page_floats();
         loop {
@@ -351,6 +355,7 @@ impl Session {
                 let input = kiln_models::SeqInput {
                     tokens: &self.pending,
                     start,
+                    run,
                     pages: &self.table,
                     n_logits: 1,
                 };

@@ -19,6 +19,8 @@ fn main() {
     let gemma = |n_tokens, start_pos| AttnGeometry {
         n_tokens,
         start_pos,
+        run_start: start_pos,
+        run_end: start_pos + n_tokens,
         n_head: 4,
         n_kv_head: 1,
         head_dim: 256,
@@ -30,6 +32,8 @@ fn main() {
     let smol = |n_tokens, start_pos| AttnGeometry {
         n_tokens,
         start_pos,
+        run_start: start_pos,
+        run_end: start_pos + n_tokens,
         n_head: 9,
         n_kv_head: 3,
         head_dim: 64,

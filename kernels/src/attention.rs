@@ -2,11 +2,13 @@
 //! take independently: grouped-query heads read their shared keys and values in place
 //! (no copies per head), and a sliding window limits what each query sees.
 //!
-//! Two kernels, chosen per call from its geometry alone (so a sequence's results never
-//! depend on what else runs):
+//! Three kernels, chosen per call from its geometry alone (so a sequence's results never
+//! depend on what else runs), by the run of queries the call belongs to (so a prompt
+//! computed in several calls, or after cached positions, gives the bits it gives in one
+//! call):
 //!
-//! - **f16 accumulator**, for calls of fewer than 64 queries (short prefill chunks and
-//!   decode steps) over an f16 cache and fewer than 512 keys: llama.cpp's CPU flash
+//! - **f16 accumulator**, for runs of fewer than 64 queries (short prompts and decode
+//!   steps) over an f16 cache and fewer than 512 keys: llama.cpp's CPU flash
 //!   attention for a handful of queries, operation for operation, so that kiln decodes
 //!   the tokens llama.cpp decodes. Per head: the
 //!   query rounded to f16; for each key in order, the score as ggml's AVX-512
@@ -14,11 +16,11 @@
 //!   an online softmax with libm's `expf` and `S = fma(S, ms, vs)`; the weighted values
 //!   accumulated in f16, every update rounded; at the end the accumulator times `1 / S`.
 //!   An item is one query × the heads of one KV group, each head its own chain, so every
-//!   key and value row is widened once per group. From 512 keys on, calls take the f32
+//!   key and value row is widened once per group. From 512 keys on, runs take the f32
 //!   kernel: there llama.cpp's decode splits the keys across threads (an order that
 //!   depends on the thread count), and a chunk of a few queries would pay a scalar `expf`
 //!   per key, query and head.
-//! - **Tiled, as llama.cpp** (AVX-512, 64 queries or more over an f16 cache): llama.cpp's
+//! - **Tiled, as llama.cpp** (AVX-512, runs of 64 queries or more over an f16 cache): llama.cpp's
 //!   tiled CPU flash attention, operation for operation — keys in tiles of 64 from
 //!   position 0, scores as in-order FMA chains of the f32 query against the f16 keys,
 //!   `ggml_v_expf` per score, sums per 16 reduced as GCC does and added in f64, values
@@ -63,17 +65,25 @@ pub struct AttnGeometry {
     /// The cache holds f16 rows ([`CacheRows::F16`]); calls of few queries then take the
     /// f16-accumulator kernel (see the module documentation).
     pub f16_cache: bool,
+    /// The run of queries this call is part of: positions `run_start..run_end`
+    /// (`start_pos..start_pos + n_tokens` for a call that is a run of its own). A caller
+    /// that computes a run, such as a prompt, in several calls gives each the whole run,
+    /// and every call then takes the kernel the run would in one call: no query's result
+    /// depends on how its run was split.
+    pub run_start: usize,
+    pub run_end: usize,
 }
 
-/// Calls of fewer queries than this take the f16-accumulator kernel (llama.cpp's
+/// Runs of fewer queries than this take the f16-accumulator kernel (llama.cpp's
 /// `GGML_FA_TILE_Q`: from 64 queries on it tiles in f32).
 const F16_ACC_MAX_TOKENS: usize = 64;
-/// Calls whose last query sees this many keys or more take the f32 kernel.
+/// Runs whose last query sees this many keys or more take the f32 kernel.
 const F16_ACC_MAX_KEYS: usize = 512;
 
-/// Whether a call of `n_tokens` queries from position `start_pos` over an f16 cache runs
-/// the f16-accumulator kernel: other backends that mean to give the same bits (the GPU's
-/// `attention_f16.wgsl`) choose by this too.
+/// Whether a call whose run ([`AttnGeometry::run_start`]) is `n_tokens` queries from
+/// position `start_pos`, over an f16 cache, runs the f16-accumulator kernel: other
+/// backends that mean to give the same bits (the GPU's `attention_f16.wgsl`) choose by
+/// this too.
 pub fn f16_accumulator_call(n_tokens: usize, start_pos: usize) -> bool {
     n_tokens < F16_ACC_MAX_TOKENS && start_pos + n_tokens < F16_ACC_MAX_KEYS
 }
@@ -83,9 +93,14 @@ impl AttnGeometry {
         self.n_head / self.n_kv_head
     }
 
+    /// Queries of the run this call is part of.
+    fn run_tokens(&self) -> usize {
+        self.run_end - self.run_start
+    }
+
     /// Whether this call runs the f16-accumulator kernel (see the module docs).
     fn f16_accumulator(&self) -> bool {
-        self.f16_cache && f16_accumulator_call(self.n_tokens, self.start_pos)
+        self.f16_cache && f16_accumulator_call(self.run_tokens(), self.run_start)
     }
 
     /// The keys query `t` sees: `first..=pos`.
@@ -332,6 +347,10 @@ pub fn run_item_at(
         "attention: heads per KV head"
     );
     assert!(g.n_kv_head * d <= g.kv_stride, "attention: KV row stride");
+    assert!(
+        g.run_start <= g.start_pos && g.start_pos + g.n_tokens <= g.run_end,
+        "attention: a call outside its run"
+    );
     assert!(q.len() >= g.n_tokens * g.n_head * d, "attention: query length");
     assert!(
         matches!(
@@ -376,7 +395,7 @@ pub fn run_item_at(
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512Vnni => match (keys, values) {
             (CacheRows::F16(k), CacheRows::F16(v))
-                if g.head_dim.is_multiple_of(16) && g.n_tokens >= F16_ACC_MAX_TOKENS =>
+                if g.head_dim.is_multiple_of(16) && g.run_tokens() >= F16_ACC_MAX_TOKENS =>
             {
                 // SAFETY: AVX-512 F/BW/VL, FMA and F16C are present (level ≤ simd_level());
                 // the visible rows were checked to lie in the caches above.
@@ -1763,6 +1782,8 @@ mod tests {
         let g = AttnGeometry {
             n_tokens: 1,
             start_pos: 100,
+            run_start: 100,
+            run_end: 101,
             n_head: 6,
             n_kv_head: 2,
             head_dim: 64,

@@ -105,6 +105,8 @@ fn work_items_match_the_reference_at_every_level() {
                         let g = AttnGeometry {
                             n_tokens,
                             start_pos,
+                            run_start: start_pos,
+                            run_end: start_pos + n_tokens,
                             n_head,
                             n_kv_head,
                             head_dim,
@@ -219,6 +221,8 @@ fn paged_cache_matches_contiguous() {
         let g = AttnGeometry {
             n_tokens,
             start_pos,
+            run_start: start_pos,
+            run_end: start_pos + n_tokens,
             n_head,
             n_kv_head,
             head_dim,
@@ -287,6 +291,8 @@ fn pages_outside_the_cache_are_refused() {
     let g = AttnGeometry {
         n_tokens: 1,
         start_pos: 20,
+        run_start: 20,
+        run_end: 21,
         n_head: 1,
         n_kv_head: 1,
         head_dim: 16,
@@ -309,4 +315,79 @@ fn pages_outside_the_cache_are_refused() {
         CacheRows::F32(&cache),
         pages,
     );
+}
+
+/// A run of queries computed in several calls (a prompt in chunks, or after a cached
+/// beginning, then decode-like single rows) gives the bits it gives in one call, for
+/// every kernel: f16 accumulator (short runs), tiled (64 queries or more), f32 (past 512
+/// keys, or an f32 cache), with and without a sliding window, over a paged f16 cache.
+#[test]
+fn a_run_split_into_calls_gives_the_same_bits() {
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut rng = Rng(seed);
+    let (n_head, n_kv_head, head_dim, page_size) = (6, 2, 64, 32);
+    let kv_stride = n_kv_head * head_dim;
+    // (run start, run length, where the calls split it, window)
+    let runs: [(usize, usize, &[usize], Option<usize>); 6] = [
+        (0, 40, &[32, 39], None),
+        (0, 150, &[64, 130, 149], None),
+        (0, 150, &[96, 100], Some(70)),
+        (16, 60, &[32, 64], None),
+        (480, 100, &[512, 520, 579], None),
+        (0, 600, &[448, 512, 599], Some(300)),
+    ];
+    for (run_start, run_len, cuts, window) in runs {
+        let rows = run_start + run_len;
+        let n_pages = rows.div_ceil(page_size);
+        let pages: Vec<u32> = (0..n_pages as u32).rev().collect();
+        let paged = KvPages {
+            pages: &pages,
+            page_size,
+        };
+        let cache: Vec<f32> = (0..2 * n_pages * page_size * kv_stride)
+            .map(|_| ops::round_to_f16(2.0 * rng.uniform()))
+            .collect();
+        let (k16, v16) = cache.split_at(n_pages * page_size * kv_stride);
+        let (k16, v16) = (f16_bits(k16), f16_bits(v16));
+        let row = n_head * head_dim;
+        let q: Vec<f32> = (0..run_len * row).map(|_| 4.0 * rng.uniform()).collect();
+        for f16_cache in [true, false] {
+            let (k32, v32) = cache.split_at(n_pages * page_size * kv_stride);
+            let (keys, values) = if f16_cache {
+                (CacheRows::F16(&k16), CacheRows::F16(&v16))
+            } else {
+                (CacheRows::F32(k32), CacheRows::F32(v32))
+            };
+            let call = |from: usize, to: usize| {
+                let g = AttnGeometry {
+                    n_tokens: to - from,
+                    start_pos: run_start + from,
+                    run_start,
+                    run_end: rows,
+                    n_head,
+                    n_kv_head,
+                    head_dim,
+                    kv_stride,
+                    scale: 0.125,
+                    window,
+                    f16_cache,
+                };
+                run_paged(simd_level(), &g, &q[from * row..to * row], keys, values, paged)
+            };
+            let whole = call(0, run_len);
+            let mut split = Vec::new();
+            let mut from = 0;
+            for cut in cuts.iter().map(|c| c - run_start).chain([run_len]) {
+                split.extend(call(from, cut));
+                from = cut;
+            }
+            for (i, (a, b)) in whole.iter().zip(&split).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits(),
+                    "seed {seed}: run {run_start}+{run_len} split at {cuts:?}, window {window:?}, f16 cache \
+                     {f16_cache}: [{i}] {b} in calls vs {a} in one"
+                );
+            }
+        }
+    }
 }

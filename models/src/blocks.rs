@@ -158,6 +158,11 @@ impl KvStore {
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
     pub start: usize,
+    /// The run these tokens belong to, positions `run.0..run.1`: the tokens themselves,
+    /// or the prompt they are a chunk of (its beginning perhaps computed by earlier
+    /// passes, or taken from the prefix cache). Attention computes them as part of the
+    /// whole run, so how a prompt is split changes no result.
+    pub run: (usize, usize),
     pub pages: &'a [u32],
     pub n_logits: usize,
 }
@@ -191,6 +196,7 @@ impl KvCache {
         let seq = SeqInput {
             tokens,
             start: self.len,
+            run: (self.len, self.len + tokens.len()),
             pages: &[0],
             n_logits,
         };
@@ -551,8 +557,8 @@ pub fn begin(be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqIn
     for q in batch {
         let (row0, end) = (s.positions.len(), q.start + q.tokens.len());
         assert!(
-            !q.tokens.is_empty() && q.n_logits <= q.tokens.len(),
-            "a sequence without tokens or with too many logits"
+            !q.tokens.is_empty() && q.n_logits <= q.tokens.len() && q.run.0 <= q.start && end <= q.run.1,
+            "a sequence without tokens, with too many logits or with a run after its start"
         );
         let (n_pages, stride) = (end.div_ceil(ps), q.pages.len() / groups);
         assert!(
@@ -567,6 +573,8 @@ pub fn begin(be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqIn
             row0,
             n_tokens: q.tokens.len(),
             start_pos: q.start,
+            run_start: q.run.0,
+            run_end: q.run.1,
             page0: s.page_tables[0].len(),
             n_pages,
         });

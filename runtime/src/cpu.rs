@@ -504,6 +504,8 @@ impl Backend for CpuBackend {
                 scale: a.scale,
                 window: a.window,
                 f16_cache: self.numerics == Numerics::Quantized,
+                run_start: s.run_start,
+                run_end: s.run_end,
             };
             calls.push((geometry, total));
             total += attention::work_items(&geometry);

@@ -1776,12 +1776,14 @@ impl Backend for GpuBackend {
         // runs; the CPU sums a remainder past 64-value chunks in f64, which WGSL lacks);
         // the others take the f32 kernels: blocks of query rows for prefill chunks, a
         // workgroup per row (keys split across workgroups when rows are few) otherwise.
+        // Each sequence takes the kernel its whole run of queries would take.
+        let run_tokens = |s: &AttnSeq| s.run_end - s.run_start;
         let exact = |s: &AttnSeq| {
             s.n_tokens > 0
                 && matches!(a.head_dim, 64 | 128 | 256)
-                && attention::f16_accumulator_call(s.n_tokens, s.start_pos)
+                && attention::f16_accumulator_call(run_tokens(s), s.run_start)
         };
-        let blocked = |s: &AttnSeq| !exact(s) && s.n_tokens >= ATTN_BLOCK_MIN_ROWS && a.head_dim.is_multiple_of(4);
+        let blocked = |s: &AttnSeq| !exact(s) && run_tokens(s) >= ATTN_BLOCK_MIN_ROWS && a.head_dim.is_multiple_of(4);
         // Rows per block: 16, or 8 where a head's vec4s leave one row group of P·V lanes.
         let block_rows = if a.head_dim / 4 <= 32 { 16 } else { 8 };
         let n_rows: usize = seqs.iter().map(|s| s.n_tokens).sum();

@@ -248,11 +248,15 @@ pub struct Attention {
 /// One sequence of an attention call: query rows `row0..row0 + n_tokens` at positions
 /// `start_pos..start_pos + n_tokens`, whose page table is `page_table[page0..page0 +
 /// n_pages]` of the call (position `p` is row `p % page_size` of its page `p / page_size`).
+/// The rows are part of a run of queries at positions `run_start..run_end` (see the
+/// kernels' `AttnGeometry::run_start`), which chooses the arithmetic.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnSeq {
     pub row0: usize,
     pub n_tokens: usize,
     pub start_pos: usize,
+    pub run_start: usize,
+    pub run_end: usize,
     pub page0: usize,
     pub n_pages: usize,
 }
