@@ -95,10 +95,14 @@ fn ubyte(w: u32, k: u32) -> u32 {
 
 // a / b rounded to nearest even, as IEEE division (and so the CPU's kernels) rounds it:
 // WGSL lets `/` be off by 2.5 ulp, and NVIDIA's Vulkan driver is, which moved quantized
-// activations across rounding ties (products off by ~5e-4 of their largest). Integer
-// long division of the significands; zeros, subnormals, infinities and results out of
-// the normal range take the driver's `/`. (A correction step with `fma` would need a
-// fused fma, which WGSL does not promise: lavapipe's is not.)
+// activations across rounding ties (products off by ~5e-4 of their largest). The
+// driver's quotient of the significands is only the first guess at the 25 bits of the
+// exact one (24 and a guard bit); the integer remainder, exact in 32 bits while the
+// guess is a few units off, corrects it and gives the sticky bit. (Long division, bit by
+// bit, cost a decode step 5-9% on the H200 for the small models: norms and quantization
+// divide in a chain.) Zeros, subnormals, infinities and results out of the normal range
+// take the driver's `/`. (A correction step with `fma` would need a fused fma, which
+// WGSL does not promise: lavapipe's is not.)
 fn div_rn(a: f32, b: f32) -> f32 {
     let ua = bitcast<u32>(a);
     let ub = bitcast<u32>(b);
@@ -108,27 +112,31 @@ fn div_rn(a: f32, b: f32) -> f32 {
         return a / b;
     }
     let mb = (ub & 0x7fffffu) | 0x800000u;
-    var rem = (ua & 0x7fffffu) | 0x800000u;
+    var n = (ua & 0x7fffffu) | 0x800000u;
     var e = i32(ea) - i32(eb) + 127;
-    if rem < mb {
-        rem = rem << 1u;
+    if n < mb {
+        n = n << 1u;
         e -= 1;
     }
-    // rem / mb is in [1, 2): its 24 significant bits and a guard bit.
-    var q = 0u;
-    for (var i = 0u; i < 25u; i++) {
-        q = q << 1u;
-        if rem >= mb {
-            rem -= mb;
-            q |= 1u;
+    // q = floor(n · 2^24 / mb), in [2^24, 2^25): both significands are exact floats (n
+    // even from 2^24 on), and n · 2^24 - q · mb is the remainder, wrapped to 32 bits.
+    var q = u32((f32(n) / f32(mb)) * 16777216.0);
+    var r = i32((n << 24u) - q * mb);
+    for (var i = 0u; i < 8u && (r < 0 || r >= i32(mb)); i++) {
+        if r < 0 {
+            q -= 1u;
+            r += i32(mb);
+        } else {
+            q += 1u;
+            r -= i32(mb);
         }
-        rem = rem << 1u;
     }
-    return pack_rounded(q, rem != 0u, e, (ua ^ ub) & 0x80000000u, a / b);
+    return pack_rounded(q, r != 0, e, (ua ^ ub) & 0x80000000u, a / b);
 }
 
-// sqrt(x) rounded to nearest even (WGSL's `sqrt` need not be), for x > 0: integer
-// square root of the significand, digit by digit; otherwise the driver's `sqrt`.
+// sqrt(x) rounded to nearest even (WGSL's `sqrt` need not be), for x > 0: the driver's
+// root as a first guess at the integer square root of the significand, corrected by the
+// exact remainder (as `div_rn`); otherwise the driver's `sqrt`.
 fn sqrt_rn(x: f32) -> f32 {
     let ux = bitcast<u32>(x);
     let ex = (ux >> 23u) & 0xffu;
@@ -136,34 +144,28 @@ fn sqrt_rn(x: f32) -> f32 {
         return sqrt(x);
     }
     // x = m · 2^(k - 23) with k even and m in [2^23, 2^25); sqrt(x) = sqrt(m · 2^25) ·
-    // 2^(k / 2 - 24), whose 25 leading bits (24 and a guard bit) come from the 25 pairs
-    // of bits of the 50-bit m · 2^25.
+    // 2^(k / 2 - 24), whose 25 leading bits (24 and a guard bit) are the integer root of
+    // the 50-bit m · 2^25, in [2^24, 2^25).
     var m = (ux & 0x7fffffu) | 0x800000u;
     var k = i32(ex) - 127;
     if (k & 1) != 0 {
         m = m << 1u;
         k -= 1;
     }
-    var rem = 0u;
-    var root = 0u;
-    for (var i = 0u; i < 25u; i++) {
-        // Bits 49 - 2i and 48 - 2i of m · 2^25.
-        let low = 48 - 2 * i32(i) - 25;
-        var pair = 0u;
-        if low >= 0 {
-            pair = (m >> u32(low)) & 3u;
-        } else if low == -1 {
-            pair = (m & 1u) << 1u;
-        }
-        rem = (rem << 2u) | pair;
-        let trial = (root << 2u) | 1u;
-        root = root << 1u;
-        if rem >= trial {
-            rem -= trial;
-            root |= 1u;
+    // root = floor(sqrt(m · 2^25)) where 0 <= m · 2^25 - root² <= 2 root, the remainder
+    // wrapped to 32 bits (m is an exact float, m · 2^25 too).
+    var root = u32(sqrt(f32(m) * 33554432.0));
+    var r = i32((m << 25u) - root * root);
+    for (var i = 0u; i < 8u && (r < 0 || r > i32(2u * root)); i++) {
+        if r < 0 {
+            root -= 1u;
+            r += i32(2u * root + 1u);
+        } else {
+            r -= i32(2u * root + 1u);
+            root += 1u;
         }
     }
-    return pack_rounded(root, rem != 0u, k / 2 + 127, 0u, sqrt(x));
+    return pack_rounded(root, r != 0, k / 2 + 127, 0u, sqrt(x));
 }
 
 // The float of sign `sign`, biased exponent `e` and the 25-bit significand-and-guard `q`
