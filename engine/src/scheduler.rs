@@ -188,8 +188,8 @@ pub(crate) struct Job {
     pub prompt_tokens: usize,
     pub cached_tokens: usize,
     /// Positions of the prompt, cached ones included: every chunk of it is computed as
-    /// part of this one run (`AttnGeometry::run_start`), so its results are the same
-    /// whether the prefix cache held its beginning or not.
+    /// part of this one run (`SeqInput::run`), so its results are the same whether the
+    /// prefix cache held its beginning or not.
     pub prompt_run: std::ops::Range<usize>,
     pub started: Instant,
     pub first_token: Option<Instant>,

@@ -558,7 +558,7 @@ pub fn begin(be: &mut dyn Backend, kv: &KvStore, s: &mut Scratch, batch: &[SeqIn
         let (row0, end) = (s.positions.len(), q.start + q.tokens.len());
         assert!(
             !q.tokens.is_empty() && q.n_logits <= q.tokens.len() && q.run.0 <= q.start && end <= q.run.1,
-            "a sequence without tokens, with too many logits or with a run after its start"
+            "a sequence without tokens, with too many logits or outside its run"
         );
         let (n_pages, stride) = (end.div_ceil(ps), q.pages.len() / groups);
         assert!(
