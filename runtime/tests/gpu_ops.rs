@@ -9,6 +9,9 @@
 //! are relative to the largest output magnitude. Fails when no GPU adapter exists (Mesa's
 //! lavapipe is one) unless `KILN_NO_GPU=1`.
 
+mod common;
+
+use common::Rng;
 use half::{bf16, f16};
 use kiln_runtime::{
     Activation, Attention, AttnSeq, Backend, BufId, CpuBackend, GgmlType, GpuBackend, HostBytes, RopeStyle, WeightId,
@@ -33,27 +36,10 @@ const TOL_F16_ACCUMULATOR: f32 = 5e-3;
 const TOL_MATMUL: f32 = 1e-4;
 
 fn gpu() -> Option<GpuBackend> {
-    if std::env::var("KILN_NO_GPU").as_deref() == Ok("1") {
-        println!("KILN_NO_GPU=1: GPU op tests skipped");
-        return None;
-    }
-    let adapters = kiln_runtime::adapters();
-    let adapter = adapters.first().expect(
-        "no GPU adapter: install a Vulkan driver (Debian: mesa-vulkan-drivers libvulkan1) or set KILN_NO_GPU=1",
-    );
-    Some(GpuBackend::new(adapter).expect("starting the GPU backend"))
+    common::adapter().map(|adapter| GpuBackend::new(&adapter).expect("starting the GPU backend"))
 }
 
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
     /// Uniform in [-1, 1).
     fn f(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0

@@ -8,6 +8,10 @@
 
 use wgpu::util::DeviceExt;
 
+mod common;
+
+use common::Rng;
+
 /// A kernel applying both functions to pairs `(a, b)`: `(div_rn(a, b), sqrt_rn(a))`.
 const KERNEL: &str = "
 @group(0) @binding(1) var<storage, read> operands: array<vec2<f32>>;
@@ -23,16 +27,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>, @builtin(num_workgroups) n
 }
 ";
 
-struct Rng(u64);
-
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
     /// A positive normal float with a random significand and exponent in `-range..range`.
     fn float(&mut self, range: i32) -> f32 {
         let r = self.next();
@@ -74,14 +69,7 @@ fn operands(n: usize) -> Vec<[f32; 2]> {
 
 #[test]
 fn division_and_square_root_round_as_ieee() {
-    if std::env::var("KILN_NO_GPU").as_deref() == Ok("1") {
-        println!("KILN_NO_GPU=1: GPU rounding test skipped");
-        return;
-    }
-    let adapters = kiln_runtime::adapters();
-    let adapter = adapters.first().expect(
-        "no GPU adapter: install a Vulkan driver (Debian: mesa-vulkan-drivers libvulkan1) or set KILN_NO_GPU=1",
-    );
+    let Some(adapter) = common::adapter() else { return };
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default()))
         .expect("a device on the adapter");
     let pairs = operands(1 << 20);
