@@ -20,8 +20,8 @@
 //!   kernel: there llama.cpp's decode splits the keys across threads (an order that
 //!   depends on the thread count), and a chunk of a few queries would pay a scalar `expf`
 //!   per key, query and head.
-//! - **Tiled, as llama.cpp** (AVX-512, runs of 64 queries or more over an f16 cache): llama.cpp's
-//!   tiled CPU flash attention, operation for operation — keys in tiles of 64 from
+//! - **Tiled, as llama.cpp** (AVX-512, runs of 64 queries or more over an f16 cache):
+//!   llama.cpp's tiled CPU flash attention, operation for operation — keys in tiles of 64 from
 //!   position 0, scores as in-order FMA chains of the f32 query against the f16 keys,
 //!   `ggml_v_expf` per score, sums per 16 reduced as GCC does and added in f64, values
 //!   accumulated by an FMA chain over each tile's keys — so that long prompts, too, give
@@ -93,9 +93,10 @@ impl AttnGeometry {
         self.n_head / self.n_kv_head
     }
 
-    /// Queries of the run this call is part of.
+    /// Queries of the run this call is part of (0 for an inconsistent run, which
+    /// `run_item_at` refuses).
     fn run_tokens(&self) -> usize {
-        self.run_end - self.run_start
+        self.run_end.saturating_sub(self.run_start)
     }
 
     /// Whether this call runs the f16-accumulator kernel (see the module docs).
