@@ -359,7 +359,7 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
     }
     let second_turn = match options.second_turn {
         0 => None,
-        n => Some(second_turn(engine, &mut bench, n, options.repetitions)?),
+        n => Some(second_turn(&mut bench, n, options.repetitions)?),
     };
     let ttft = match options.ttft_prompt {
         0 => None,
@@ -593,7 +593,8 @@ pub struct SecondTurn {
 /// the first turn generated carry what decode steps computed for them, which a prompt
 /// computes with other arithmetic (llama.cpp's too): there the replies may differ, and
 /// the result says whether they did.
-fn second_turn(engine: &Engine, bench: &mut Bench, n_first: usize, reps: usize) -> Result<SecondTurn> {
+fn second_turn(bench: &mut Bench, n_first: usize, reps: usize) -> Result<SecondTurn> {
+    let engine = bench.engine;
     let options = GenerateOptions {
         max_tokens: TURN_TAIL,
         sampling: Sampling::greedy(),

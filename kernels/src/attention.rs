@@ -80,12 +80,12 @@ const F16_ACC_MAX_TOKENS: usize = 64;
 /// Runs whose last query sees this many keys or more take the f32 kernel.
 const F16_ACC_MAX_KEYS: usize = 512;
 
-/// Whether a call whose run ([`AttnGeometry::run_start`]) is `n_tokens` queries from
-/// position `start_pos`, over an f16 cache, runs the f16-accumulator kernel: other
+/// Whether a call whose run ([`AttnGeometry::run_start`]) is `run_tokens` queries from
+/// position `run_start`, over an f16 cache, runs the f16-accumulator kernel: other
 /// backends that mean to give the same bits (the GPU's `attention_f16.wgsl`) choose by
 /// this too.
-pub fn f16_accumulator_call(n_tokens: usize, start_pos: usize) -> bool {
-    n_tokens < F16_ACC_MAX_TOKENS && start_pos + n_tokens < F16_ACC_MAX_KEYS
+pub fn f16_accumulator_call(run_tokens: usize, run_start: usize) -> bool {
+    run_tokens < F16_ACC_MAX_TOKENS && run_start + run_tokens < F16_ACC_MAX_KEYS
 }
 
 impl AttnGeometry {
@@ -197,7 +197,8 @@ impl KvPages<'_> {
 
 /// The cache rows of consecutive positions from a first one on, without a division and
 /// a page-table load per position (a decode step's attention computed both for every key
-/// it read, on the path to the key's load): one per page.
+/// it read, on the path to the key's load): one per page. It ends where the table has no
+/// page for a position (or the row number overflows).
 struct RowWalk<'a> {
     pages: KvPages<'a>,
     pos: usize,
@@ -215,17 +216,21 @@ impl<'a> RowWalk<'a> {
             page_end: pos,
         }
     }
+}
+
+impl Iterator for RowWalk<'_> {
+    type Item = usize;
 
     /// The row of the current position; the walk moves on to the next.
     #[inline]
-    fn next_row(&mut self) -> usize {
+    fn next(&mut self) -> Option<usize> {
         if self.pos == self.page_end {
-            self.row = self.pages.row(self.pos);
+            self.row = self.pages.checked_row(self.pos)?;
             self.page_end = self.pages.run_end(self.pos);
         }
         self.pos += 1;
-        self.row += 1;
-        self.row - 1
+        self.row = self.row.wrapping_add(1);
+        Some(self.row.wrapping_sub(1))
     }
 }
 
@@ -330,19 +335,10 @@ pub fn prefetch_item(g: &AttnGeometry, keys: CacheRows, values: CacheRows, pages
         }
         let kv = item / s.tiles / s.parts;
         let (first, pos) = g.visible(item % s.tiles);
-        // The table is looked up once a page; a prefetch never faults, so wrapping
-        // arithmetic is enough for where it points.
-        let (mut row, mut page_end) = (0usize, first);
-        for p in first..=pos.min(first + PREFETCH_KEYS - 1) {
-            if p == page_end {
-                let Some(r) = pages.checked_row(p) else {
-                    return;
-                };
-                (row, page_end) = (r, pages.run_end(p));
-            }
+        // A prefetch never faults, so wrapping arithmetic is enough for where it points.
+        for row in RowWalk::new(pages, first).take((pos + 1 - first).min(PREFETCH_KEYS)) {
             let at = row.wrapping_mul(g.kv_stride).wrapping_add(kv * g.head_dim);
             prefetch_row(keys, values, at, g.head_dim);
-            row = row.wrapping_add(1);
         }
     }
 }
@@ -735,11 +731,13 @@ unsafe fn f16_acc_heads<const HP: usize, const DC: usize>(
     // keys ahead (the first ones at once; `prefetch_item` may have asked already): a
     // load per key waiting on DRAM, not arithmetic, was most of this kernel's time in
     // batched decode.
-    // The rows of the keys read and of those asked for ahead, each walked in order.
+    // The rows of the keys read and of those asked for ahead, each walked in order (the
+    // caller checked that the table covers them).
     let (mut reading, mut ahead) = (RowWalk::new(it.pages, first), RowWalk::new(it.pages, first));
+    let next_row = |walk: &mut RowWalk| walk.next().expect("run_item_at checked the page table");
     let prefetch = |row: usize| prefetch_row(keys, values, at(row), d);
     for _ in first..=pos.min(first + PREFETCH_KEYS - 1) {
-        prefetch(ahead.next_row());
+        prefetch(next_row(&mut ahead));
     }
     for p0 in (first..=pos).step_by(16) {
         let n = (pos + 1 - p0).min(16);
@@ -748,9 +746,9 @@ unsafe fn f16_acc_heads<const HP: usize, const DC: usize>(
         let mut rows = [0usize; 16];
         for j in 0..n {
             if p0 + PREFETCH_KEYS + j <= pos {
-                prefetch(ahead.next_row());
+                prefetch(next_row(&mut ahead));
             }
-            rows[j] = at(reading.next_row());
+            rows[j] = at(next_row(&mut reading));
             // SAFETY: the row's d keys lie in the cache (the caller's contract).
             let kp = unsafe { keys.as_ptr().add(rows[j]) };
             // ggml's four chains per head: chain c % 4 takes values 16 c.. in order.
