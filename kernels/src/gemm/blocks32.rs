@@ -735,10 +735,10 @@ fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
 
 /// The AVX-512 decode kernel: `R` weight rows at `w` (4, as two pairs, or 1, doubled
 /// into a pair whose high half is dropped), read straight from their blocks, against
-/// `T` repacked tokens at `a`; writes `(t, r0 + r)`. Per 16 blocks and row, one gather
-/// fetches the f16 scales (and Q4_1 minimums); with one token the scales are
-/// premultiplied by the activation scales, so a pair of blocks costs its unpack, one
-/// permute and scaling, and per token a `vpdpbusd`, conversion and FMA. Q4_1's `m · s`
+/// `T` repacked tokens at `a`; writes `(t, r0 + r)`. A pair of blocks costs its unpack,
+/// the load and permute of its two f16 scales (and Q4_1 minimums) and their scaling
+/// (with one token premultiplied by the token's scale), and per token a `vpdpbusd`,
+/// conversion and FMA. Q4_1's `m · s`
 /// chains of four rows × the group's tokens run alongside in one zmm against the
 /// group's sums at `s16` ([`prep_s16`]); a single row's minimums wait at `mins` for a
 /// scalar chain at the end. Prefetches of the rows to come (`ahead`) are spread over the
@@ -767,130 +767,98 @@ unsafe fn stream512<const TY: u8, const T: usize, const R: usize>(
     let ahead_per_block = ahead.lines.div_ceil(g.nb);
     let row_bytes = g.nb * k.wb;
     let row = |r: usize| if R == 1 { 0 } else { r };
-    let offs = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(k.wb as i32),
-    );
-    // Lanes 0..8 take the pair's first row's table, 8..16 the second's (index + 16).
-    let pattern = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
     let nib = if k.hi16 { nibble_scales() } else { _mm512_set1_ps(1.0) };
+    // Lanes 0..8 take a pair's first `d` (lane 0 of `[d_a, m_a, d_b, m_b]`), 8..16 its
+    // second (lane 2).
+    let pair_d = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
     let mut acc = [[_mm512_setzero_ps(); T]; 2];
     // Q4_1's `m · s` chains, token t's row r in lane 4 (t % 4) + r of `chain[t / 4]`
     // (one token: row r in lane r of `chain1`).
     let mut chain = [_mm512_setzero_ps(); 2];
     let mut chain1 = _mm_setzero_ps();
-    // The chunk's minimums transposed: block 4L + j's four rows at 16 j + 4 L.
-    let mut m4s = [0f32; 64];
-    for b0 in (0..g.nb).step_by(16) {
-        let nbc = (g.nb - b0).min(16);
-        let mask = ((1u32 << nbc) - 1) as __mmask16;
-        let mut dw = [_mm512_setzero_ps(); 4];
-        let mut mt = [_mm512_setzero_ps(); 4];
-        for (r, dw) in dw.iter_mut().enumerate().take(R) {
-            // SAFETY: the gathered lanes are the first 4 bytes of blocks b0.. b0 + nbc of
-            // row r; masked-off lanes read nothing.
-            let ds = unsafe {
-                _mm512_mask_i32gather_epi32::<1>(
-                    _mm512_setzero_si512(),
-                    mask,
-                    offs,
-                    w.add(r * row_bytes + b0 * k.wb).cast(),
-                )
-            };
-            *dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(ds));
-            if TY == Q41 {
-                mt[r] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(ds)));
-                if R == 1 {
-                    // SAFETY: `mins` holds nb16 f32 per row.
-                    unsafe { _mm512_mask_storeu_ps(mins.add(b0), mask, mt[r]) };
-                }
+    for b in 0..g.nb {
+        for line in b * ahead_per_block..ahead.lines.min((b + 1) * ahead_per_block) {
+            // A prefetch only hints the cache: it never faults, wherever `ahead` points.
+            _mm_prefetch::<_MM_HINT_T0>(ahead.from.wrapping_add(64 * line).cast());
+        }
+        // Each pair's block unpacked and scaled once, then every token against the pairs:
+        // a token's loads are live only while its products run, which keeps 8 tokens × 2
+        // pairs of accumulators in registers. A pair's scales come from its two blocks'
+        // first four bytes, `[d_a, m_a, d_b, m_b]` (m is Q4_1's; the others' is never
+        // read), spread to the pair's lanes by one permute. (Gathering 16 blocks' scales
+        // per row at once cost more than these loads: a 4-row group of SmolLM2's 576
+        // columns took 79 ns, 2 of its 18 blocks in a second gathered chunk, against
+        // 57 ns for 16 blocks; without gathers 1536 × 576 Q4_1 went from 29 to 52 GMAC/s.)
+        let mut u = [_mm512_setzero_si512(); 2];
+        let mut s = [_mm512_setzero_ps(); 2];
+        let mut dm = [_mm_setzero_ps(); 2];
+        // With one token the block's scale products are premultiplied by its scale:
+        // d · (d_a · nib) is the same exact product as (d · d_a) · nib.
+        let nib = if T == 1 {
+            // SAFETY: the per-block `da` area holds nb16 f32.
+            _mm512_mul_ps(
+                nib,
+                _mm512_set1_ps(unsafe { a.add(g.a_da).cast::<f32>().add(b).read() }),
+            )
+        } else {
+            nib
+        };
+        for p in 0..pairs {
+            let pa = w.wrapping_add(row(2 * p) * row_bytes + b * k.wb);
+            let pb = w.wrapping_add(row(2 * p + 1) * row_bytes + b * k.wb);
+            // SAFETY: block b is in rows 2p and 2p + 1 (or row 0 twice).
+            unsafe {
+                u[p] = unpack512::<TY>(pa, pb);
+                dm[p] = _mm_cvtph_ps(_mm_setr_epi32(rd_u32(pa) as i32, rd_u32(pb) as i32, 0, 0));
             }
-            if T == 1 {
-                // SAFETY: the per-block `da` area holds nb16 f32.
-                *dw = _mm512_mul_ps(*dw, unsafe { _mm512_loadu_ps(a.add(g.a_da + 4 * b0).cast()) });
-            }
+            s[p] = _mm512_mul_ps(_mm512_permutexvar_ps(pair_d, _mm512_castps128_ps512(dm[p])), nib);
         }
         if TY == Q41 && R == 4 {
-            // Per 128-bit lane L (blocks 4L..4L + 4): rows 0 and 1, then 2 and 3,
-            // interleaved, then each block's four rows together.
-            let t0 = _mm512_unpacklo_ps(mt[0], mt[1]);
-            let t1 = _mm512_unpackhi_ps(mt[0], mt[1]);
-            let t2 = _mm512_unpacklo_ps(mt[2], mt[3]);
-            let t3 = _mm512_unpackhi_ps(mt[2], mt[3]);
-            let u = [
-                _mm512_shuffle_ps::<0b01_00_01_00>(t0, t2),
-                _mm512_shuffle_ps::<0b11_10_11_10>(t0, t2),
-                _mm512_shuffle_ps::<0b01_00_01_00>(t1, t3),
-                _mm512_shuffle_ps::<0b11_10_11_10>(t1, t3),
-            ];
-            for (j, u) in u.iter().enumerate() {
-                // SAFETY: 16 f32 at 16 j of the 64.
-                unsafe { _mm512_storeu_ps(m4s.as_mut_ptr().add(16 * j), *u) };
-            }
-        }
-        for jb in 0..nbc {
-            let b = b0 + jb;
-            for line in b * ahead_per_block..ahead.lines.min((b + 1) * ahead_per_block) {
-                // A prefetch only hints the cache: it never faults, wherever `ahead` points.
-                _mm_prefetch::<_MM_HINT_T0>(ahead.from.wrapping_add(64 * line).cast());
-            }
-            let idx = _mm512_add_epi32(pattern, _mm512_set1_epi32(jb as i32));
-            if TY == Q41 && R == 4 {
-                // One step of the chains: the four rows' `m` of this block (transposed
-                // below), against the token's `s` (one token) or the group's (several).
-                let m4 = m4s[16 * (jb % 4) + 4 * (jb / 4)..].as_ptr();
-                // SAFETY: `m4s` holds four f32 per block of the chunk; token 0's row
-                // holds nb16 `s`; with several tokens `s16` holds the group's 16 f32 per
-                // block.
-                unsafe {
-                    if T == 1 {
-                        let sa = _mm_set1_ps(*a.add(g.a_s).cast::<f32>().add(b));
-                        chain1 = _mm_fmadd_ps(_mm_loadu_ps(m4), sa, chain1);
-                    } else {
-                        let m16 = _mm512_broadcast_f32x4(_mm_loadu_ps(m4));
-                        for (gi, chain) in chain.iter_mut().enumerate().take(T.div_ceil(4)) {
-                            let sums = _mm512_loadu_ps(s16.add(gi * g.nb * 16 + 16 * b));
-                            *chain = _mm512_fmadd_ps(m16, sums, *chain);
-                        }
+            // One step of the chains: the four rows' `m` of this block against the
+            // token's `s` (one token) or the group's (several).
+            let m4 = _mm_shuffle_ps::<0b11_01_11_01>(dm[0], dm[1]);
+            // SAFETY: token 0's row holds nb16 `s`; with several tokens `s16` holds the
+            // group's 16 f32 per block.
+            unsafe {
+                if T == 1 {
+                    chain1 = _mm_fmadd_ps(m4, _mm_set1_ps(*a.add(g.a_s).cast::<f32>().add(b)), chain1);
+                } else {
+                    let m16 = _mm512_broadcast_f32x4(m4);
+                    for (gi, chain) in chain.iter_mut().enumerate().take(T.div_ceil(4)) {
+                        let sums = _mm512_loadu_ps(s16.add(gi * g.nb * 16 + 16 * b));
+                        *chain = _mm512_fmadd_ps(m16, sums, *chain);
                     }
                 }
             }
-            // Each pair's block unpacked and scaled once, then every token against the
-            // pairs: a token's loads are live only while its products run, which keeps
-            // 8 tokens × 2 pairs of accumulators in registers.
-            let mut u = [_mm512_setzero_si512(); 2];
-            let mut s = [_mm512_setzero_ps(); 2];
+        } else if TY == Q41 {
+            // One row: its `m` waits for the scalar chain at the end.
+            // SAFETY: `mins` holds nb16 f32.
+            unsafe { mins.add(b).write(_mm_cvtss_f32(_mm_movehdup_ps(dm[0]))) };
+        }
+        // t indexes the inner dimension of every pair's accumulators at once.
+        #[allow(clippy::needless_range_loop)]
+        for t in 0..T {
+            // SAFETY: block b of token t is repacked.
+            let (av, nz, da) = unsafe {
+                let at = a.add(t * g.a_stride);
+                (
+                    bcast256(at.add(64 * b)),
+                    if TY != Q41 {
+                        bcast256(at.add(64 * b + 32))
+                    } else {
+                        _mm512_setzero_si512()
+                    },
+                    if T > 1 {
+                        _mm512_set1_ps(at.add(g.a_da).cast::<f32>().add(b).read())
+                    } else {
+                        _mm512_setzero_ps()
+                    },
+                )
+            };
             for p in 0..pairs {
-                let (ra, rb) = (row(2 * p), row(2 * p + 1));
-                // SAFETY: block b is in rows ra and rb.
-                u[p] = unsafe { unpack512::<TY>(w.add(ra * row_bytes + b * k.wb), w.add(rb * row_bytes + b * k.wb)) };
-                s[p] = _mm512_mul_ps(_mm512_permutex2var_ps(dw[ra], idx, dw[rb]), nib);
-            }
-            // t indexes the inner dimension of every pair's accumulators at once.
-            #[allow(clippy::needless_range_loop)]
-            for t in 0..T {
-                // SAFETY: block b of token t is repacked.
-                let (av, nz, da) = unsafe {
-                    let at = a.add(t * g.a_stride);
-                    (
-                        bcast256(at.add(64 * b)),
-                        if TY != Q41 {
-                            bcast256(at.add(64 * b + 32))
-                        } else {
-                            _mm512_setzero_si512()
-                        },
-                        if T > 1 {
-                            _mm512_set1_ps(at.add(g.a_da).cast::<f32>().add(b).read())
-                        } else {
-                            _mm512_setzero_ps()
-                        },
-                    )
-                };
-                for p in 0..pairs {
-                    let sc = if T == 1 { s[p] } else { _mm512_mul_ps(s[p], da) };
-                    let q = _mm512_dpbusd_epi32(nz, u[p], av);
-                    acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), sc, acc[p][t]);
-                }
+                let sc = if T == 1 { s[p] } else { _mm512_mul_ps(s[p], da) };
+                let q = _mm512_dpbusd_epi32(nz, u[p], av);
+                acc[p][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), sc, acc[p][t]);
             }
         }
     }
