@@ -41,7 +41,9 @@ const NT512: usize = 4;
 /// group of up to `STREAM_GROUP` tokens (the rows stay in L1 between groups).
 const STREAM_MAX_TOKENS: usize = 16;
 /// Most tokens per streaming kernel call: batched decode of 8 sessions unpacks each
-/// weight block once (for the types of [`wide_groups`]; twice for the others).
+/// weight block once. (Q4_0 and Q8_0 ran faster in groups of 4 while the kernel gathered
+/// its scales per 16 blocks, whose registers made the compiler spill accumulators at 8;
+/// without the gathers, `gemm_bench --tokens 8` gives them 7-15% more at 8.)
 const STREAM_GROUP: usize = 8;
 /// Tokens per AVX2 kernel call, and rows.
 const T256: usize = 3;
@@ -632,7 +634,7 @@ unsafe fn stream512_rows(
     s16: *const f32,
     out: OutMatrix,
 ) {
-    // Token groups of 8 (where `wide_groups`), then 4, then the rest (so every group
+    // Token groups of 8, then 4, then the rest (so every group
     // starts at a multiple of 4, as the Q4_1 group sums do), and their kernels: the same
     // for every row group. At most STREAM_MAX_TOKENS = 16 tokens make at most four
     // (15 = 4 + 4 + 4 + 3).
@@ -641,7 +643,7 @@ unsafe fn stream512_rows(
     let (mut n_groups, mut t0) = (0, 0);
     while t0 < n_tokens {
         let n = match n_tokens - t0 {
-            rest if rest >= STREAM_GROUP && wide_groups(k.ty) => STREAM_GROUP,
+            rest if rest >= STREAM_GROUP => STREAM_GROUP,
             rest if rest >= 4 => 4,
             rest => rest,
         };
@@ -684,16 +686,6 @@ unsafe fn stream512_rows(
         }
         r += if four { 4 } else { 1 };
     }
-}
-
-/// Whether `ty`'s decode kernel takes `STREAM_GROUP` tokens at once rather than 4. For
-/// Q4_0 and Q8_0 the compiler hoists the 8 tokens' activation loads and spills
-/// accumulators, which costs more than unpacking each row block twice (from L1):
-/// `gemm_bench --tokens 8` (best of 4) gives them 10-46% more with groups of 4, and
-/// Q5_0 44-50% more with groups of 8; Q4_1, which has no correction term to load,
-/// keeps its accumulators in registers at 8.
-fn wide_groups(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_0)
 }
 
 /// A streaming kernel: `(kind, geo, first weight row, repacked tokens, Q4_1 minimums
