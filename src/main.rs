@@ -135,6 +135,10 @@ enum Command {
         /// Numbers of single-token decode steps, comma-separated; 0 skips.
         #[arg(short = 'n', long = "n-gen", value_delimiter = ',', default_value = "128")]
         n_gen: Vec<usize>,
+        /// Context depths, comma-separated: each test runs after this many random tokens
+        /// already in the context (untimed), as llama-bench's `-d` (`tg128 @ d4096`).
+        #[arg(short = 'd', long = "n-depth", value_delimiter = ',', default_value = "0")]
+        n_depth: Vec<usize>,
         /// Timed runs of each test (after a warm-up of at least half a second).
         #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
         repetitions: usize,
@@ -305,6 +309,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             quant,
             n_prompt,
             n_gen,
+            n_depth,
             repetitions,
             threads,
             backend,
@@ -317,6 +322,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             let options = kiln_bench::Options {
                 n_prompt,
                 n_gen,
+                n_depth,
                 repetitions,
                 threads,
                 backend,

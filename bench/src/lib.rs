@@ -67,6 +67,9 @@ pub struct Options {
     pub n_prompt: Vec<usize>,
     /// Decode lengths, one `tgN` test each; 0 is skipped.
     pub n_gen: Vec<usize>,
+    /// Context depths: every test runs once per depth, after that many random tokens
+    /// were fed into the context (untimed), as llama-bench's `-d` does. Empty means 0.
+    pub n_depth: Vec<usize>,
     /// Timed runs per test, after a warm-up of at least `WARM_UP`.
     pub repetitions: usize,
     /// CPU threads; default: one per core.
@@ -99,9 +102,15 @@ impl Options {
                 "threads, batch size and sessions must be positive".into(),
             ));
         }
+        let deepest = self.n_depth.iter().copied().max().unwrap_or(0);
+        if deepest > 0 && !self.sessions.is_empty() {
+            return Err(BenchError::Invalid(
+                "a context depth applies to single-session tests (no --sessions)".into(),
+            ));
+        }
         let second_turn = (self.second_turn > 0).then(|| self.second_turn + 3 * TURN_TAIL);
-        let longest = self.n_prompt.iter().chain(&self.n_gen).chain([&self.ttft_prompt]);
-        let longest = longest.copied().chain(second_turn);
+        let tests = self.n_prompt.iter().chain(&self.n_gen).map(|&n| deepest + n);
+        let longest = tests.chain([self.ttft_prompt]).chain(second_turn);
         // A generation needs one position more than its tokens.
         let n_ctx = longest.max().unwrap_or(0).max(1) + 1;
         // The second-turn measurement keeps the first turn's pages while the second runs.
@@ -151,6 +160,8 @@ impl Samples {
 pub struct TestResult {
     pub n_prompt: usize,
     pub n_gen: usize,
+    /// Tokens already in the context when the test ran.
+    pub n_depth: usize,
     /// Concurrent sessions (1 when driving one session directly).
     pub n_sessions: usize,
     /// When the test started, UTC, RFC 3339 as llama-bench writes it.
@@ -168,13 +179,17 @@ impl TestResult {
         }
     }
 
-    /// The test's name in the table: [`Self::test`], with ` xN` for N sessions.
+    /// The test's name in the table: [`Self::test`], with ` @ dN` at a context depth of
+    /// N (llama-bench's name) and ` xN` for N sessions.
     pub fn name(&self) -> String {
-        if self.n_sessions > 1 {
-            format!("{} x{}", self.test(), self.n_sessions)
-        } else {
-            self.test()
+        let mut name = self.test();
+        if self.n_depth > 0 {
+            name += &format!(" @ d{}", self.n_depth);
         }
+        if self.n_sessions > 1 {
+            name += &format!(" x{}", self.n_sessions);
+        }
+        name
     }
 }
 
@@ -325,7 +340,16 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
         .iter()
         .map(|&p| (p, 0))
         .chain(options.n_gen.iter().map(|&n| (0, n)));
-    for (n_prompt, n_gen) in cases.filter(|&(p, n)| p + n > 0) {
+    let depths = if options.n_depth.is_empty() {
+        &[0][..]
+    } else {
+        &options.n_depth
+    };
+    let cases: Vec<_> = depths
+        .iter()
+        .flat_map(|&d| cases.clone().map(move |(p, n)| (p, n, d)))
+        .collect();
+    for (n_prompt, n_gen, n_depth) in cases.into_iter().filter(|&(p, n, _)| p + n > 0) {
         let test_time = rfc3339(SystemTime::now());
         if !options.sessions.is_empty() {
             let counts = &options.sessions;
@@ -334,6 +358,7 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
                 tests.push(TestResult {
                     n_prompt,
                     n_gen,
+                    n_depth,
                     n_sessions,
                     test_time: test_time.clone(),
                     samples,
@@ -342,16 +367,17 @@ pub fn run(engine: &Engine, model: &str, options: &Options) -> Result<Report> {
             continue;
         }
         let samples = if n_prompt > 0 {
-            bench.warm_up(|b| b.prompt(n_prompt))?;
-            bench.repeat(options.repetitions, n_prompt, |b| b.prompt(n_prompt))?
+            bench.warm_up(|b| b.prompt(n_depth, n_prompt))?;
+            bench.repeat(options.repetitions, n_prompt, |b| b.prompt(n_depth, n_prompt))?
         } else {
             // llama-bench warms decode up with a single step.
-            bench.warm_up(|b| b.tokens_per_step(1))?;
-            bench.repeat(options.repetitions, n_gen, |b| b.tokens_per_step(n_gen))?
+            bench.warm_up(|b| b.tokens_per_step(n_depth, 1))?;
+            bench.repeat(options.repetitions, n_gen, |b| b.tokens_per_step(n_depth, n_gen))?
         };
         tests.push(TestResult {
             n_prompt,
             n_gen,
+            n_depth,
             n_sessions: 1,
             test_time,
             samples,
@@ -453,17 +479,29 @@ impl Bench<'_> {
         tokens
     }
 
-    /// Prefill of `n` tokens in one call (the session splits it into batches).
-    fn prompt(&mut self, n: usize) -> Result<Duration> {
-        let tokens = self.prompt_tokens(n);
+    /// `depth` random tokens fed into the empty context (a prompt, untimed), and the
+    /// test's `n` tokens to follow them: a prompt's own when the context is empty.
+    fn context_then(&mut self, depth: usize, n: usize) -> Result<Vec<u32>> {
+        if depth == 0 {
+            return Ok(self.prompt_tokens(n));
+        }
+        let context = self.prompt_tokens(depth);
+        self.session.feed(&context)?;
+        Ok(self.random_tokens(n))
+    }
+
+    /// Prefill of `n` tokens in one call (the session splits it into batches) after
+    /// `depth` tokens.
+    fn prompt(&mut self, depth: usize, n: usize) -> Result<Duration> {
+        let tokens = self.context_then(depth, n)?;
         let started = Instant::now();
         self.session.feed(&tokens)?;
         Ok(started.elapsed())
     }
 
-    /// `n` decode steps of one token each.
-    fn tokens_per_step(&mut self, n: usize) -> Result<Duration> {
-        let tokens = self.prompt_tokens(n);
+    /// `n` decode steps of one token each after `depth` tokens.
+    fn tokens_per_step(&mut self, depth: usize, n: usize) -> Result<Duration> {
+        let tokens = self.context_then(depth, n)?;
         let started = Instant::now();
         for token in &tokens {
             self.session.feed(std::slice::from_ref(token))?;
@@ -824,7 +862,7 @@ impl Report {
                     fit_min_ctx: 0,
                     n_prompt: t.n_prompt,
                     n_gen: t.n_gen,
-                    n_depth: 0,
+                    n_depth: t.n_depth,
                     test_time: &t.test_time,
                     avg_ns: avg_ns.round() as u64,
                     stddev_ns: stddev_ns.round() as u64,
@@ -900,7 +938,7 @@ impl Report {
         for (i, t) in self.tests.iter().enumerate() {
             let first = self.tests[..i]
                 .iter()
-                .find(|f| (f.n_prompt, f.n_gen) == (t.n_prompt, t.n_gen));
+                .find(|f| (f.n_prompt, f.n_gen, f.n_depth) == (t.n_prompt, t.n_gen, t.n_depth));
             if let Some(first) = first {
                 let (avg, base) = (mean_sd(&t.samples.ts()).0, mean_sd(&first.samples.ts()).0);
                 let _ = writeln!(

@@ -2,7 +2,7 @@
 //! take independently: grouped-query heads read their shared keys and values in place
 //! (no copies per head), and a sliding window limits what each query sees.
 //!
-//! Three kernels, chosen per call from its geometry alone (so a sequence's results never
+//! Four kernels, chosen per call from its geometry alone (so a sequence's results never
 //! depend on what else runs), by the run of queries the call belongs to (so a prompt
 //! computed in several calls, or after cached positions, gives the bits it gives in one
 //! call):
@@ -16,10 +16,15 @@
 //!   an online softmax with libm's `expf` and `S = fma(S, ms, vs)`; the weighted values
 //!   accumulated in f16, every update rounded; at the end the accumulator times `1 / S`.
 //!   An item is one query × the heads of one KV group, each head its own chain, so every
-//!   key and value row is widened once per group. From 512 keys on, runs take the f32
+//!   key and value row is widened once per group. From 512 keys on, runs take the next
 //!   kernel: there llama.cpp's decode splits the keys across threads (an order that
 //!   depends on the thread count), and a chunk of a few queries would pay a scalar `expf`
 //!   per key, query and head.
+//! - **Few queries over many keys** (AVX-512, runs of fewer than 64 queries over an f16
+//!   cache from 512 keys on, heads of 64, 128 or 256): the same items, in f32 — per
+//!   block of 16 keys the scores, one rescale where the block raises the maximum, the 16
+//!   weights by one vector `exp`, the values accumulated in registers. (Other levels and
+//!   head sizes take the f32 kernel, with the same items.)
 //! - **Tiled, as llama.cpp** (AVX-512, runs of 64 queries or more over an f16 cache):
 //!   llama.cpp's tiled CPU flash attention, operation for operation — keys in tiles of 64 from
 //!   position 0, scores as in-order FMA chains of the f32 query against the f16 keys,
@@ -102,6 +107,13 @@ impl AttnGeometry {
     /// Whether this call runs the f16-accumulator kernel (see the module docs).
     fn f16_accumulator(&self) -> bool {
         self.f16_cache && f16_accumulator_call(self.run_tokens(), self.run_start)
+    }
+
+    /// Whether this call is a run of few queries over an f16 cache (decode steps, short
+    /// prompts): one item per query and KV group, the f16-accumulator kernel's split,
+    /// whichever kernel computes them.
+    fn few_queries(&self) -> bool {
+        self.f16_cache && self.run_tokens() < F16_ACC_MAX_TOKENS
     }
 
     /// The keys query `t` sees: `first..=pos`.
@@ -263,7 +275,7 @@ struct Split {
 
 fn split(g: &AttnGeometry) -> Split {
     let group = g.group();
-    if g.f16_accumulator() {
+    if g.few_queries() {
         return Split {
             heads: group,
             parts: 1,
@@ -325,7 +337,7 @@ const PREFETCH_KEYS: usize = 64;
 /// not hold, it does nothing. It never reads memory.
 pub fn prefetch_item(g: &AttnGeometry, keys: CacheRows, values: CacheRows, pages: KvPages, item: usize) {
     #[cfg(target_arch = "x86_64")]
-    if let (CacheRows::F16(keys), CacheRows::F16(values), true) = (keys, values, g.f16_accumulator()) {
+    if let (CacheRows::F16(keys), CacheRows::F16(values), true) = (keys, values, g.few_queries()) {
         if g.n_kv_head == 0 || !g.n_head.is_multiple_of(g.n_kv_head) {
             return;
         }
@@ -432,6 +444,11 @@ pub fn run_item_at(
         }
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512Vnni => match (keys, values) {
+            (CacheRows::F16(k), CacheRows::F16(v)) if g.few_queries() && matches!(g.head_dim, 64 | 128 | 256) => {
+                // SAFETY: AVX-512 F/BW/VL, FMA and F16C are present (level ≤ simd_level());
+                // the visible rows were checked to lie in the caches above.
+                unsafe { few_queries_item_avx512(&job, sc, k, v) }
+            }
             (CacheRows::F16(k), CacheRows::F16(v))
                 if g.head_dim.is_multiple_of(16) && g.run_tokens() >= F16_ACC_MAX_TOKENS =>
             {
@@ -916,6 +933,173 @@ fn expf_libm512(x: std::arch::x86_64::__m512, table: &[std::arch::x86_64::__m512
     }
     // SAFETY: 16 floats.
     unsafe { _mm512_loadu_ps(ys.as_ptr()) }
+}
+
+/// A run of few queries over many keys of an f16 cache (decode beyond
+/// `F16_ACC_MAX_KEYS`, where llama.cpp's order depends on its thread count, so kiln keeps
+/// none of its roundings): f32 flash attention with the keys in blocks of 16, the values
+/// accumulated in registers. Per block and head: the 16 scores, one rescale of the
+/// accumulators where the block raises the maximum, 16 weights by one vector `exp`, and
+/// an FMA per value vector and key. The f32 kernel it replaces here puts queries × heads
+/// in SIMD lanes, three of sixteen for a decode step of SmolLM2's groups.
+///
+/// # Safety
+/// AVX-512 F/BW/VL, FMA and F16C are present; every visible row of the item lies in
+/// `keys` and `values` (as `run_item_at` checks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn few_queries_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values: &[u16]) {
+    let g = it.g;
+    let (d, hp) = (g.head_dim, it.heads.len());
+    let q = aligned(&mut sc.q, hp * d);
+    let acc = aligned(&mut sc.o, hp * d);
+    let sums = aligned(&mut sc.stats, hp);
+    // Heads a pass over the keys takes: as many as keep their accumulators in 16
+    // registers.
+    let chunk = (256 / d).max(1);
+    for t in it.tokens.clone() {
+        let (first, pos) = g.visible(t);
+        for (hi, h) in it.heads.clone().enumerate() {
+            q[hi * d..][..d].copy_from_slice(it.query(t, h));
+        }
+        for h0 in (0..hp).step_by(chunk) {
+            let n = chunk.min(hp - h0);
+            let pass: HeadsPass = match (d, n) {
+                (64, 1) => f32_heads::<1, 4>,
+                (64, 2) => f32_heads::<2, 4>,
+                (64, 3) => f32_heads::<3, 4>,
+                (64, _) => f32_heads::<4, 4>,
+                (128, 1) => f32_heads::<1, 8>,
+                (128, _) => f32_heads::<2, 8>,
+                _ => f32_heads::<1, 16>,
+            };
+            // SAFETY: q, acc and sums hold every head's d (or 1) values; the rows are in
+            // the caches (the caller's contract).
+            unsafe {
+                pass(
+                    it,
+                    keys,
+                    values,
+                    (first, pos),
+                    q.as_ptr().add(h0 * d),
+                    acc.as_mut_ptr().add(h0 * d),
+                    &mut sums[h0..h0 + n],
+                )
+            };
+        }
+        for (hi, h) in it.heads.clone().enumerate() {
+            write_normalized(it, t, h, &acc[hi * d..][..d], sums[hi]);
+        }
+    }
+}
+
+/// [`HeadsPass`] of [`few_queries_item_avx512`] for `HP` heads of `16 DC` values: their
+/// f32 queries at `q`, their weighted sums of values (relative to the final maximum)
+/// left at `acc`, their sums of weights in `sums`.
+///
+/// # Safety
+/// As [`few_queries_item_avx512`]; `q` and `acc` hold `HP · 16 DC` floats, `sums` has `HP`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn f32_heads<const HP: usize, const DC: usize>(
+    it: &Item,
+    keys: &[u16],
+    values: &[u16],
+    (first, pos): (usize, usize),
+    q: *const f32,
+    acc_out: *mut f32,
+    sums: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let g = it.g;
+    let d = 16 * DC;
+    let mut acc = [[_mm512_setzero_ps(); DC]; HP];
+    let mut maxes = [f32::NEG_INFINITY; HP];
+    let mut sum = [0f32; HP];
+    // The queries, scaled once.
+    let mut qs = [[_mm512_setzero_ps(); DC]; HP];
+    for (hi, qs) in qs.iter_mut().enumerate() {
+        for (c, v) in qs.iter_mut().enumerate() {
+            // SAFETY: head hi's query is d floats at q.
+            *v = _mm512_mul_ps(
+                unsafe { _mm512_loadu_ps(q.add(hi * d + 16 * c)) },
+                _mm512_set1_ps(g.scale),
+            );
+        }
+    }
+    let at = |row: usize| row * g.kv_stride + it.kv_offset;
+    // The rows read and those asked for PREFETCH_KEYS ahead, as `f16_acc_heads` walks
+    // them (the caller checked that the table covers them).
+    let (mut reading, mut ahead) = (RowWalk::new(it.pages, first), RowWalk::new(it.pages, first));
+    let next_row = |walk: &mut RowWalk| walk.next().expect("run_item_at checked the page table");
+    let prefetch = |row: usize| prefetch_row(keys, values, at(row), d);
+    for _ in first..=pos.min(first + PREFETCH_KEYS - 1) {
+        prefetch(next_row(&mut ahead));
+    }
+    for p0 in (first..=pos).step_by(16) {
+        let n = (pos + 1 - p0).min(16);
+        let mut scores = [[f32::NEG_INFINITY; 16]; HP];
+        let mut rows = [0usize; 16];
+        for j in 0..n {
+            if p0 + PREFETCH_KEYS + j <= pos {
+                prefetch(next_row(&mut ahead));
+            }
+            rows[j] = at(next_row(&mut reading));
+            // SAFETY: the row's d keys lie in the cache (the caller's contract).
+            let kp = unsafe { keys.as_ptr().add(rows[j]) };
+            let mut dots = [[_mm512_setzero_ps(); 2]; HP];
+            for c in 0..DC {
+                // SAFETY: 16 keys at 16 c < d.
+                let k = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(kp.add(16 * c).cast()) });
+                for (hi, dots) in dots.iter_mut().enumerate() {
+                    dots[c % 2] = _mm512_fmadd_ps(k, qs[hi][c], dots[c % 2]);
+                }
+            }
+            for (scores, dots) in scores.iter_mut().zip(&dots) {
+                scores[j] = _mm512_reduce_add_ps(_mm512_add_ps(dots[0], dots[1]));
+            }
+        }
+        let mut weights = [[0f32; 16]; HP];
+        for hi in 0..HP {
+            // SAFETY: 16 floats each side.
+            let s = unsafe { _mm512_loadu_ps(scores[hi].as_ptr()) };
+            let block_max = _mm512_reduce_max_ps(s);
+            if block_max > maxes[hi] {
+                // The first block's rescale is exp(-∞) = 0 of nothing accumulated yet.
+                let rescale = (maxes[hi] - block_max).exp();
+                for a in &mut acc[hi] {
+                    *a = _mm512_mul_ps(*a, _mm512_set1_ps(rescale));
+                }
+                sum[hi] *= rescale;
+                maxes[hi] = block_max;
+            }
+            // Keys past the block's end score -∞: weight 0.
+            let w = expf_ggml512(_mm512_sub_ps(s, _mm512_set1_ps(maxes[hi])));
+            sum[hi] += _mm512_reduce_add_ps(w);
+            // SAFETY: 16 floats.
+            unsafe { _mm512_storeu_ps(weights[hi].as_mut_ptr(), w) };
+        }
+        for (j, &row) in rows.iter().enumerate().take(n) {
+            // SAFETY: the row's d values lie in the cache.
+            let vp = unsafe { values.as_ptr().add(row) };
+            // c indexes the inner dimension of every head's accumulators at once.
+            #[allow(clippy::needless_range_loop)]
+            for c in 0..DC {
+                // SAFETY: 16 values at 16 c < d.
+                let v = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(vp.add(16 * c).cast()) });
+                for hi in 0..HP {
+                    acc[hi][c] = _mm512_fmadd_ps(v, _mm512_set1_ps(weights[hi][j]), acc[hi][c]);
+                }
+            }
+        }
+    }
+    for hi in 0..HP {
+        for (c, a) in acc[hi].iter().enumerate() {
+            // SAFETY: head hi's d floats at acc_out.
+            unsafe { _mm512_storeu_ps(acc_out.add(hi * d + 16 * c), *a) };
+        }
+        sums[hi] = sum[hi];
+    }
 }
 
 /// GCC's `_mm512_reduce_add_ps`: halves, quarters, then lanes 0 + 2 and 1 + 3, then
