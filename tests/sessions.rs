@@ -55,8 +55,9 @@ fn concurrent_sessions_match_alone() {
         max_batch: 64,
         ..Default::default()
     });
-    // One prompt long enough to be prefilled in several chunks while others decode.
-    let long = chat(&"Summarize: the quick brown fox jumps over the lazy dog. ".repeat(20));
+    // One prompt long enough to be prefilled in several chunks while others decode, and
+    // whose decode steps see over 512 keys (each step's keys split into parts).
+    let long = chat(&"Summarize: the quick brown fox jumps over the lazy dog. ".repeat(45));
     let prompts: Vec<String> = PROMPTS.iter().map(|p| chat(p)).chain([long]).collect();
     let options = greedy(24);
     let alone: Vec<Vec<u32>> = prompts

@@ -10,7 +10,9 @@
 
 use std::time::Instant;
 
-use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, CacheRows, KvPages};
+use kiln_kernels::attention::{
+    combine, partial_floats, run_item_at, work_items, AttnGeometry, CacheRows, KvPages, Partials,
+};
 use kiln_kernels::gemm::{simd_level, OutMatrix, SimdLevel};
 
 fn main() {
@@ -84,8 +86,16 @@ fn main() {
         let bytes = (2 * (rows - first_row) * g.n_kv_head * d * 4) as f64;
         let mut time = |level: SimdLevel, f16: bool| -> f64 {
             let g = AttnGeometry { f16_cache: f16, ..g };
-            // SAFETY: out holds n_tokens rows of n_head × head_dim; items run one at a time.
-            let o = unsafe { OutMatrix::new(out.as_mut_ptr(), g.n_head * d) };
+            let mut partials = vec![0f32; partial_floats(&g)];
+            let (p_ptr, p_len) = (partials.as_mut_ptr(), partials.len());
+            // SAFETY: out holds n_tokens rows of n_head × head_dim, partials what the
+            // call's items need; items run one at a time.
+            let (o, p) = unsafe {
+                (
+                    OutMatrix::new(out.as_mut_ptr(), g.n_head * d),
+                    Partials::new(p_ptr, p_len),
+                )
+            };
             let run = || {
                 for item in 0..work_items(&g) {
                     let (k, v) = if f16 {
@@ -93,8 +103,10 @@ fn main() {
                     } else {
                         (CacheRows::F32(&keys), CacheRows::F32(&values))
                     };
-                    run_item_at(level, &g, &q, k, v, KvPages::contiguous(), item, o);
+                    run_item_at(level, &g, &q, k, v, KvPages::contiguous(), item, o, p);
                 }
+                // SAFETY: the items above are done writing the partials.
+                combine(&g, unsafe { std::slice::from_raw_parts(p_ptr, p_len) }, o);
             };
             run();
             // The best of several batches of ~0.1 s: the machine is shared and noisy.

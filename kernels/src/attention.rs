@@ -24,7 +24,10 @@
 //!   cache from 512 keys on, heads of 64, 128 or 256): the same items, in f32 — per
 //!   block of 16 keys the scores, one rescale where the block raises the maximum, the 16
 //!   weights by one vector `exp`, the values accumulated in registers. (Other levels and
-//!   head sizes take the f32 kernel, with the same items.)
+//!   head sizes take the f32 kernel, with the same items.) A decode step (a run of one
+//!   query) also splits its keys into `KEY_PARTS` items per KV group, each leaving a
+//!   partial softmax that [`combine`] merges in order: one session's step keeps every
+//!   thread busy (SmolLM2 has three groups) and reads the cache in long runs of rows.
 //! - **Tiled, as llama.cpp** (AVX-512, runs of 64 queries or more over an f16 cache):
 //!   llama.cpp's tiled CPU flash attention, operation for operation — keys in tiles of 64 from
 //!   position 0, scores as in-order FMA chains of the f32 query against the f16 keys,
@@ -265,22 +268,41 @@ fn key_blocks(pages: KvPages<'_>, first: usize, last: usize) -> impl Iterator<It
 }
 
 /// How a call is split: an item is `tokens` consecutive queries × `heads` consecutive
-/// heads of one KV group; a group has `parts` items per tile of queries.
+/// heads of one KV group over one of `key_parts` parts of their keys; a group has `parts`
+/// items per tile of queries and part of keys.
 struct Split {
     heads: usize,
     parts: usize,
     tokens: usize,
     tiles: usize,
+    key_parts: usize,
 }
+
+impl Split {
+    /// Items per part of the keys.
+    fn per_key_part(&self, g: &AttnGeometry) -> usize {
+        g.n_kv_head * self.parts * self.tiles
+    }
+}
+
+/// Parts a decode step's keys are split into from 512 keys on: each part is an item
+/// (per KV group) whose partial softmax [`combine`] merges, so that one session's step
+/// keeps every thread busy (SmolLM2 has 3 KV groups) and a thread reads the cache in
+/// long runs of rows.
+const KEY_PARTS: usize = 16;
 
 fn split(g: &AttnGeometry) -> Split {
     let group = g.group();
     if g.few_queries() {
+        // Only runs of one query split their keys: a run's queries must all take the
+        // same arithmetic however the run is split into calls.
+        let split_keys = g.run_tokens() == 1 && !g.f16_accumulator();
         return Split {
             heads: group,
             parts: 1,
             tokens: 1,
             tiles: g.n_tokens,
+            key_parts: if split_keys { KEY_PARTS } else { 1 },
         };
     }
     let heads = group.min(TILE_LANES);
@@ -290,6 +312,7 @@ fn split(g: &AttnGeometry) -> Split {
         parts: group.div_ceil(heads),
         tokens,
         tiles: g.n_tokens.div_ceil(tokens),
+        key_parts: 1,
     }
 }
 
@@ -301,15 +324,141 @@ const TILE_LANES: usize = 64;
 /// How many work items a call splits into.
 pub fn work_items(g: &AttnGeometry) -> usize {
     let s = split(g);
-    g.n_kv_head * s.parts * s.tiles
+    s.per_key_part(g) * s.key_parts
+}
+
+/// Floats of scratch a call's items leave their partial results in for [`combine`]
+/// (0: the items write the output themselves).
+pub fn partial_floats(g: &AttnGeometry) -> usize {
+    let s = split(g);
+    if s.key_parts > 1 {
+        g.n_tokens * g.n_head * s.key_parts * (g.head_dim + 2)
+    } else {
+        0
+    }
+}
+
+/// Where a call's items leave partial results: [`partial_floats`] floats, which several
+/// threads write at once, each item its own.
+#[derive(Clone, Copy)]
+pub struct Partials {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: `Partials` is only a place to write; `new`'s contract makes concurrent items
+// write disjoint floats.
+unsafe impl Send for Partials {}
+unsafe impl Sync for Partials {}
+
+impl Partials {
+    /// # Safety
+    /// `ptr` is valid for writes of `len` floats, which no one else touches while the
+    /// call's items run.
+    pub unsafe fn new(ptr: *mut f32, len: usize) -> Self {
+        Partials { ptr, len }
+    }
+
+    /// The `len` floats from `at` on, for one call of several sharing the floats.
+    ///
+    /// # Panics
+    /// If they are not all inside.
+    pub fn range(self, at: usize, len: usize) -> Self {
+        assert!(
+            at.checked_add(len).is_some_and(|end| end <= self.len),
+            "attention: partials range"
+        );
+        Partials {
+            ptr: self.ptr.wrapping_add(at),
+            len,
+        }
+    }
+
+    /// For calls whose [`partial_floats`] is 0.
+    pub fn none() -> Self {
+        Partials {
+            ptr: std::ptr::null_mut(),
+            len: 0,
+        }
+    }
+
+    /// Writes query `t`'s head `h` over key part `p` of `parts`: its weighted sum of
+    /// values (relative to its largest score), that score and the sum of its weights.
+    fn write(
+        &self,
+        g: &AttnGeometry,
+        (t, h): (usize, usize),
+        (p, parts): (usize, usize),
+        acc: &[f32],
+        max: f32,
+        sum: f32,
+    ) {
+        let d = g.head_dim;
+        let at = ((t * g.n_head + h) * parts + p) * (d + 2);
+        assert!(at + d + 2 <= self.len && acc.len() == d, "attention: partials");
+        // SAFETY: inside the `len` floats `new` vouched for; this item's own.
+        unsafe {
+            std::ptr::copy_nonoverlapping(acc.as_ptr(), self.ptr.add(at), d);
+            self.ptr.add(at + d).write(max);
+            self.ptr.add(at + d + 1).write(sum);
+        }
+    }
+}
+
+/// The keys `first..=pos` of part `p` of `parts` (equal runs, the last shorter), or
+/// `None` when that part is empty.
+fn key_part((first, pos): (usize, usize), (p, parts): (usize, usize)) -> Option<(usize, usize)> {
+    let size = (pos + 1 - first).div_ceil(parts);
+    let lo = first + p * size;
+    (lo <= pos).then(|| (lo, (lo + size).min(pos + 1) - 1))
+}
+
+/// After every item of a call that left partial results ([`partial_floats`] > 0):
+/// merges each query's and head's parts, in order, into `out` as element `(t, h *
+/// head_dim + i)`. Does nothing for other calls.
+pub fn combine(g: &AttnGeometry, partials: &[f32], out: OutMatrix) {
+    let s = split(g);
+    if s.key_parts <= 1 {
+        return;
+    }
+    let d = g.head_dim;
+    assert!(partials.len() >= partial_floats(g), "attention: partials");
+    SCRATCH.with_borrow_mut(|sc| {
+        let acc = aligned(&mut sc.o, d);
+        for t in 0..g.n_tokens {
+            for h in 0..g.n_head {
+                let parts = &partials[(t * g.n_head + h) * s.key_parts * (d + 2)..][..s.key_parts * (d + 2)];
+                let max = parts
+                    .chunks_exact(d + 2)
+                    .filter(|p| p[d + 1] > 0.0)
+                    .fold(f32::NEG_INFINITY, |m, p| m.max(p[d]));
+                let mut sum = 0f32;
+                acc.fill(0.0);
+                for p in parts.chunks_exact(d + 2).filter(|p| p[d + 1] > 0.0) {
+                    let w = (p[d] - max).exp();
+                    sum = p[d + 1].mul_add(w, sum);
+                    for (a, v) in acc.iter_mut().zip(&p[..d]) {
+                        *a = v.mul_add(w, *a);
+                    }
+                }
+                let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+                for (i, &a) in acc.iter().enumerate() {
+                    // SAFETY: the caller's OutMatrix covers the call's rows.
+                    unsafe { out.write(t, h * d + i, a * inv) };
+                }
+            }
+        }
+    });
 }
 
 /// Computes work item `item` (< [`work_items`]): some heads of some queries, written
-/// to `out` as element `(t, h * head_dim + i)`.
+/// to `out` as element `(t, h * head_dim + i)`, or for calls that split their keys
+/// ([`partial_floats`] > 0) left in `partials` for [`combine`] once every item ran.
 ///
 /// `q` holds `n_tokens × n_head × head_dim` floats; `keys` and `values` hold rows of
 /// `kv_stride` elements (both f32 or both f16), with positions `0..start_pos + n_tokens`
 /// where `pages` puts them.
+#[allow(clippy::too_many_arguments)]
 pub fn run_item(
     g: &AttnGeometry,
     q: &[f32],
@@ -318,8 +467,9 @@ pub fn run_item(
     pages: KvPages,
     item: usize,
     out: OutMatrix,
+    partials: Partials,
 ) {
-    run_item_at(simd_level(), g, q, keys, values, pages, item, out)
+    run_item_at(simd_level(), g, q, keys, values, pages, item, out, partials)
 }
 
 /// Keys whose rows the f16-accumulator kernel asks the cache for ahead of using them:
@@ -342,11 +492,14 @@ pub fn prefetch_item(g: &AttnGeometry, keys: CacheRows, values: CacheRows, pages
             return;
         }
         let s = split(g);
-        if item >= g.n_kv_head * s.parts * s.tiles {
+        if item >= s.per_key_part(g) * s.key_parts {
             return;
         }
+        let (part, item) = (item / s.per_key_part(g), item % s.per_key_part(g));
         let kv = item / s.tiles / s.parts;
-        let (first, pos) = g.visible(item % s.tiles);
+        let Some((first, pos)) = key_part(g.visible(item % s.tiles), (part, s.key_parts)) else {
+            return;
+        };
         // A prefetch never faults, so wrapping arithmetic is enough for where it points.
         for row in RowWalk::new(pages, first).take((pos + 1 - first).min(PREFETCH_KEYS)) {
             let at = row.wrapping_mul(g.kv_stride).wrapping_add(kv * g.head_dim);
@@ -386,6 +539,7 @@ pub fn run_item_at(
     pages: KvPages,
     item: usize,
     out: OutMatrix,
+    partials: Partials,
 ) {
     assert!(
         level <= simd_level(),
@@ -416,7 +570,9 @@ pub fn run_item_at(
         g.start_pos + g.n_tokens
     );
     let s = split(g);
-    assert!(item < g.n_kv_head * s.parts * s.tiles, "attention: item {item}");
+    assert!(item < s.per_key_part(g) * s.key_parts, "attention: item {item}");
+    assert!(partials.len >= partial_floats(g), "attention: partials");
+    let (part_of_keys, item) = (item / s.per_key_part(g), item % s.per_key_part(g));
     let (tile, rest) = (item % s.tiles, item / s.tiles);
     let (part, kv) = (rest % s.parts, rest / s.parts);
     let group = g.group();
@@ -432,9 +588,13 @@ pub fn run_item_at(
         tokens: t0..(t0 + s.tokens).min(g.n_tokens),
         kv_offset: kv * d,
         out,
+        key_part: (s.key_parts > 1).then_some((part_of_keys, s.key_parts)),
+        partials,
     };
+    let fast_few = level == SimdLevel::Avx512Vnni && g.few_queries() && matches!(g.head_dim, 64 | 128 | 256);
     SCRATCH.with_borrow_mut(|sc| match level {
         _ if g.f16_accumulator() => f16_acc(level, &job, sc),
+        _ if job.key_part.is_some() && !fast_few => part_portable(&job, sc),
         SimdLevel::Scalar => run_portable(&job, sc),
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => {
@@ -478,6 +638,9 @@ struct Item<'a> {
     tokens: Range<usize>,
     kv_offset: usize,
     out: OutMatrix,
+    /// Which part of its keys the item takes, of how many, when the call splits them.
+    key_part: Option<(usize, usize)>,
+    partials: Partials,
 }
 
 impl Item<'_> {
@@ -549,6 +712,44 @@ fn run_portable(it: &Item, sc: &mut Scratch) {
                 // SAFETY: the caller's OutMatrix covers row t, columns of head h.
                 unsafe { it.out.write(t, h * d + i, v) };
             }
+        }
+    }
+}
+
+/// An item over one part of its keys, in plain f32 (levels and head sizes without a
+/// SIMD kernel for it): each head's partial softmax left in the partials.
+fn part_portable(it: &Item, sc: &mut Scratch) {
+    let g = it.g;
+    let d = g.head_dim;
+    let part = it.key_part.expect("an item over a part of its keys");
+    let acc = aligned(&mut sc.o, d);
+    let key = aligned(&mut sc.kb, d);
+    let value = aligned(&mut sc.vb, d);
+    for t in it.tokens.clone() {
+        let range = key_part(g.visible(t), part);
+        for h in it.heads.clone() {
+            acc.fill(0.0);
+            let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+            // Keys lo..hi + 1 of the part (none for an empty part).
+            let keys = range.map_or(0..0, |(lo, hi)| lo..hi + 1);
+            for p in keys {
+                let row = it.pages.row(p) * g.kv_stride + it.kv_offset;
+                it.keys.widen(row, key);
+                it.values.widen(row, value);
+                let score = it.query(t, h).iter().zip(key.iter()).map(|(q, k)| q * k).sum::<f32>() * g.scale;
+                if score > max {
+                    let rescale = (max - score).exp();
+                    acc.iter_mut().for_each(|a| *a *= rescale);
+                    sum *= rescale;
+                    max = score;
+                }
+                let w = (score - max).exp();
+                sum += w;
+                for (a, v) in acc.iter_mut().zip(value.iter()) {
+                    *a = v.mul_add(w, *a);
+                }
+            }
+            it.partials.write(g, (t, h), part, acc, max, sum);
         }
     }
 }
@@ -957,14 +1158,27 @@ unsafe fn few_queries_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], val
     // Heads a pass over the keys takes: as many as keep their accumulators in 16
     // registers.
     let chunk = (256 / d).max(1);
+    let maxes = aligned(&mut sc.r, hp);
     for t in it.tokens.clone() {
-        let (first, pos) = g.visible(t);
+        let visible = match it.key_part {
+            Some(part) => key_part(g.visible(t), part),
+            None => Some(g.visible(t)),
+        };
+        let Some((first, pos)) = visible else {
+            // An empty part: nothing seen.
+            acc.fill(0.0);
+            for h in it.heads.clone() {
+                let part = it.key_part.expect("only parts can be empty");
+                it.partials.write(g, (t, h), part, &acc[..d], f32::NEG_INFINITY, 0.0);
+            }
+            continue;
+        };
         for (hi, h) in it.heads.clone().enumerate() {
             q[hi * d..][..d].copy_from_slice(it.query(t, h));
         }
         for h0 in (0..hp).step_by(chunk) {
             let n = chunk.min(hp - h0);
-            let pass: HeadsPass = match (d, n) {
+            let pass: F32HeadsPass = match (d, n) {
                 (64, 1) => f32_heads::<1, 4>,
                 (64, 2) => f32_heads::<2, 4>,
                 (64, 3) => f32_heads::<3, 4>,
@@ -984,23 +1198,33 @@ unsafe fn few_queries_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], val
                     q.as_ptr().add(h0 * d),
                     acc.as_mut_ptr().add(h0 * d),
                     &mut sums[h0..h0 + n],
+                    &mut maxes[h0..h0 + n],
                 )
             };
         }
         for (hi, h) in it.heads.clone().enumerate() {
-            write_normalized(it, t, h, &acc[hi * d..][..d], sums[hi]);
+            let acc = &acc[hi * d..][..d];
+            match it.key_part {
+                Some(part) => it.partials.write(g, (t, h), part, acc, maxes[hi], sums[hi]),
+                None => write_normalized(it, t, h, acc, sums[hi]),
+            }
         }
     }
 }
 
-/// [`HeadsPass`] of [`few_queries_item_avx512`] for `HP` heads of `16 DC` values: their
+/// One pass of [`few_queries_item_avx512`] over keys `first..=pos`: as [`HeadsPass`],
+/// with each head's largest score left in the last slice.
+type F32HeadsPass = unsafe fn(&Item, &[u16], &[u16], (usize, usize), *const f32, *mut f32, &mut [f32], &mut [f32]);
+
+/// [`F32HeadsPass`] of [`few_queries_item_avx512`] for `HP` heads of `16 DC` values: their
 /// f32 queries at `q`, their weighted sums of values (relative to the final maximum)
-/// left at `acc`, their sums of weights in `sums`.
+/// left at `acc`, their sums of weights in `sums` and their largest scores in `maxes_out`.
 ///
 /// # Safety
 /// As [`few_queries_item_avx512`]; `q` and `acc` hold `HP · 16 DC` floats, `sums` has `HP`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn f32_heads<const HP: usize, const DC: usize>(
     it: &Item,
     keys: &[u16],
@@ -1009,6 +1233,7 @@ unsafe fn f32_heads<const HP: usize, const DC: usize>(
     q: *const f32,
     acc_out: *mut f32,
     sums: &mut [f32],
+    maxes_out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let g = it.g;
@@ -1099,6 +1324,7 @@ unsafe fn f32_heads<const HP: usize, const DC: usize>(
             unsafe { _mm512_storeu_ps(acc_out.add(hi * d + 16 * c), *a) };
         }
         sums[hi] = sum[hi];
+        maxes_out[hi] = maxes[hi];
     }
 }
 

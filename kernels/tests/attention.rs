@@ -4,7 +4,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kiln_kernels::attention::{run_item_at, work_items, AttnGeometry, CacheRows, KvPages};
+use kiln_kernels::attention::{
+    combine, partial_floats, run_item_at, work_items, AttnGeometry, CacheRows, KvPages, Partials,
+};
 use kiln_kernels::gemm::{simd_level, OutMatrix, SimdLevel};
 use kiln_kernels::ops;
 
@@ -42,11 +44,20 @@ fn run_paged(
     pages: KvPages,
 ) -> Vec<f32> {
     let mut out = vec![f32::NAN; g.n_tokens * g.n_head * g.head_dim];
-    // SAFETY: out holds n_tokens rows of n_head × head_dim; items run one at a time.
-    let o = unsafe { OutMatrix::new(out.as_mut_ptr(), g.n_head * g.head_dim) };
+    // Poisoned, as the output: combine must read only what items wrote.
+    let mut partials = vec![f32::NAN; partial_floats(g)];
+    // SAFETY: out holds n_tokens rows of n_head × head_dim, partials what the call's
+    // items need; items run one at a time.
+    let (o, p) = unsafe {
+        (
+            OutMatrix::new(out.as_mut_ptr(), g.n_head * g.head_dim),
+            Partials::new(partials.as_mut_ptr(), partials.len()),
+        )
+    };
     for item in 0..work_items(g) {
-        run_item_at(level, g, q, keys, values, pages, item, o);
+        run_item_at(level, g, q, keys, values, pages, item, o, p);
     }
+    combine(g, &partials, o);
     out
 }
 

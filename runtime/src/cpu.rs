@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::sync::Mutex;
 
-use kiln_kernels::attention::{self, AttnGeometry, CacheRows, KvPages};
+use kiln_kernels::attention::{self, AttnGeometry, CacheRows, KvPages, Partials};
 use kiln_kernels::dequant::dequantize_row;
 use kiln_kernels::gemm::{self, OutMatrix, RepackedActs, RowShape};
 use kiln_kernels::{ops, qdot, GgmlType};
@@ -38,6 +38,10 @@ pub struct CpuBackend {
     shapes: Vec<RowShape>,
     /// Each sequence's geometry and first work item in the current attention call.
     attn_calls: Vec<(AttnGeometry, usize)>,
+    /// Each attention call's first float in `attn_partials`.
+    attn_partial_at: Vec<usize>,
+    /// Where split attention items leave their partial softmaxes (grown, never shrunk).
+    attn_partials: Vec<f32>,
     weights: Vec<WeightSource>,
     /// Vectors (norm weights, biases) dequantized once at upload, by weight index.
     vectors: Vec<Option<Vec<f32>>>,
@@ -63,6 +67,8 @@ impl CpuBackend {
             rope_table: Vec::new(),
             shapes: Vec::new(),
             attn_calls: Vec::new(),
+            attn_partial_at: Vec::new(),
+            attn_partials: Vec::new(),
             weights: Vec::new(),
             vectors: Vec::new(),
             buffers: Vec::new(),
@@ -492,7 +498,8 @@ impl Backend for CpuBackend {
         // Every sequence's work items, numbered one after another: one pool job runs them all.
         let calls = &mut self.attn_calls;
         calls.clear();
-        let mut total = 0;
+        self.attn_partial_at.clear();
+        let (mut total, mut partial_floats) = (0, 0);
         for s in seqs {
             let geometry = AttnGeometry {
                 n_tokens: s.n_tokens,
@@ -509,8 +516,15 @@ impl Backend for CpuBackend {
             };
             calls.push((geometry, total));
             total += attention::work_items(&geometry);
+            self.attn_partial_at.push(partial_floats);
+            partial_floats += attention::partial_floats(&geometry);
         }
-        let (q, calls) = (&*q, &*calls);
+        if self.attn_partials.len() < partial_floats {
+            self.attn_partials.resize(partial_floats, 0.0);
+        }
+        let (q, calls, partial_at) = (&*q, &*calls, &*self.attn_partial_at);
+        // SAFETY: the calls' items write their own calls' ranges of these floats only.
+        let all_partials = unsafe { Partials::new(self.attn_partials.as_mut_ptr(), partial_floats) };
         let out_len = out.len();
         // SAFETY: work items write disjoint (token, head) parts of their sequence's rows,
         // which are inside `out` (checked per item) and distinct between sequences.
@@ -544,9 +558,19 @@ impl Backend for CpuBackend {
                 );
                 // The sequence's rows start row0 rows (row0 × row elements) down.
                 let o = out.offset_cols(s.row0 * row);
-                attention::run_item(geometry, &q[rows], k, v, pages_of(i), item - first, o);
+                let partials = all_partials.range(partial_at[i], attention::partial_floats(geometry));
+                attention::run_item(geometry, &q[rows], k, v, pages_of(i), item - first, o, partials);
             }
         });
+        // Calls whose items left partial softmaxes (decode steps over long contexts):
+        // each query's parts merged into its output.
+        for (i, (geometry, _)) in calls.iter().enumerate() {
+            let n_partials = attention::partial_floats(geometry);
+            if n_partials > 0 {
+                let o = out.offset_cols(seqs[i].row0 * row);
+                attention::combine(geometry, &self.attn_partials[partial_at[i]..][..n_partials], o);
+            }
+        }
     }
 
     fn gated_activation(&mut self, gate: BufId, up: BufId, len: usize, act: Activation) {
