@@ -634,9 +634,8 @@ unsafe fn stream512_rows(
     s16: *const f32,
     out: OutMatrix,
 ) {
-    // Token groups of 8, then 4, then the rest (so every group
-    // starts at a multiple of 4, as the Q4_1 group sums do), and their kernels: the same
-    // for every row group. At most STREAM_MAX_TOKENS = 16 tokens make at most four
+    // Token groups of 8, then 4, then the rest (so every group starts at a multiple of
+    // 4, as the Q4_1 group sums do), and their kernels: the same for every row group. At most STREAM_MAX_TOKENS = 16 tokens make at most four
     // (15 = 4 + 4 + 4 + 3).
     const { assert!(STREAM_MAX_TOKENS <= 16) };
     let mut groups = [(0, pick_stream(k.ty, 1)); 4];
@@ -732,10 +731,9 @@ fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
 /// `T` repacked tokens at `a`; writes `(t, r0 + r)`. A pair of blocks costs its unpack,
 /// the load and permute of its two f16 scales (and Q4_1 minimums) and their scaling
 /// (with one token premultiplied by the token's scale), and per token a `vpdpbusd`,
-/// conversion and FMA. Q4_1's `m · s`
-/// chains of four rows × the group's tokens run alongside in one zmm against the
-/// group's sums at `s16` ([`prep_s16`]); a single row's minimums wait at `mins` for a
-/// scalar chain at the end. Prefetches of the rows to come (`ahead`) are spread over the
+/// conversion and FMA. Q4_1's `m · s` chains of four rows × the group's tokens run
+/// alongside in one zmm against the group's sums at `s16` ([`prep_s16`]); a single
+/// row's minimums wait at `mins` for a scalar chain at the end. Prefetches of the rows to come (`ahead`) are spread over the
 /// blocks.
 ///
 /// # Safety
