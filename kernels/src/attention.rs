@@ -845,6 +845,24 @@ fn f16_acc_item(it: &Item, sc: &mut Scratch) {
     }
 }
 
+/// The instance of a heads pass (`f16_acc_heads`, `f32_heads`) for `n` heads of `d`
+/// values, `d` being 64, 128 or 256 and `n` at most what keeps the accumulators in 16
+/// registers (`256 / d`).
+#[cfg(target_arch = "x86_64")]
+macro_rules! heads_pass {
+    ($pass:ident, $d:expr, $n:expr) => {
+        match ($d, $n) {
+            (64, 1) => $pass::<1, 4>,
+            (64, 2) => $pass::<2, 4>,
+            (64, 3) => $pass::<3, 4>,
+            (64, _) => $pass::<4, 4>,
+            (128, 1) => $pass::<1, 8>,
+            (128, _) => $pass::<2, 8>,
+            _ => $pass::<1, 16>,
+        }
+    };
+}
+
 /// [`f16_acc_item`] written out in AVX-512 for heads of 64, 128 or 256 over an f16
 /// cache: the same operations in the same order (so the same bits), with the keys and
 /// values converted in registers instead of widened into scratch, and the accumulators
@@ -881,15 +899,7 @@ unsafe fn f16_acc_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], values:
         }
         for h0 in (0..hp).step_by(chunk) {
             let n = chunk.min(hp - h0);
-            let pass: HeadsPass = match (d, n) {
-                (64, 1) => f16_acc_heads::<1, 4>,
-                (64, 2) => f16_acc_heads::<2, 4>,
-                (64, 3) => f16_acc_heads::<3, 4>,
-                (64, _) => f16_acc_heads::<4, 4>,
-                (128, 1) => f16_acc_heads::<1, 8>,
-                (128, _) => f16_acc_heads::<2, 8>,
-                _ => f16_acc_heads::<1, 16>,
-            };
+            let pass: HeadsPass = heads_pass!(f16_acc_heads, d, n);
             // SAFETY: q, acc and sums hold every head's d (or 1) values; the rows are in
             // the caches (the caller's contract).
             unsafe {
@@ -1178,15 +1188,7 @@ unsafe fn few_queries_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], val
         }
         for h0 in (0..hp).step_by(chunk) {
             let n = chunk.min(hp - h0);
-            let pass: F32HeadsPass = match (d, n) {
-                (64, 1) => f32_heads::<1, 4>,
-                (64, 2) => f32_heads::<2, 4>,
-                (64, 3) => f32_heads::<3, 4>,
-                (64, _) => f32_heads::<4, 4>,
-                (128, 1) => f32_heads::<1, 8>,
-                (128, _) => f32_heads::<2, 8>,
-                _ => f32_heads::<1, 16>,
-            };
+            let pass: F32HeadsPass = heads_pass!(f32_heads, d, n);
             // SAFETY: q, acc and sums hold every head's d (or 1) values; the rows are in
             // the caches (the caller's contract).
             unsafe {

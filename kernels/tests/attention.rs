@@ -22,6 +22,29 @@ impl Rng {
     }
 }
 
+/// The SIMD levels this CPU has.
+fn levels() -> Vec<SimdLevel> {
+    [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512Vnni]
+        .into_iter()
+        .filter(|&l| l <= simd_level())
+        .collect()
+}
+
+/// `n` random cache values in -2..2, f16-representable as the cache contract requires.
+fn cache_values(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| ops::round_to_f16(2.0 * rng.uniform())).collect()
+}
+
+/// Page numbers `0..n` in a random order (Fisher-Yates).
+fn shuffled_pages(rng: &mut Rng, n: usize) -> Vec<u32> {
+    let mut pages: Vec<u32> = (0..n as u32).collect();
+    for i in (1..pages.len()).rev() {
+        let j = ((rng.uniform() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+        pages.swap(i, j);
+    }
+    pages
+}
+
 /// Every item of the call, in order, at `level`; unwritten outputs stay NaN.
 fn run_items(level: SimdLevel, g: &AttnGeometry, q: &[f32], keys: &[f32], values: &[f32]) -> Vec<f32> {
     run_paged(
@@ -99,10 +122,7 @@ fn reference(g: &AttnGeometry, q: &[f32], keys: &[f32], values: &[f32]) -> Vec<f
 fn work_items_match_the_reference_at_every_level() {
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     let mut rng = Rng(seed);
-    let levels: Vec<SimdLevel> = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512Vnni]
-        .into_iter()
-        .filter(|&l| l <= simd_level())
-        .collect();
+    let levels = levels();
     let n_kv_head = 2;
     for head_dim in [64, 128, 192, 256, 48, 40] {
         for ratio in [1, 3, 4, 7] {
@@ -129,12 +149,10 @@ fn work_items_match_the_reference_at_every_level() {
                         // Queries large enough for peaked softmaxes (new maxima, tiny weights);
                         // the cache holds f16 values, as the contract requires.
                         let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
-                        let mut cache = || -> Vec<f32> {
-                            (0..rows * kv_stride)
-                                .map(|_| ops::round_to_f16(2.0 * rng.uniform()))
-                                .collect()
-                        };
-                        let (keys, values) = (cache(), cache());
+                        let (keys, values) = (
+                            cache_values(&mut rng, rows * kv_stride),
+                            cache_values(&mut rng, rows * kv_stride),
+                        );
                         let want = reference(&g, &q, &keys, &values);
                         let (k16, v16) = (f16_bits(&keys), f16_bits(&values));
                         let g16 = AttnGeometry { f16_cache: true, ..g };
@@ -202,10 +220,7 @@ fn work_items_match_the_reference_at_every_level() {
 fn paged_cache_matches_contiguous() {
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     let mut rng = Rng(seed);
-    let levels: Vec<SimdLevel> = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512Vnni]
-        .into_iter()
-        .filter(|&l| l <= simd_level())
-        .collect();
+    let levels = levels();
     let (n_kv_head, n_head, head_dim, page_size) = (2, 6, 64, 16usize);
     let kv_stride = n_kv_head * head_dim;
     for (n_tokens, start_pos, window) in [
@@ -219,11 +234,7 @@ fn paged_cache_matches_contiguous() {
         let n_pages = rows.div_ceil(page_size);
         // Pages in a shuffled order inside a pool with spare pages.
         let pool_pages = n_pages + 5;
-        let mut pages: Vec<u32> = (0..pool_pages as u32).collect();
-        for i in (1..pages.len()).rev() {
-            let j = ((rng.uniform() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
-            pages.swap(i, j);
-        }
+        let mut pages = shuffled_pages(&mut rng, pool_pages);
         pages.truncate(n_pages);
         let paged = KvPages {
             pages: &pages,
@@ -243,12 +254,10 @@ fn paged_cache_matches_contiguous() {
             f16_cache: false,
         };
         let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
-        let mut cache = || -> Vec<f32> {
-            (0..rows * kv_stride)
-                .map(|_| ops::round_to_f16(2.0 * rng.uniform()))
-                .collect()
-        };
-        let (keys, values) = (cache(), cache());
+        let (keys, values) = (
+            cache_values(&mut rng, rows * kv_stride),
+            cache_values(&mut rng, rows * kv_stride),
+        );
         let scatter = |flat: &[f32]| {
             let mut pool = vec![f32::NAN; pool_pages * page_size * kv_stride];
             for p in 0..rows {
@@ -303,10 +312,7 @@ fn paged_cache_matches_contiguous() {
 fn few_queries_over_many_keys_match_the_reference() {
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     let mut rng = Rng(seed);
-    let levels: Vec<SimdLevel> = [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512Vnni]
-        .into_iter()
-        .filter(|&l| l <= simd_level())
-        .collect();
+    let levels = levels();
     let (n_kv_head, page_size) = (2, 16usize);
     for (head_dim, ratio, n_tokens, start_pos, window) in [
         (64, 3, 1, 700, None),
@@ -321,11 +327,7 @@ fn few_queries_over_many_keys_match_the_reference() {
         let kv_stride = n_kv_head * head_dim;
         let rows: usize = start_pos + n_tokens;
         let n_pages = rows.div_ceil(page_size);
-        let mut pages: Vec<u32> = (0..n_pages as u32).collect();
-        for i in (1..pages.len()).rev() {
-            let j = ((rng.uniform() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
-            pages.swap(i, j);
-        }
+        let pages = shuffled_pages(&mut rng, n_pages);
         let paged = KvPages {
             pages: &pages,
             page_size,
@@ -344,12 +346,10 @@ fn few_queries_over_many_keys_match_the_reference() {
             f16_cache: true,
         };
         let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
-        let mut cache = || -> Vec<f32> {
-            (0..rows * kv_stride)
-                .map(|_| ops::round_to_f16(2.0 * rng.uniform()))
-                .collect()
-        };
-        let (keys, values) = (cache(), cache());
+        let (keys, values) = (
+            cache_values(&mut rng, rows * kv_stride),
+            cache_values(&mut rng, rows * kv_stride),
+        );
         let want = reference(&AttnGeometry { f16_cache: false, ..g }, &q, &keys, &values);
         let scatter = |flat: &[f32]| {
             let mut pool = vec![0f32; n_pages * page_size * kv_stride];
@@ -439,9 +439,7 @@ fn a_run_split_into_calls_gives_the_same_bits() {
             pages: &pages,
             page_size,
         };
-        let cache: Vec<f32> = (0..2 * n_pages * page_size * kv_stride)
-            .map(|_| ops::round_to_f16(2.0 * rng.uniform()))
-            .collect();
+        let cache = cache_values(&mut rng, 2 * n_pages * page_size * kv_stride);
         let (k16, v16) = cache.split_at(n_pages * page_size * kv_stride);
         let (k16, v16) = (f16_bits(k16), f16_bits(v16));
         let row = n_head * head_dim;
