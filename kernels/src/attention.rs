@@ -591,10 +591,9 @@ pub fn run_item_at(
         key_part: (s.key_parts > 1).then_some((part_of_keys, s.key_parts)),
         partials,
     };
-    let fast_few = level == SimdLevel::Avx512Vnni && g.few_queries() && matches!(g.head_dim, 64 | 128 | 256);
     SCRATCH.with_borrow_mut(|sc| match level {
         _ if g.f16_accumulator() => f16_acc(level, &job, sc),
-        _ if job.key_part.is_some() && !fast_few => part_portable(&job, sc),
+        SimdLevel::Scalar if job.key_part.is_some() => part_portable(&job, sc),
         SimdLevel::Scalar => run_portable(&job, sc),
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => {
@@ -716,8 +715,8 @@ fn run_portable(it: &Item, sc: &mut Scratch) {
     }
 }
 
-/// An item over one part of its keys, in plain f32 (levels and head sizes without a
-/// SIMD kernel for it): each head's partial softmax left in the partials.
+/// An item over one part of its keys at the scalar level (the SIMD levels' kernels take
+/// parts themselves): each head's partial softmax left in the partials.
 fn part_portable(it: &Item, sc: &mut Scratch) {
     let g = it.g;
     let d = g.head_dim;
@@ -1724,6 +1723,21 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
     let (kw, vw) = (aligned(&mut sc.kb, widened), aligned(&mut sc.vb, widened));
     let (maxes, rest) = stats.split_at_mut(mp);
     let (sums, alpha) = rest.split_at_mut(mp);
+    // The keys query t sees in this item: all it sees, or one part of them.
+    let seen = |t: usize| match it.key_part {
+        Some(part) => key_part(g.visible(t), part),
+        None => Some(g.visible(t)),
+    };
+    if let (Some(part), None) = (it.key_part, seen(it.tokens.start)) {
+        // An empty part (items over parts of the keys have one query): nothing seen.
+        o[..d].fill(0.0);
+        for h in it.heads.clone() {
+            it.partials
+                .write(g, (it.tokens.start, h), part, &o[..d], f32::NEG_INFINITY, 0.0);
+        }
+        return;
+    }
+    let seen = |t: usize| seen(t).expect("only parts can be empty");
     // Transposed, scaled queries: qt[dd][lane]. Padding lanes get a zero query and the
     // first lane's keys, so they stay finite; their results are dropped. (Zeroing all of
     // qt first and then writing the real lanes costs far less than writing every lane:
@@ -1742,13 +1756,13 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
         } else {
             it.tokens.start
         };
-        let (first, pos) = g.visible(t);
+        let (first, pos) = seen(t);
         (lo[lane], hi[lane]) = (first as f32, pos as f32);
     }
     // The window start and the position grow with the token, so the first and last
     // tokens bound what the tile sees, and what every lane sees.
-    let (kmin, min_hi) = g.visible(it.tokens.start);
-    let (max_lo, kmax) = g.visible(it.tokens.end - 1);
+    let (kmin, min_hi) = seen(it.tokens.start);
+    let (max_lo, kmax) = seen(it.tokens.end - 1);
     // P·V reads and writes lanes below mr only.
     o[..mr * d].fill(0.0);
     maxes.fill(f32::NEG_INFINITY);
@@ -1808,6 +1822,11 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
     }
     for lane in 0..m {
         let (t, h) = (it.tokens.start + lane % nt, it.heads.start + lane / nt);
+        if let Some(part) = it.key_part {
+            it.partials
+                .write(g, (t, h), part, &o[lane * d..][..d], maxes[lane], sums[lane]);
+            continue;
+        }
         let inv = 1.0 / sums[lane];
         for (i, &v) in o[lane * d..][..d].iter().enumerate() {
             // SAFETY: the caller's OutMatrix covers row t, columns of head h.
