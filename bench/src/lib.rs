@@ -1005,6 +1005,24 @@ mod tests {
     }
 
     #[test]
+    fn test_names_follow_llama_bench() {
+        let result = |n_prompt, n_gen, n_depth, n_sessions| TestResult {
+            n_prompt,
+            n_gen,
+            n_depth,
+            n_sessions,
+            test_time: String::new(),
+            samples: Samples {
+                n_tokens: 1,
+                ns: vec![1],
+            },
+        };
+        assert_eq!(result(512, 0, 0, 1).name(), "pp512");
+        assert_eq!(result(0, 128, 4096, 1).name(), "tg128 @ d4096");
+        assert_eq!(result(0, 128, 0, 8).name(), "tg128 x8");
+    }
+
+    #[test]
     fn statistics_match_llama_bench() {
         assert_eq!(mean_sd(&[1.0, 2.0, 3.0]), (2.0, 1.0));
         assert_eq!(mean_sd(&[5.0]), (5.0, 0.0));
