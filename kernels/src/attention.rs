@@ -374,14 +374,6 @@ impl Partials {
         }
     }
 
-    /// For calls whose [`partial_floats`] is 0.
-    pub fn none() -> Self {
-        Partials {
-            ptr: std::ptr::null_mut(),
-            len: 0,
-        }
-    }
-
     /// Writes query `t`'s head `h` over key part `p` of `parts`: its weighted sum of
     /// values (relative to its largest score), that score and the sum of its weights.
     fn write(
@@ -401,6 +393,19 @@ impl Partials {
             std::ptr::copy_nonoverlapping(acc.as_ptr(), self.ptr.add(at), d);
             self.ptr.add(at + d).write(max);
             self.ptr.add(at + d + 1).write(sum);
+        }
+    }
+
+    /// Writes query `t`'s head `h` over an empty part `p` of `parts`: nothing seen.
+    fn write_empty(&self, g: &AttnGeometry, (t, h): (usize, usize), (p, parts): (usize, usize)) {
+        let d = g.head_dim;
+        let at = ((t * g.n_head + h) * parts + p) * (d + 2);
+        assert!(at + d + 2 <= self.len, "attention: partials");
+        // SAFETY: as in `write`.
+        unsafe {
+            std::ptr::write_bytes(self.ptr.add(at), 0, d);
+            self.ptr.add(at + d).write(f32::NEG_INFINITY);
+            self.ptr.add(at + d + 1).write(0.0);
         }
     }
 }
@@ -591,6 +596,17 @@ pub fn run_item_at(
         key_part: (s.key_parts > 1).then_some((part_of_keys, s.key_parts)),
         partials,
     };
+    if let Some(part) = job.key_part {
+        // Items over parts of the keys have one query. An empty part (a short window) is
+        // written here, once for every kernel: nothing seen.
+        let t = job.tokens.start;
+        if key_part(g.visible(t), part).is_none() {
+            for h in job.heads.clone() {
+                partials.write_empty(g, (t, h), part);
+            }
+            return;
+        }
+    }
     SCRATCH.with_borrow_mut(|sc| match level {
         _ if g.f16_accumulator() => f16_acc(level, &job, sc),
         SimdLevel::Scalar if job.key_part.is_some() => part_portable(&job, sc),
@@ -643,6 +659,15 @@ struct Item<'a> {
 }
 
 impl Item<'_> {
+    /// The keys query `t` sees in this item, `first..=pos`: all it sees, or one part of
+    /// them (never empty: `run_item_at` writes empty parts itself).
+    fn seen(&self, t: usize) -> (usize, usize) {
+        match self.key_part {
+            Some(part) => key_part(self.g.visible(t), part).expect("run_item_at wrote the empty parts"),
+            None => self.g.visible(t),
+        }
+    }
+
     fn query(&self, t: usize, h: usize) -> &[f32] {
         let d = self.g.head_dim;
         &self.q[(t * self.g.n_head + h) * d..][..d]
@@ -725,13 +750,11 @@ fn part_portable(it: &Item, sc: &mut Scratch) {
     let key = aligned(&mut sc.kb, d);
     let value = aligned(&mut sc.vb, d);
     for t in it.tokens.clone() {
-        let range = key_part(g.visible(t), part);
+        let (first, pos) = it.seen(t);
         for h in it.heads.clone() {
             acc.fill(0.0);
             let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
-            // Keys lo..hi + 1 of the part (none for an empty part).
-            let keys = range.map_or(0..0, |(lo, hi)| lo..hi + 1);
-            for p in keys {
+            for p in first..=pos {
                 let row = it.pages.row(p) * g.kv_stride + it.kv_offset;
                 it.keys.widen(row, key);
                 it.values.widen(row, value);
@@ -1169,19 +1192,7 @@ unsafe fn few_queries_item_avx512(it: &Item, sc: &mut Scratch, keys: &[u16], val
     let chunk = (256 / d).max(1);
     let maxes = aligned(&mut sc.r, hp);
     for t in it.tokens.clone() {
-        let visible = match it.key_part {
-            Some(part) => key_part(g.visible(t), part),
-            None => Some(g.visible(t)),
-        };
-        let Some((first, pos)) = visible else {
-            // An empty part: nothing seen.
-            acc.fill(0.0);
-            for h in it.heads.clone() {
-                let part = it.key_part.expect("only parts can be empty");
-                it.partials.write(g, (t, h), part, &acc[..d], f32::NEG_INFINITY, 0.0);
-            }
-            continue;
-        };
+        let (first, pos) = it.seen(t);
         for (hi, h) in it.heads.clone().enumerate() {
             q[hi * d..][..d].copy_from_slice(it.query(t, h));
         }
@@ -1723,21 +1734,6 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
     let (kw, vw) = (aligned(&mut sc.kb, widened), aligned(&mut sc.vb, widened));
     let (maxes, rest) = stats.split_at_mut(mp);
     let (sums, alpha) = rest.split_at_mut(mp);
-    // The keys query t sees in this item: all it sees, or one part of them.
-    let seen = |t: usize| match it.key_part {
-        Some(part) => key_part(g.visible(t), part),
-        None => Some(g.visible(t)),
-    };
-    if let (Some(part), None) = (it.key_part, seen(it.tokens.start)) {
-        // An empty part (items over parts of the keys have one query): nothing seen.
-        o[..d].fill(0.0);
-        for h in it.heads.clone() {
-            it.partials
-                .write(g, (it.tokens.start, h), part, &o[..d], f32::NEG_INFINITY, 0.0);
-        }
-        return;
-    }
-    let seen = |t: usize| seen(t).expect("only parts can be empty");
     // Transposed, scaled queries: qt[dd][lane]. Padding lanes get a zero query and the
     // first lane's keys, so they stay finite; their results are dropped. (Zeroing all of
     // qt first and then writing the real lanes costs far less than writing every lane:
@@ -1756,13 +1752,13 @@ unsafe fn f32_item<S: Simd, const R: usize, const RM: usize>(it: &Item, sc: &mut
         } else {
             it.tokens.start
         };
-        let (first, pos) = seen(t);
+        let (first, pos) = it.seen(t);
         (lo[lane], hi[lane]) = (first as f32, pos as f32);
     }
     // The window start and the position grow with the token, so the first and last
     // tokens bound what the tile sees, and what every lane sees.
-    let (kmin, min_hi) = seen(it.tokens.start);
-    let (max_lo, kmax) = seen(it.tokens.end - 1);
+    let (kmin, min_hi) = it.seen(it.tokens.start);
+    let (max_lo, kmax) = it.seen(it.tokens.end - 1);
     // P·V reads and writes lanes below mr only.
     o[..mr * d].fill(0.0);
     maxes.fill(f32::NEG_INFINITY);

@@ -36,10 +36,8 @@ pub struct CpuBackend {
     rope_table: Vec<(f32, f32)>,
     /// The shape of each row of the current batch ([`Backend::set_batch`]).
     shapes: Vec<RowShape>,
-    /// Each sequence's geometry and first work item in the current attention call.
-    attn_calls: Vec<(AttnGeometry, usize)>,
-    /// Each attention call's first float in `attn_partials`.
-    attn_partial_at: Vec<usize>,
+    /// Each sequence's part of the current attention call.
+    attn_calls: Vec<AttnCall>,
     /// Where split attention items leave their partial softmaxes (grown, never shrunk).
     attn_partials: Vec<f32>,
     weights: Vec<WeightSource>,
@@ -48,6 +46,14 @@ pub struct CpuBackend {
     buffers: Vec<Vec<f32>>,
     /// Each pool thread's candidates of a row in `top_k_rows`, reused across calls.
     top_k_scratch: Vec<Mutex<Vec<(u32, f32)>>>,
+}
+
+/// One sequence's part of an attention call: its geometry, its first work item among
+/// the call's, and where its items leave partial softmaxes in `attn_partials`.
+struct AttnCall {
+    geometry: AttnGeometry,
+    first_item: usize,
+    partials: Range<usize>,
 }
 
 impl CpuBackend {
@@ -67,7 +73,6 @@ impl CpuBackend {
             rope_table: Vec::new(),
             shapes: Vec::new(),
             attn_calls: Vec::new(),
-            attn_partial_at: Vec::new(),
             attn_partials: Vec::new(),
             weights: Vec::new(),
             vectors: Vec::new(),
@@ -498,7 +503,6 @@ impl Backend for CpuBackend {
         // Every sequence's work items, numbered one after another: one pool job runs them all.
         let calls = &mut self.attn_calls;
         calls.clear();
-        self.attn_partial_at.clear();
         let (mut total, mut partial_floats) = (0, 0);
         for s in seqs {
             let geometry = AttnGeometry {
@@ -514,15 +518,19 @@ impl Backend for CpuBackend {
                 run_start: s.run_start,
                 run_end: s.run_end,
             };
-            calls.push((geometry, total));
+            let partials = partial_floats..partial_floats + attention::partial_floats(&geometry);
+            partial_floats = partials.end;
+            calls.push(AttnCall {
+                geometry,
+                first_item: total,
+                partials,
+            });
             total += attention::work_items(&geometry);
-            self.attn_partial_at.push(partial_floats);
-            partial_floats += attention::partial_floats(&geometry);
         }
         if self.attn_partials.len() < partial_floats {
             self.attn_partials.resize(partial_floats, 0.0);
         }
-        let (q, calls, partial_at) = (&*q, &*calls, &*self.attn_partial_at);
+        let (q, calls) = (&*q, &*calls);
         // SAFETY: the calls' items write their own calls' ranges of these floats only.
         let all_partials = unsafe { Partials::new(self.attn_partials.as_mut_ptr(), partial_floats) };
         let out_len = out.len();
@@ -544,12 +552,16 @@ impl Backend for CpuBackend {
                     // The next item's first rows, while this one computes: each thread
                     // walks its share of the items in order, so it is most often this
                     // thread's next.
-                    let next = calls.partition_point(|c| c.1 <= item + 1) - 1;
-                    let (geometry, first) = &calls[next];
-                    attention::prefetch_item(geometry, k, v, pages_of(next), item + 1 - first);
+                    let next = calls.partition_point(|c| c.first_item <= item + 1) - 1;
+                    let c = &calls[next];
+                    attention::prefetch_item(&c.geometry, k, v, pages_of(next), item + 1 - c.first_item);
                 }
-                let i = calls.partition_point(|c| c.1 <= item) - 1;
-                let (geometry, first) = &calls[i];
+                let i = calls.partition_point(|c| c.first_item <= item) - 1;
+                let AttnCall {
+                    geometry,
+                    first_item: first,
+                    partials,
+                } = &calls[i];
                 let s = &seqs[i];
                 let rows = s.row0 * row..(s.row0 + s.n_tokens) * row;
                 assert!(
@@ -558,17 +570,16 @@ impl Backend for CpuBackend {
                 );
                 // The sequence's rows start row0 rows (row0 × row elements) down.
                 let o = out.offset_cols(s.row0 * row);
-                let partials = all_partials.range(partial_at[i], attention::partial_floats(geometry));
+                let partials = all_partials.range(partials.start, partials.len());
                 attention::run_item(geometry, &q[rows], k, v, pages_of(i), item - first, o, partials);
             }
         });
         // Calls whose items left partial softmaxes (decode steps over long contexts):
         // each query's parts merged into its output.
-        for (i, (geometry, _)) in calls.iter().enumerate() {
-            let n_partials = attention::partial_floats(geometry);
-            if n_partials > 0 {
-                let o = out.offset_cols(seqs[i].row0 * row);
-                attention::combine(geometry, &self.attn_partials[partial_at[i]..][..n_partials], o);
+        for (c, s) in calls.iter().zip(seqs) {
+            if !c.partials.is_empty() {
+                let o = out.offset_cols(s.row0 * row);
+                attention::combine(&c.geometry, &self.attn_partials[c.partials.clone()], o);
             }
         }
     }
