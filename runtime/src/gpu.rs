@@ -485,17 +485,18 @@ impl Drop for Profiler {
     }
 }
 
-/// Host time of each phase of a submission, summed and printed when the backend is
-/// dropped (`KILN_GPU_PROFILE=host`): recording ops, finishing and submitting the
-/// command buffer, and waiting for results.
+/// Host time of each phase of a submission, printed when the backend is dropped
+/// (`KILN_GPU_PROFILE=host`): recording ops, finishing and submitting the command
+/// buffer, waiting for results and copying them out. Medians, not means: loading a
+/// model (weight uploads, pipeline compilation) makes a few submissions take
+/// milliseconds, which would swamp a mean over decode steps.
 struct HostTimes {
     mark: std::time::Instant,
-    record: std::time::Duration,
-    submit: std::time::Duration,
-    wait: std::time::Duration,
+    record: Vec<std::time::Duration>,
+    submit: Vec<std::time::Duration>,
+    wait: Vec<std::time::Duration>,
+    copy_out: Vec<std::time::Duration>,
     in_dispatch: std::time::Duration,
-    copy_out: std::time::Duration,
-    submissions: usize,
     dispatches: usize,
 }
 
@@ -503,37 +504,42 @@ impl HostTimes {
     fn new() -> HostTimes {
         HostTimes {
             mark: std::time::Instant::now(),
-            record: Default::default(),
-            submit: Default::default(),
-            wait: Default::default(),
+            record: Vec::new(),
+            submit: Vec::new(),
+            wait: Vec::new(),
+            copy_out: Vec::new(),
             in_dispatch: Default::default(),
-            copy_out: Default::default(),
-            submissions: 0,
             dispatches: 0,
         }
     }
 
-    /// Charges the time since the last mark to `phase` and moves the mark.
-    fn lap(&mut self, phase: fn(&mut HostTimes) -> &mut std::time::Duration) {
+    /// Adds the time since the last mark to `phase`'s samples and moves the mark.
+    fn lap(&mut self, phase: fn(&mut HostTimes) -> &mut Vec<std::time::Duration>) {
         let now = std::time::Instant::now();
         let elapsed = now - self.mark;
-        *phase(self) += elapsed;
+        phase(self).push(elapsed);
         self.mark = now;
     }
 }
 
 impl Drop for HostTimes {
     fn drop(&mut self) {
-        let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / self.submissions.max(1) as f64;
+        let median = |v: &mut Vec<std::time::Duration>| {
+            v.sort_unstable();
+            v.get(v.len() / 2).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        let submissions = self.submit.len().max(1);
         eprintln!(
-            "kiln gpu host: {} submissions, {:.1} dispatches each; per submission: record {:.1} µs (in dispatch {:.1} µs), submit {:.1} µs, wait {:.1} µs, copy out {:.1} µs",
-            self.submissions,
-            self.dispatches as f64 / self.submissions.max(1) as f64,
-            per(self.record),
-            per(self.in_dispatch),
-            per(self.submit),
-            per(self.wait),
-            per(self.copy_out),
+            "kiln gpu host: {} submissions of {:.1} dispatches (recording {:.2} µs a dispatch), {} reads; \
+             medians: record {:.1} µs and submit {:.1} µs a submission, wait {:.1} µs and copy out {:.1} µs a read",
+            self.submit.len(),
+            self.dispatches as f64 / submissions as f64,
+            self.in_dispatch.as_secs_f64() * 1e6 / self.dispatches.max(1) as f64,
+            self.wait.len(),
+            median(&mut self.record),
+            median(&mut self.submit),
+            median(&mut self.wait),
+            median(&mut self.copy_out),
         );
     }
 }
@@ -982,7 +988,6 @@ impl GpuBackend {
         self.pass = None;
         if let Some(times) = self.host_times.as_mut() {
             times.lap(|t| &mut t.record);
-            times.submissions += 1;
             times.dispatches += self.params_used;
         }
         if let Some(mut encoder) = self.encoder.take() {
