@@ -496,6 +496,9 @@ struct HostTimes {
     submit: Vec<std::time::Duration>,
     wait: Vec<std::time::Duration>,
     copy_out: Vec<std::time::Duration>,
+    /// Each submission's host time in `dispatch` per dispatch recorded.
+    per_dispatch: Vec<std::time::Duration>,
+    /// The current submission's time in `dispatch` so far.
     in_dispatch: std::time::Duration,
     dispatches: usize,
 }
@@ -508,6 +511,7 @@ impl HostTimes {
             submit: Vec::new(),
             wait: Vec::new(),
             copy_out: Vec::new(),
+            per_dispatch: Vec::new(),
             in_dispatch: Default::default(),
             dispatches: 0,
         }
@@ -530,12 +534,12 @@ impl Drop for HostTimes {
         };
         let submissions = self.submit.len().max(1);
         eprintln!(
-            "kiln gpu host: {} submissions of {:.1} dispatches (recording {:.2} µs a dispatch), {} reads; \
-             medians: record {:.1} µs and submit {:.1} µs a submission, wait {:.1} µs and copy out {:.1} µs a read",
+            "kiln gpu host: {} submissions of {:.1} dispatches, {} reads; medians: {:.2} µs a dispatch in \
+             `dispatch`, record {:.1} µs and submit {:.1} µs a submission, wait {:.1} µs and copy out {:.1} µs a read",
             self.submit.len(),
             self.dispatches as f64 / submissions as f64,
-            self.in_dispatch.as_secs_f64() * 1e6 / self.dispatches.max(1) as f64,
             self.wait.len(),
+            median(&mut self.per_dispatch),
             median(&mut self.record),
             median(&mut self.submit),
             median(&mut self.wait),
@@ -989,6 +993,10 @@ impl GpuBackend {
         if let Some(times) = self.host_times.as_mut() {
             times.lap(|t| &mut t.record);
             times.dispatches += self.params_used;
+            if self.params_used > 0 {
+                times.per_dispatch.push(times.in_dispatch / self.params_used as u32);
+            }
+            times.in_dispatch = Default::default();
         }
         if let Some(mut encoder) = self.encoder.take() {
             if let Some(profiler) = &self.profiler {
