@@ -9,11 +9,24 @@
 use kiln_runtime::{Backend, GpuBackend};
 
 fn main() {
-    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>().expect("a number"));
-    let dispatches = args.next().unwrap_or(256);
-    let rounds = args.next().unwrap_or(20);
-    let adapter = kiln_runtime::adapters().into_iter().next().expect("no GPU adapter");
-    let mut be = GpuBackend::new(&adapter).expect("starting the GPU backend");
+    let numbers: Result<Vec<usize>, _> = std::env::args().skip(1).map(|a| a.parse::<usize>()).collect();
+    let Ok(numbers) = numbers else {
+        eprintln!("usage: dispatch_bench [dispatches] [rounds]");
+        std::process::exit(2);
+    };
+    let dispatches = numbers.first().copied().unwrap_or(256).max(1);
+    let rounds = numbers.get(1).copied().unwrap_or(20).max(1);
+    let Some(adapter) = kiln_runtime::adapters().into_iter().next() else {
+        eprintln!("dispatch_bench: no GPU adapter on this machine");
+        std::process::exit(1);
+    };
+    let mut be = match GpuBackend::new(&adapter) {
+        Ok(be) => be,
+        Err(e) => {
+            eprintln!("dispatch_bench: {e}");
+            std::process::exit(1);
+        }
+    };
     println!("{}: {dispatches} dispatches a round, {rounds} rounds", be.name());
     for len in [896, 1 << 20] {
         let y = be.alloc(len);
