@@ -374,38 +374,39 @@ impl Partials {
         }
     }
 
-    /// Writes query `t`'s head `h` over key part `p` of `parts`: its weighted sum of
-    /// values (relative to its largest score), that score and the sum of its weights.
-    fn write(
-        &self,
-        g: &AttnGeometry,
-        (t, h): (usize, usize),
-        (p, parts): (usize, usize),
-        acc: &[f32],
-        max: f32,
-        sum: f32,
-    ) {
+    /// Where query `t`'s head `h` over key part `p` of `parts` starts: `head_dim + 2`
+    /// floats, all inside.
+    fn slot(&self, g: &AttnGeometry, (t, h): (usize, usize), (p, parts): (usize, usize)) -> *mut f32 {
         let d = g.head_dim;
         let at = ((t * g.n_head + h) * parts + p) * (d + 2);
-        assert!(at + d + 2 <= self.len && acc.len() == d, "attention: partials");
-        // SAFETY: inside the `len` floats `new` vouched for; this item's own.
+        assert!(at + d + 2 <= self.len, "attention: partials");
+        self.ptr.wrapping_add(at)
+    }
+
+    /// Writes query `t`'s head `h` over key part `p` of `parts`: its weighted sum of
+    /// values (relative to its largest score), that score and the sum of its weights.
+    fn write(&self, g: &AttnGeometry, th: (usize, usize), part: (usize, usize), acc: &[f32], max: f32, sum: f32) {
+        let d = g.head_dim;
+        assert_eq!(acc.len(), d, "attention: partials");
+        let at = self.slot(g, th, part);
+        // SAFETY: `slot` checked the d + 2 floats lie inside the `len` floats `new`
+        // vouched for; they are this item's own.
         unsafe {
-            std::ptr::copy_nonoverlapping(acc.as_ptr(), self.ptr.add(at), d);
-            self.ptr.add(at + d).write(max);
-            self.ptr.add(at + d + 1).write(sum);
+            std::ptr::copy_nonoverlapping(acc.as_ptr(), at, d);
+            at.add(d).write(max);
+            at.add(d + 1).write(sum);
         }
     }
 
     /// Writes query `t`'s head `h` over an empty part `p` of `parts`: nothing seen.
-    fn write_empty(&self, g: &AttnGeometry, (t, h): (usize, usize), (p, parts): (usize, usize)) {
+    fn write_empty(&self, g: &AttnGeometry, th: (usize, usize), part: (usize, usize)) {
         let d = g.head_dim;
-        let at = ((t * g.n_head + h) * parts + p) * (d + 2);
-        assert!(at + d + 2 <= self.len, "attention: partials");
+        let at = self.slot(g, th, part);
         // SAFETY: as in `write`.
         unsafe {
-            std::ptr::write_bytes(self.ptr.add(at), 0, d);
-            self.ptr.add(at + d).write(f32::NEG_INFINITY);
-            self.ptr.add(at + d + 1).write(0.0);
+            std::ptr::write_bytes(at, 0, d);
+            at.add(d).write(f32::NEG_INFINITY);
+            at.add(d + 1).write(0.0);
         }
     }
 }

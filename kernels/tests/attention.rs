@@ -35,6 +35,19 @@ fn cache_values(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n).map(|_| ops::round_to_f16(2.0 * rng.uniform())).collect()
 }
 
+/// A call's random inputs: its queries, large enough for peaked softmaxes (new maxima,
+/// tiny weights), and the keys and values of every position it sees, one cache row of
+/// `g.kv_stride` each ([`cache_values`]).
+fn call_inputs(rng: &mut Rng, g: &AttnGeometry) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = g.start_pos + g.n_tokens;
+    let q = (0..g.n_tokens * g.n_head * g.head_dim)
+        .map(|_| 4.0 * rng.uniform())
+        .collect();
+    let keys = cache_values(rng, rows * g.kv_stride);
+    let values = cache_values(rng, rows * g.kv_stride);
+    (q, keys, values)
+}
+
 /// Page numbers `0..n` in a random order (Fisher-Yates).
 fn shuffled_pages(rng: &mut Rng, n: usize) -> Vec<u32> {
     let mut pages: Vec<u32> = (0..n as u32).collect();
@@ -132,7 +145,6 @@ fn work_items_match_the_reference_at_every_level() {
                         let n_head = n_kv_head * ratio;
                         // Rows a little wider than the heads, as a fused KV buffer might be.
                         let kv_stride = n_kv_head * head_dim + 8;
-                        let rows = start_pos + n_tokens;
                         let g = AttnGeometry {
                             n_tokens,
                             start_pos,
@@ -146,13 +158,7 @@ fn work_items_match_the_reference_at_every_level() {
                             window,
                             f16_cache: false,
                         };
-                        // Queries large enough for peaked softmaxes (new maxima, tiny weights);
-                        // the cache holds f16 values, as the contract requires.
-                        let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
-                        let (keys, values) = (
-                            cache_values(&mut rng, rows * kv_stride),
-                            cache_values(&mut rng, rows * kv_stride),
-                        );
+                        let (q, keys, values) = call_inputs(&mut rng, &g);
                         let want = reference(&g, &q, &keys, &values);
                         let (k16, v16) = (f16_bits(&keys), f16_bits(&values));
                         let g16 = AttnGeometry { f16_cache: true, ..g };
@@ -253,11 +259,7 @@ fn paged_cache_matches_contiguous() {
             window,
             f16_cache: false,
         };
-        let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
-        let (keys, values) = (
-            cache_values(&mut rng, rows * kv_stride),
-            cache_values(&mut rng, rows * kv_stride),
-        );
+        let (q, keys, values) = call_inputs(&mut rng, &g);
         let scatter = |flat: &[f32]| {
             let mut pool = vec![f32::NAN; pool_pages * page_size * kv_stride];
             for p in 0..rows {
@@ -345,11 +347,7 @@ fn few_queries_over_many_keys_match_the_reference() {
             window,
             f16_cache: true,
         };
-        let q: Vec<f32> = (0..n_tokens * n_head * head_dim).map(|_| 4.0 * rng.uniform()).collect();
-        let (keys, values) = (
-            cache_values(&mut rng, rows * kv_stride),
-            cache_values(&mut rng, rows * kv_stride),
-        );
+        let (q, keys, values) = call_inputs(&mut rng, &g);
         let want = reference(&AttnGeometry { f16_cache: false, ..g }, &q, &keys, &values);
         let scatter = |flat: &[f32]| {
             let mut pool = vec![0f32; n_pages * page_size * kv_stride];

@@ -635,8 +635,8 @@ unsafe fn stream512_rows(
     out: OutMatrix,
 ) {
     // Token groups of 8, then 4, then the rest (so every group starts at a multiple of
-    // 4, as the Q4_1 group sums do), and their kernels: the same for every row group. At most STREAM_MAX_TOKENS = 16 tokens make at most four
-    // (15 = 4 + 4 + 4 + 3).
+    // 4, as the Q4_1 group sums do), and their kernels: the same for every row group.
+    // At most STREAM_MAX_TOKENS = 16 tokens make at most four (15 = 4 + 4 + 4 + 3).
     const { assert!(STREAM_MAX_TOKENS <= 16) };
     let mut groups = [(0, pick_stream(k.ty, 1)); 4];
     let (mut n_groups, mut t0) = (0, 0);
@@ -733,8 +733,8 @@ fn pick_stream(ty: GgmlType, n: usize) -> (StreamFn, StreamFn) {
 /// (with one token premultiplied by the token's scale), and per token a `vpdpbusd`,
 /// conversion and FMA. Q4_1's `m · s` chains of four rows × the group's tokens run
 /// alongside in one zmm against the group's sums at `s16` ([`prep_s16`]); a single
-/// row's minimums wait at `mins` for a scalar chain at the end. Prefetches of the rows to come (`ahead`) are spread over the
-/// blocks.
+/// row's minimums wait at `mins` for a scalar chain at the end. Prefetches of the rows
+/// to come (`ahead`) are spread over the blocks.
 ///
 /// # Safety
 /// `R` rows of `g.nb` blocks of `TY` at `w`; `T` tokens repacked with geometry `g` at
