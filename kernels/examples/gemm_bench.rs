@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use kiln_kernels::gemm::{gemm, simd_level, OutMatrix};
+use kiln_kernels::gemm::{gemm, simd_level, OutMatrix, RowShape};
 use kiln_kernels::qdot::{activation_format, quantize_activations};
 use kiln_kernels::GgmlType;
 
@@ -75,6 +75,15 @@ fn main() {
                 quantize_activations(fmt, &x, &mut one);
                 acts.extend_from_slice(&one);
             }
+            // A prefill shape is one sequence's prompt, whose rows the model passes with
+            // their shapes (which pick llama.cpp's batched order, and kernel, for
+            // K-quants); batched decode's tokens are each a sequence of one.
+            let row_shapes: Vec<RowShape> = if tokens > 1 && tokens_arg.is_none() {
+                RowShape::of_sequence(tokens).collect()
+            } else {
+                Vec::new()
+            };
+            let row_shapes = &row_shapes;
             let mut out = vec![0f32; rows * tokens];
             let threads = if dram { 2 } else { 1 };
             let run = |out: &mut Vec<f32>| {
@@ -82,7 +91,7 @@ fn main() {
                 let o = unsafe { OutMatrix::new(out.as_mut_ptr(), rows) };
                 if threads == 1 {
                     // Inline: spawning a thread per call would cost more than a small product.
-                    gemm(ty, &weights, rows, cols, &acts, tokens, &[], o);
+                    gemm(ty, &weights, rows, cols, &acts, tokens, row_shapes, o);
                     return;
                 }
                 let per = rows.div_ceil(threads);
@@ -90,7 +99,7 @@ fn main() {
                     for i in 0..threads {
                         let (r0, r1) = (i * per, rows.min((i + 1) * per));
                         let (w, acts) = (&weights[r0 * rb..r1 * rb], &acts);
-                        s.spawn(move || gemm(ty, w, r1 - r0, cols, acts, tokens, &[], o.offset_cols(r0)));
+                        s.spawn(move || gemm(ty, w, r1 - r0, cols, acts, tokens, row_shapes, o.offset_cols(r0)));
                     }
                 });
             };
